@@ -1,0 +1,12 @@
+"""Djinn: a white-box LLM inference server. Pause any session mid-forward at any layer, read and edit the
+activation, resume, while every other session keeps running on the same batched engine."""
+from .client import Checkpoint, Client, Session, connect
+from .errors import *  # noqa: F401,F403  (every typed error is part of the public API)
+from .errors import DjinnError
+from .events import Done, Error, GenerateResult, ModelInfo, Paused, Token
+from .interventions import Ablate, Breakpoint, Capture, Replace, Scale, Steer
+
+__version__ = "0.1.0"
+
+__all__ = ["connect", "Client", "Session", "Checkpoint", "DjinnError", "Token", "Paused", "Done", "Error",
+           "GenerateResult", "ModelInfo", "Steer", "Scale", "Replace", "Ablate", "Capture", "Breakpoint"]

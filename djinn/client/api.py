@@ -1,0 +1,136 @@
+"""The user-facing client: `Client`, `Session`, `Checkpoint`. The same classes serve the embedded engine and
+a remote server; only the backend underneath differs."""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator, Optional, Protocol, Sequence, Union
+
+import torch
+
+from ..errors import DjinnError
+from ..events import Done, Error, GenerateResult, ModelInfo, Paused, Token
+from ..interventions import Breakpoint
+
+Prompt = Union[str, Sequence[int]]
+
+
+class Backend(Protocol):
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any: ...
+
+    def stream(self, sid: str, prompt: Prompt, params: dict) -> Iterator[object]: ...
+
+    def close(self) -> None: ...
+
+
+class Checkpoint:
+    """A snapshot of a session, copied to host memory in the background."""
+
+    def __init__(self, backend: Backend, cid: str):
+        self._backend, self.id = backend, cid
+
+    def status(self) -> dict:
+        return self._backend.call("checkpoint_status", self.id)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.status()["done"])
+
+    def wait(self, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if st["done"] or time.monotonic() > deadline:
+                return st
+            time.sleep(0.001)
+
+    def restore(self) -> "Session":
+        return Session(self._backend, self._backend.call("restore", self.id))
+
+    def delete(self) -> None:
+        self._backend.call("delete_checkpoint", self.id)
+
+
+class Session:
+    """A server-resident session: its token history and KV cache live with the engine."""
+
+    def __init__(self, backend: Backend, sid: str):
+        self._backend, self.id = backend, sid
+
+    def __repr__(self) -> str:
+        return f"Session({self.id!r})"
+
+    def stream(self, prompt: Prompt = (), *, max_new_tokens: int = 16, breakpoints: Sequence[Breakpoint] = (),
+               **params: Any) -> Iterator[object]:
+        """Yield Token and Paused events (then stop after Done). A Paused event waits for `ev.resume()`.
+
+        Leaving the loop early cancels the request; tokens already produced stay in the session."""
+        params = dict(params, max_new_tokens=max_new_tokens, breakpoints=list(breakpoints))
+        for ev in self._backend.stream(self.id, prompt, params):
+            if isinstance(ev, Error):
+                raise ev.error
+            yield ev
+            if isinstance(ev, Done):
+                return
+
+    def generate(self, prompt: Prompt = (), *, max_new_tokens: int = 16, **params: Any) -> GenerateResult:
+        """Run to completion: greedy unless temperature > 0; returns text, token ids, captures, logits."""
+        for ev in self.stream(prompt, max_new_tokens=max_new_tokens, **params):
+            if isinstance(ev, Done):
+                return ev.result
+            if isinstance(ev, Paused):  # breakpoints belong to stream(); generate() continues unchanged
+                ev.resume()
+        raise DjinnError("generation ended without a result")
+
+    def set_interventions(self, interventions: Sequence) -> None:
+        """Interventions applied to every later call of this session (replacing earlier ones)."""
+        self._backend.call("set_interventions", self.id, list(interventions))
+
+    def info(self) -> dict:
+        return self._backend.call("session_info", self.id)
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self._backend, self._backend.call("checkpoint", self.id))
+
+    def fork(self) -> "Session":
+        return Session(self._backend, self._backend.call("fork", self.id))
+
+    def close(self) -> None:
+        self._backend.call("close_session", self.id)
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Client:
+    def __init__(self, backend: Backend):
+        self._backend = backend
+
+    def models(self) -> list[ModelInfo]:
+        return self._backend.call("models")
+
+    def session(self, model: Optional[str] = None) -> Session:
+        return Session(self._backend, self._backend.call("create_session", model))
+
+    def sessions(self) -> list[dict]:
+        return self._backend.call("list_sessions")
+
+    def tokenize(self, text: str, model: Optional[str] = None) -> list[int]:
+        return self._backend.call("tokenize", text, model)
+
+    def detokenize(self, ids: Sequence[int], model: Optional[str] = None) -> str:
+        return self._backend.call("detokenize", list(ids), model)
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["Client", "Session", "Checkpoint", "Backend", "Token", "Paused", "Done", "Error", "torch"]

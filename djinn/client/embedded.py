@@ -1,0 +1,53 @@
+"""The in-process backend: the same engine thread a server would run, called directly."""
+from __future__ import annotations
+
+import dataclasses
+import queue
+from typing import Any, Iterator
+
+from ..engine.engine import Engine
+from ..engine.service import EngineService
+from ..events import Done, Error, Paused
+
+LOCAL_OWNER = "local"
+
+
+class EmbeddedBackend:
+    def __init__(self, engine: Engine, owner: str = LOCAL_OWNER):
+        self.service, self.owner = EngineService(engine), owner
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method in ("models", "tokenize", "detokenize"):
+            out = self.service.call(method, *args, **kwargs)
+        elif method == "create_session":
+            out = self.service.call(method, self.owner, *args, **kwargs)
+        elif method == "list_sessions":
+            out = self.service.call(method, self.owner)
+        else:  # every other command takes (id, owner, ...)
+            first, *rest = args
+            out = self.service.call(method, first, self.owner, *rest, **kwargs)
+        return dataclasses.asdict(out) if dataclasses.is_dataclass(out) and method == "session_info" else (
+            [dataclasses.asdict(o) for o in out] if method == "list_sessions" else out)
+
+    def stream(self, sid: str, prompt, params: dict) -> Iterator[object]:
+        events: queue.Queue = queue.Queue()
+        self.service.call("generate", sid, self.owner, prompt, events.put, **params)
+        finished = False
+        try:
+            while True:
+                ev = events.get()
+                if isinstance(ev, Paused):
+                    ev._resume = lambda act, _sid=sid: self.service.call("resume", _sid, self.owner, act)
+                finished = isinstance(ev, (Done, Error))
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:  # the caller walked away: end the request, keep the session
+                try:
+                    self.service.call("cancel", sid, self.owner)
+                except Exception:
+                    pass
+
+    def close(self) -> None:
+        self.service.shutdown()

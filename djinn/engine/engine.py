@@ -1,0 +1,337 @@
+"""The engine: models, sessions, checkpoints, and the commands that act on them.
+
+Not thread-safe by design: one thread (see `service.py`) owns it and the device, and runs commands
+between steps. Every command checks that the caller owns what it touches.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ..errors import (CapacityError, ContextOverflow, Forbidden, InvalidRequest, NotPaused,
+                      SessionBusy, SessionExpired, TokenOutOfRange, UnknownCheckpoint, UnknownModel, UnknownSession)
+from ..events import ModelInfo
+from ..interventions import Breakpoint
+from ..models.loading import LoadedModel
+from ..sites import RESID
+from .kv_pool import KVPool
+from .sampling import SamplingParams
+from .session import CheckpointRecord, Request, Session, SessionInfo, SessionState
+from .worker import ModelWorker
+
+Prompt = Union[str, Sequence[int]]
+
+
+class Engine:
+    def __init__(self, models: Sequence[LoadedModel], kv_memory: Optional[int] = None,
+                 kv_blocks: Optional[int] = None, host_kv_blocks: Optional[int] = None, block_size: int = 16,
+                 max_step_tokens: int = 4096, pause_ttl: float = 300.0):
+        if not models:
+            raise UnknownModel("the engine needs at least one model")
+        self.workers: dict[str, ModelWorker] = {}
+        for m in models:
+            n = kv_blocks if kv_blocks is not None else self._blocks_from_budget(m, kv_memory, block_size,
+                                                                                  len(models))
+            self.workers[m.name] = ModelWorker(m, n, host_kv_blocks if host_kv_blocks is not None else n,
+                                               block_size, max_step_tokens)
+        self.default_model = models[0].name
+        self.pause_ttl = pause_ttl
+        self.sessions: dict[str, Session] = {}
+        self.checkpoints: dict[str, CheckpointRecord] = {}
+
+    @staticmethod
+    def _blocks_from_budget(m: LoadedModel, kv_memory: Optional[int], block_size: int, n_models: int) -> int:
+        dev = next(m.model.parameters()).device
+        per_block = KVPool.bytes_per_block(m.config, block_size, next(m.model.parameters()).dtype)
+        if kv_memory is None:
+            if dev.type == "cuda":  # half of what is free once weights are in, shared among the models
+                free, _ = torch.cuda.mem_get_info(dev)
+                kv_memory = int(free * 0.5 / n_models)
+            else:
+                kv_memory = 256 << 20
+        # never more than what every model's full context in 64 sessions would need
+        cap = 64 * -(-m.config.max_seq_len // block_size)
+        return max(1, min(kv_memory // per_block, cap))
+
+    # ------------------------------------------------------------------ lookups
+
+    def _worker(self, model: Optional[str]) -> ModelWorker:
+        name = model or self.default_model
+        if name not in self.workers:
+            raise UnknownModel(f"unknown model {name!r}; this server has {sorted(self.workers)}")
+        return self.workers[name]
+
+    def _session(self, sid: str, owner: str) -> Session:
+        s = self.sessions.get(sid) if isinstance(sid, str) else None
+        if s is None:
+            raise UnknownSession(f"no session {sid!r} (closed, expired, or never created)")
+        if s.owner != owner:
+            raise Forbidden(f"session {sid!r} belongs to another user")
+        return s
+
+    def _idle(self, s: Session, what: str) -> None:
+        if s.state != SessionState.IDLE:
+            raise SessionBusy(f"session {s.id} is {s.state.value}; {what} needs it idle")
+
+    # ------------------------------------------------------------------ models and sessions
+
+    def models(self) -> list[ModelInfo]:
+        out = []
+        for w in self.workers.values():
+            c = w.cfg
+            out.append(ModelInfo(w.name, c.family, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head,
+                                 c.vocab_size, c.max_seq_len, str(w.dtype).removeprefix("torch."), str(w.device),
+                                 w.tokenizer is not None))
+        return out
+
+    def create_session(self, owner: str, model: Optional[str] = None) -> str:
+        w = self._worker(model)
+        s = Session(secrets.token_urlsafe(16), owner, w.name, last_used=time.monotonic())
+        self.sessions[s.id] = w.sessions[s.id] = s
+        return s.id
+
+    def list_sessions(self, owner: str) -> list[SessionInfo]:
+        return [self._info(s) for s in self.sessions.values() if s.owner == owner]
+
+    def session_info(self, sid: str, owner: str) -> SessionInfo:
+        return self._info(self._session(sid, owner))
+
+    def _info(self, s: Session) -> SessionInfo:
+        state = "swapped" if s.swapped and s.state == SessionState.IDLE else s.state.value
+        return SessionInfo(s.id, s.model, state, len(s.history), s.kv_len, len(s.blocks),
+                           len(s.host_blocks or []), len(s.interventions))
+
+    def close_session(self, sid: str, owner: str) -> None:
+        s = self._session(sid, owner)
+        self.workers[s.model].close(s, SessionExpired("session closed"))
+        del self.sessions[sid]
+
+    def set_interventions(self, sid: str, owner: str, items: Sequence) -> None:
+        s = self._session(sid, owner)
+        self._idle(s, "set_interventions")
+        plan = self.workers[s.model].compiler.compile(list(items))
+        s.interventions, s.plan = list(items), plan
+
+    def tokenize(self, text: str, model: Optional[str] = None) -> list[int]:
+        w = self._worker(model)
+        if w.tokenizer is None:
+            raise InvalidRequest(f"model {w.name} has no tokenizer; send token ids")
+        return w.tokenizer.encode(text)
+
+    def detokenize(self, ids: Sequence[int], model: Optional[str] = None) -> str:
+        w = self._worker(model)
+        if w.tokenizer is None:
+            raise InvalidRequest(f"model {w.name} has no tokenizer")
+        return w.tokenizer.decode(list(ids))
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, sid: str, owner: str, prompt: Prompt, sink: Callable[[object], None], *,
+                 max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: Optional[int] = None, stop_tokens: Optional[Sequence[int]] = None,
+                 return_logits: bool = False, interventions: Sequence = (),
+                 breakpoints: Sequence[Breakpoint] = ()) -> None:
+        """Start a request; events go to `sink` from the engine thread. Raises on bad input, changing nothing."""
+        s = self._session(sid, owner)
+        self._idle(s, "generate")
+        w = self.workers[s.model]
+        cfg = w.cfg
+        tokens = self._prompt_tokens(w, s, prompt)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise InvalidRequest(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        sampling = self._sampling(temperature, top_k, top_p, seed)
+        total = len(s.history) + len(tokens)
+        if total == s.kv_len:
+            raise InvalidRequest("empty prompt on a session with nothing to continue from")
+        if total > cfg.max_seq_len:
+            raise ContextOverflow(f"prompt brings the session to {total} tokens; the context is {cfg.max_seq_len}")
+        need = w.pool.blocks_for(min(cfg.max_seq_len, total + max_new_tokens))
+        if need > w.pool.device_blocks.n_blocks:
+            raise CapacityError(f"this request needs {need} KV blocks but the pool has "
+                                f"{w.pool.device_blocks.n_blocks}; it can never fit")
+        if stop_tokens is None:
+            stop = frozenset([w.tokenizer.eos_id]) if w.tokenizer and w.tokenizer.eos_id is not None else frozenset()
+        else:
+            stop = frozenset(self._check_ids(cfg.vocab_size, stop_tokens, "stop token"))
+        plan = s.plan.extend(w.compiler.compile(list(interventions), list(breakpoints)))
+        req = Request(max_new_tokens, sampling, stop, bool(return_logits), plan, sink, len(s.history))
+        s.history.extend(tokens)
+        s.request, s.state, s.last_used = req, SessionState.RUNNING, time.monotonic()
+
+    def _prompt_tokens(self, w: ModelWorker, s: Session, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if w.tokenizer is None:
+                raise InvalidRequest(f"model {w.name} has no tokenizer; send token ids")
+            ids = w.tokenizer.encode(prompt)
+            if not s.history and w.tokenizer.add_bos:
+                ids = [w.tokenizer.bos_id] + ids
+            return ids
+        return self._check_ids(w.cfg.vocab_size, prompt, "token id")
+
+    @staticmethod
+    def _check_ids(vocab: int, ids, what: str) -> list[int]:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        try:
+            ids = list(ids)
+        except TypeError:
+            raise InvalidRequest(f"a prompt is text or a list of token ids, got {type(ids).__name__}") from None
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise InvalidRequest(f"{what}s must be integers, got {t!r}")
+            if not 0 <= t < vocab:
+                raise TokenOutOfRange(f"{what} {t} is outside the vocabulary [0, {vocab})")
+        return ids
+
+    @staticmethod
+    def _sampling(temperature, top_k, top_p, seed) -> SamplingParams:
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not isinstance(top_k, int) or top_k < 0:
+            raise InvalidRequest(f"top_k must be an integer >= 0, got {top_k!r}")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {top_p!r}")
+        if seed is None:
+            seed = secrets.randbits(62)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise InvalidRequest(f"seed must be an integer, got {seed!r}")
+        return SamplingParams(float(temperature), top_k, float(top_p), seed % (1 << 62))
+
+    def resume(self, sid: str, owner: str, activation: Optional[torch.Tensor] = None) -> None:
+        s = self._session(sid, owner)
+        req = s.request
+        if s.state != SessionState.PAUSED or req is None or req.paused_row is None or req.resumed:
+            raise NotPaused(f"session {sid} is not paused at a breakpoint")
+        row = req.paused_row
+        if activation is not None:
+            w = self.workers[s.model]
+            site = w.sites.sites[row.entry]
+            current = row.resid if site.kind == RESID else row.branch
+            new = w.compiler.tensor(activation, f"replacement activation for {site.name}", tuple(current.shape), None)
+            if site.kind == RESID:
+                row.resid = new
+            else:
+                row.branch = new
+        req.resumed = True
+
+    def cancel(self, sid: str, owner: str) -> None:
+        s = self._session(sid, owner)
+        if s.request is not None:
+            self.workers[s.model].fail(s, SessionExpired("request cancelled"))
+
+    # ------------------------------------------------------------------ checkpoints and forks
+
+    def checkpoint(self, sid: str, owner: str, cid: Optional[str] = None) -> str:
+        s = self._session(sid, owner)
+        self._idle(s, "checkpoint")
+        w = self.workers[s.model]
+        n = len(s.host_blocks) if s.swapped else len(s.blocks)
+        if w.pool.host_blocks.n_free < n:
+            raise CapacityError(f"checkpoint needs {n} host KV blocks, {w.pool.host_blocks.n_free} free")
+        host = w.pool.host_blocks.allocate(n)
+        frozen: list[int] = []
+        if s.swapped:
+            for src, dst in zip(s.host_blocks, host):
+                w.pool.host[dst].copy_(w.pool.host[src])
+            job = None
+        else:
+            frozen = list(s.blocks)
+            w.pool.device_blocks.incref(frozen)  # the session copies on write from now on
+            job = w.pool.to_host(frozen, host)
+        cid = cid or secrets.token_urlsafe(16)
+        rec = CheckpointRecord(cid, owner, s.model, list(s.history), s.kv_len, list(s.interventions), s.plan, host,
+                               job, frozen, time.monotonic())
+        self.checkpoints[cid] = rec
+        self._poll_checkpoint(rec)
+        return cid
+
+    def _poll_checkpoint(self, rec: CheckpointRecord) -> None:
+        if rec.finished is None and (rec.job is None or rec.job.done()):
+            self.workers[rec.model].pool.device_blocks.decref(rec.frozen_device_blocks)
+            rec.frozen_device_blocks, rec.finished = [], time.monotonic()
+
+    def _checkpoint(self, cid: str, owner: str) -> CheckpointRecord:
+        rec = self.checkpoints.get(cid) if isinstance(cid, str) else None
+        if rec is None:
+            raise UnknownCheckpoint(f"no checkpoint {cid!r}")
+        if rec.owner != owner:
+            raise Forbidden(f"checkpoint {cid!r} belongs to another user")
+        return rec
+
+    def checkpoint_status(self, cid: str, owner: str) -> dict:
+        rec = self._checkpoint(cid, owner)
+        self._poll_checkpoint(rec)
+        return {"id": cid, "done": rec.finished is not None, "n_tokens": len(rec.history),
+                "n_blocks": len(rec.host_blocks),
+                "copy_seconds": None if rec.finished is None else rec.finished - rec.started}
+
+    def restore(self, cid: str, owner: str) -> str:
+        """A new session in exactly the checkpoint's state (its KV comes to the device when it next runs)."""
+        rec = self._checkpoint(cid, owner)
+        if rec.job is not None and rec.finished is None:
+            rec.job.wait()
+            self._poll_checkpoint(rec)
+        w = self.workers[rec.model]
+        sid = self.create_session(owner, rec.model)
+        s = self.sessions[sid]
+        w.pool.host_blocks.incref(rec.host_blocks)  # shared with the checkpoint; never written in place
+        s.host_blocks = list(rec.host_blocks)
+        s.history, s.kv_len = list(rec.history), rec.kv_len
+        s.interventions, s.plan = list(rec.interventions), rec.plan
+        return sid
+
+    def delete_checkpoint(self, cid: str, owner: str) -> None:
+        rec = self._checkpoint(cid, owner)
+        if rec.job is not None and rec.finished is None:
+            rec.job.wait()
+            self._poll_checkpoint(rec)
+        self.workers[rec.model].pool.host_blocks.decref(rec.host_blocks)
+        del self.checkpoints[cid]
+
+    def fork(self, sid: str, owner: str) -> str:
+        """A new session sharing this one's KV blocks; whichever writes into a shared block copies it first."""
+        s = self._session(sid, owner)
+        self._idle(s, "fork")
+        w = self.workers[s.model]
+        nid = self.create_session(owner, s.model)
+        t = self.sessions[nid]
+        if s.swapped:
+            w.pool.host_blocks.incref(s.host_blocks)
+            t.host_blocks = list(s.host_blocks)
+        else:
+            w.pool.device_blocks.incref(s.blocks)
+            t.blocks = list(s.blocks)
+        t.history, t.kv_len = list(s.history), s.kv_len
+        t.interventions, t.plan = list(s.interventions), s.plan
+        return nid
+
+    # ------------------------------------------------------------------ the loop
+
+    def has_work(self) -> bool:
+        return any(w.has_work() for w in self.workers.values())
+
+    def step(self) -> None:
+        for w in self.workers.values():
+            if w.has_work():
+                w.step()
+
+    def housekeeping(self) -> None:
+        """Between steps: expire paused sessions past their time-to-live, finish background copies."""
+        now = time.monotonic()
+        for s in list(self.sessions.values()):
+            if s.state == SessionState.PAUSED and s.request and not s.request.resumed \
+                    and now - s.request.paused_since > self.pause_ttl:
+                self.workers[s.model].close(s, SessionExpired(
+                    f"session {s.id} stayed paused longer than its time-to-live ({self.pause_ttl:g} s) and was freed"))
+                del self.sessions[s.id]
+        for rec in self.checkpoints.values():
+            self._poll_checkpoint(rec)
+
+    def pool_usage(self) -> dict[str, dict[str, int]]:
+        return {name: {"device_used": w.pool.device_blocks.n_used, "device_total": w.pool.device_blocks.n_blocks,
+                       "host_used": w.pool.host_blocks.n_used, "host_total": w.pool.host_blocks.n_blocks}
+                for name, w in self.workers.items()}

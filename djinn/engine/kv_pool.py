@@ -1,0 +1,111 @@
+"""The paged KV cache: fixed-size blocks on the device, reference-counted for copy-on-write forks, and a
+host pool (pinned when the device is a GPU) for swapped-out sessions and checkpoints.
+
+One tensor holds every block: [n_blocks, n_layers, 2, block_size, n_kv_heads, d_head]. A block is
+contiguous across all layers, so moving a session between device and host is one copy per block.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..errors import CapacityError
+from ..models.config import ModelConfig
+
+
+class BlockAllocator:
+    """Free list and reference counts for `n_blocks` blocks."""
+
+    def __init__(self, n_blocks: int):
+        self.n_blocks = n_blocks
+        self._free = list(range(n_blocks - 1, -1, -1))
+        self.refcount = [0] * n_blocks
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def n_used(self) -> int:
+        return self.n_blocks - len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise CapacityError(f"needs {n} KV blocks, {len(self._free)} free of {self.n_blocks}")
+        ids = [self._free.pop() for _ in range(n)]
+        for i in ids:
+            self.refcount[i] = 1
+        return ids
+
+    def incref(self, ids: list[int]) -> None:
+        for i in ids:
+            self.refcount[i] += 1
+
+    def decref(self, ids: list[int]) -> None:
+        for i in ids:
+            self.refcount[i] -= 1
+            if self.refcount[i] == 0:
+                self._free.append(i)
+
+
+class CopyJob:
+    """A device<->host block copy; on a GPU it runs on a side stream and `done()` polls its event."""
+
+    def __init__(self, event: Optional[torch.cuda.Event] = None):
+        self._event = event
+
+    def done(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+
+class KVPool:
+    def __init__(self, cfg: ModelConfig, n_blocks: int, n_host_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        if n_blocks < 1:
+            raise CapacityError("the KV memory budget holds no block at all")
+        self.block_size, self.device = block_size, device
+        shape = (cfg.n_layers, 2, block_size, cfg.n_kv_heads, cfg.d_head)
+        self.kv = torch.zeros((n_blocks, *shape), dtype=dtype, device=device)
+        self.host = torch.zeros((max(n_host_blocks, 0), *shape), dtype=dtype,
+                                pin_memory=device.type == "cuda")
+        self.device_blocks = BlockAllocator(n_blocks)
+        self.host_blocks = BlockAllocator(max(n_host_blocks, 0))
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return cfg.n_layers * 2 * block_size * cfg.n_kv_heads * cfg.d_head * torch.empty((), dtype=dtype).itemsize
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Device to device (copy-on-write of a shared block)."""
+        self.kv[dst].copy_(self.kv[src])
+
+    def to_host(self, device_ids: list[int], host_ids: list[int], fence: bool = False) -> CopyJob:
+        """Start copying device blocks into host blocks. Either the device blocks stay allocated until done(),
+        or `fence` orders all later compute after the copy, so the blocks may be reused at once."""
+        if self._side is None:
+            for d, h in zip(device_ids, host_ids):
+                self.host[h].copy_(self.kv[d])
+            return CopyJob()
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            for d, h in zip(device_ids, host_ids):
+                self.host[h].copy_(self.kv[d], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._side)
+        if fence:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        return CopyJob(event)
+
+    def to_device(self, host_ids: list[int], device_ids: list[int]) -> None:
+        """Copy host blocks into device blocks, ordered before any later work on the compute stream."""
+        for h, d in zip(host_ids, device_ids):
+            self.kv[d].copy_(self.host[h], non_blocking=True)

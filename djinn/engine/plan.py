@@ -1,0 +1,142 @@
+"""Compile a request's interventions, captures and breakpoints against one model: resolve sites, validate
+and convert tensors once, so that a step only looks up what applies to it."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import InvalidRequest, InvalidTensor
+from ..interventions import EDIT_TYPES, Ablate, Breakpoint, Capture, Replace, Scale, Steer, normalize_steps
+from ..sites import Site, SiteTable
+
+
+@dataclass(frozen=True)
+class Edit:
+    """act <- replace if replace is set, else act * mul + add (per selected token)."""
+
+    site: int
+    steps: Optional[frozenset[int]]
+    positions: Optional[tuple[int, ...]]
+    mul: Optional[torch.Tensor] = None
+    add: Optional[torch.Tensor] = None
+    replace: Optional[torch.Tensor] = None
+
+    def applies(self, step: int) -> bool:
+        return self.steps is None or step in self.steps
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A capture or a breakpoint: a public site name to report under."""
+
+    site: int
+    name: str
+    steps: Optional[frozenset[int]]
+
+    def applies(self, step: int) -> bool:
+        return self.steps is None or step in self.steps
+
+
+@dataclass
+class Plan:
+    edits: dict[int, list[Edit]] = field(default_factory=lambda: defaultdict(list))
+    captures: dict[int, list[Probe]] = field(default_factory=lambda: defaultdict(list))
+    breakpoints: dict[int, list[Probe]] = field(default_factory=lambda: defaultdict(list))
+
+    def extend(self, other: "Plan") -> "Plan":
+        out = Plan()
+        for mine, theirs, dst in [(self.edits, other.edits, out.edits), (self.captures, other.captures, out.captures),
+                                  (self.breakpoints, other.breakpoints, out.breakpoints)]:
+            for key, items in list(mine.items()) + list(theirs.items()):
+                dst[key].extend(items)
+        return out
+
+    @property
+    def empty(self) -> bool:
+        return not (self.edits or self.captures or self.breakpoints)
+
+
+class Compiler:
+    """Validates client data against one model (sites, shapes, dtypes, finiteness)."""
+
+    def __init__(self, sites: SiteTable, d_model: int, n_heads: int, d_head: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.sites, self.dtype, self.device = sites, dtype, device
+        self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_head
+
+    def site_shape(self, site: Site) -> tuple[int, ...]:
+        return (self.n_heads, self.d_head) if site.per_head else (self.d_model,)
+
+    def tensor(self, t, what: str, shape: tuple[int, ...], n_rows: Optional[int]) -> torch.Tensor:
+        """A client tensor of `shape` (or [n_rows, *shape]) as the model's dtype on its device."""
+        if not isinstance(t, torch.Tensor):
+            raise InvalidTensor(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+        if not (t.is_floating_point()):
+            raise InvalidTensor(f"{what} must be a floating-point tensor, got {t.dtype}")
+        ok = tuple(t.shape) == shape or (n_rows is not None and tuple(t.shape) == (n_rows, *shape))
+        if not ok:
+            want = f"{list(shape)}" + (f" or [{n_rows}, {', '.join(map(str, shape))}]" if n_rows else "")
+            raise InvalidTensor(f"{what} has shape {list(t.shape)}, expected {want}")
+        if not torch.isfinite(t).all():
+            raise InvalidTensor(f"{what} contains NaN or Inf")
+        return t.detach().to(device=self.device, dtype=self.dtype)
+
+    def compile(self, items: Sequence, breakpoints: Sequence[Breakpoint] = ()) -> Plan:
+        plan = Plan()
+        for item in items:
+            if isinstance(item, Capture):
+                steps = self._steps(item.steps)
+                for name, site in self.sites.resolve(item.site):
+                    plan.captures[site.index].append(Probe(site.index, name, steps))
+            elif isinstance(item, EDIT_TYPES):
+                for name, site in self.sites.resolve(item.site):
+                    plan.edits[site.index].append(self._edit(item, name, site))
+            else:
+                raise InvalidRequest(f"not an intervention: {type(item).__name__} (use Steer, Scale, Replace, "
+                                     f"Ablate or Capture)")
+        for bp in breakpoints:
+            if not isinstance(bp, Breakpoint):
+                raise InvalidRequest(f"breakpoints must be djinn.Breakpoint, got {type(bp).__name__}")
+            steps = self._steps(bp.steps)
+            for name, site in self.sites.resolve(bp.site):
+                plan.breakpoints[site.index].append(Probe(site.index, name, steps))
+        return plan
+
+    @staticmethod
+    def _steps(steps) -> Optional[frozenset[int]]:
+        try:
+            return normalize_steps(steps)
+        except (TypeError, ValueError) as e:
+            raise InvalidRequest(str(e)) from None
+
+    def _edit(self, item, name: str, site: Site) -> Edit:
+        shape = self.site_shape(site)
+        positions = None if item.positions is None else tuple(int(p) for p in item.positions)
+        if positions is not None and (len(positions) == 0 or min(positions) < 0 or len(set(positions)) != len(positions)):
+            raise InvalidRequest(f"positions for {name} must be distinct non-negative integers")
+        n_rows = len(positions) if positions is not None else None
+        common = dict(site=site.index, steps=self._steps(item.steps), positions=positions)
+        what = f"{type(item).__name__} tensor for {name}"
+        if isinstance(item, Steer):
+            if not isinstance(item.scale, (int, float)) or not math.isfinite(item.scale):
+                raise InvalidTensor(f"Steer scale for {name} must be a finite number")
+            return Edit(add=self.tensor(item.vector, what, shape, n_rows) * item.scale, **common)
+        if isinstance(item, Scale):
+            factor = item.factor
+            if isinstance(factor, (int, float)):
+                if not math.isfinite(factor):
+                    raise InvalidTensor(f"Scale factor for {name} must be finite")
+                factor = torch.tensor(float(factor))
+                return Edit(mul=factor.to(device=self.device, dtype=self.dtype), **common)
+            return Edit(mul=self.tensor(factor, what, shape, n_rows), **common)
+        if isinstance(item, Replace):
+            return Edit(replace=self.tensor(item.tensor, what, shape, n_rows), **common)
+        if isinstance(item, Ablate):
+            if item.mean is None:
+                return Edit(replace=torch.zeros(shape, dtype=self.dtype, device=self.device), **common)
+            return Edit(replace=self.tensor(item.mean, what, shape, n_rows), **common)
+        raise InvalidRequest(f"unknown intervention {type(item).__name__}")

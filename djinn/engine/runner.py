@@ -1,0 +1,198 @@
+"""Runs one engine step: every row's forward from where it stands, site by site.
+
+A fresh row starts at the embedding; a resumed row re-enters after the site it paused at, carrying the
+residual stream (and branch value) it had there. At every site the rows that asked get their edits as
+batched tensor ops, captures are staged to the host, and rows with a breakpoint leave the batch with
+their state saved. No layer runs twice and no row waits for another.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..models.context import ForwardContext
+from ..sites import RESID, Site
+from .batch import RowSpan, build_context
+from .plan import Edit, Plan
+from .staging import HostStager, Staged
+
+
+@dataclass(eq=False)
+class Row:
+    """One session's work in a step."""
+
+    session: object
+    span: RowSpan
+    tokens: list[int]
+    step: int
+    plan: Plan
+    entry: int = -1  # site index the row already passed (resumed rows); -1: starts at the embedding
+    resid: Optional[torch.Tensor] = None
+    branch: Optional[torch.Tensor] = None
+
+    @property
+    def positions(self) -> list[int]:
+        return list(range(self.span.start, self.span.start + self.span.n_tokens))
+
+
+@dataclass
+class Pause:
+    row: Row
+    site: str  # the public name the breakpoint used
+    activation: torch.Tensor  # on the device, [n_tokens, ...]
+
+
+@dataclass
+class StepOutput:
+    finished: list[Row] = field(default_factory=list)
+    logits: Optional[torch.Tensor] = None  # [len(finished), vocab]: each finished row's last token
+    paused: list[Pause] = field(default_factory=list)
+    captures: list[tuple[Row, str, Staged]] = field(default_factory=list)
+
+
+class Runner:
+    def __init__(self, model: torch.nn.Module, kv: torch.Tensor, sites: list[Site], block_size: int,
+                 sliding_window: Optional[int], device: torch.device):
+        self.model, self.kv, self.sites = model, kv, sites
+        self.block_size, self.window, self.device = block_size, sliding_window, device
+        self.stager = HostStager(device)
+
+    @torch.inference_mode()
+    def run(self, rows: list[Row]) -> StepOutput:
+        out = StepOutput()
+        joining: dict[int, list[Row]] = defaultdict(list)
+        live = [r for r in rows if r.entry < 0]
+        for r in rows:
+            if r.entry >= 0:
+                joining[r.entry].append(r)
+        resid = branch = tokens = None
+        ctx = None
+        if live:
+            ctx, tokens = self._context(live)
+        for site in self.sites:
+            if live:
+                resid, branch = self._compute(site, resid, branch, ctx, tokens)
+                live, resid, branch, ctx = self._at_site(site, live, resid, branch, ctx, out)
+            if site.index in joining:
+                new = joining[site.index]
+                resid = torch.cat(([resid] if live else []) + [r.resid for r in new])
+                if site.kind != RESID:
+                    branch = torch.cat(([branch] if live else []) + [r.branch for r in new])
+                for r in new:
+                    r.resid = r.branch = None
+                    r.entry = -1
+                live = live + new
+                ctx, _ = self._context(live)
+        if live:
+            last = torch.tensor(self._offsets(live)[1:], device=self.device) - 1
+            out.logits = self.model.unembed(branch[last])
+            out.finished = live
+        return out
+
+    # ------------------------------------------------------------------ helpers
+
+    def _context(self, rows: list[Row]) -> tuple[ForwardContext, torch.Tensor]:
+        tokens = [t for r in rows for t in r.tokens]
+        ctx, tok = build_context([r.span for r in rows], tokens, self.kv, self.block_size, self.window, self.device)
+        self.model.prepare(ctx)
+        return ctx, tok
+
+    @staticmethod
+    def _offsets(rows: list[Row]) -> list[int]:
+        offsets = [0]
+        for r in rows:
+            offsets.append(offsets[-1] + r.span.n_tokens)
+        return offsets
+
+    def _compute(self, site: Site, resid, branch, ctx: ForwardContext, tokens):
+        m = self.model
+        if site.op == "embed":
+            return m.embed_tokens(tokens, ctx.positions), None
+        if site.op == "attn_z":
+            return resid, m.blocks[site.layer].attn_z(resid, ctx)
+        if site.op == "attn_out":
+            return resid, m.blocks[site.layer].attn_out(branch)
+        if site.op == "add":
+            return resid + branch, None
+        if site.op == "mlp_out":
+            return resid, m.blocks[site.layer].mlp_out(resid)
+        if site.op == "final_norm":
+            return resid, m.ln_final(resid)
+        raise AssertionError(site.op)
+
+    def _at_site(self, site: Site, live: list[Row], resid, branch, ctx, out: StepOutput):
+        value = resid if site.kind == RESID else branch
+        offsets = self._offsets(live)
+        edits = [(i, [e for e in r.plan.edits.get(site.index, ()) if e.applies(r.step)]) for i, r in enumerate(live)]
+        edits = [(i, es) for i, es in edits if es]
+        if edits:
+            self._apply_edits(value, live, offsets, edits)
+        pausing: list[int] = []
+        for i, r in enumerate(live):
+            plan, lo, hi = r.plan, offsets[i], offsets[i + 1]
+            for probe in plan.captures.get(site.index, ()):
+                if probe.applies(r.step):
+                    out.captures.append((r, probe.name, self.stager.stage(value[lo:hi])))
+            bp = next((p for p in plan.breakpoints.get(site.index, ()) if p.applies(r.step)), None)
+            if bp is not None:
+                r.resid = resid[lo:hi].clone()
+                r.branch = branch[lo:hi].clone() if branch is not None else None
+                r.entry = site.index
+                out.paused.append(Pause(r, bp.name, value[lo:hi].clone()))
+                pausing.append(i)
+        if not pausing:
+            return live, resid, branch, ctx
+        keep = [i for i in range(len(live)) if i not in pausing]
+        live = [live[i] for i in keep]
+        if not live:
+            return [], None, None, None
+        idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in keep]).to(self.device)
+        resid = resid.index_select(0, idx)
+        branch = branch.index_select(0, idx) if branch is not None else None
+        ctx, _ = self._context(live)
+        return live, resid, branch, ctx
+
+    def _apply_edits(self, value: torch.Tensor, live: list[Row], offsets: list[int],
+                     edits: list[tuple[int, list[Edit]]]) -> None:
+        """Each round applies the j-th edit of every row that has one, as one batched op:
+        value[idx] = where(replace_mask, replacement, value[idx] * mul + add)."""
+        shape = value.shape[1:]
+        for j in range(max(len(es) for _, es in edits)):
+            idx, mul, add, rep, is_rep = [], [], [], [], []
+            for i, es in edits:
+                if j >= len(es):
+                    continue
+                e, span = es[j], live[i].span
+                if e.positions is None:
+                    local, which = list(range(span.n_tokens)), None
+                else:
+                    hits = [(p - span.start, k) for k, p in enumerate(e.positions)
+                            if span.start <= p < span.start + span.n_tokens]
+                    if not hits:
+                        continue
+                    local, which = [h[0] for h in hits], [h[1] for h in hits]
+                n = len(local)
+                idx.append(torch.tensor(local) + offsets[i])
+                mul.append(self._per_token(e.mul, which, n, shape, 1.0, value))
+                add.append(self._per_token(e.add, which, n, shape, 0.0, value))
+                rep.append(self._per_token(e.replace, which, n, shape, 0.0, value))
+                is_rep.append(torch.full((n,), e.replace is not None, dtype=torch.bool))
+            if not idx:
+                continue
+            index = torch.cat(idx).to(self.device)
+            mask = torch.cat(is_rep).to(self.device).view(-1, *([1] * len(shape)))
+            current = value.index_select(0, index)
+            new = torch.where(mask, torch.cat(rep), current * torch.cat(mul) + torch.cat(add))
+            value.index_copy_(0, index, new)
+
+    @staticmethod
+    def _per_token(t: Optional[torch.Tensor], which: Optional[list[int]], n: int, shape, default: float,
+                   like: torch.Tensor) -> torch.Tensor:
+        if t is None:
+            return torch.full((n, *shape), default, dtype=like.dtype, device=like.device)
+        if t.dim() == len(shape) + 1:  # one row per listed position
+            return t[torch.tensor(which, device=t.device)]
+        return t.expand(n, *shape)

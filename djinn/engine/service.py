@@ -1,0 +1,65 @@
+"""The engine thread: the only thread that touches the engine and the device.
+
+Callers (the embedded client, the server's event loop) send commands through a queue; the thread runs
+them between steps and steps whenever any session has work. Events reach callers through the sinks they
+registered, called on this thread.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from .engine import Engine
+
+log = logging.getLogger("djinn.engine")
+
+
+class EngineService:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="djinn-engine", daemon=True)
+        self._thread.start()
+
+    def post(self, method: str, *args: Any, **kwargs: Any) -> Future:
+        """Queue `engine.<method>(*args, **kwargs)`; the future holds its result or its error."""
+        if self._stopping.is_set():
+            raise RuntimeError("the engine is shut down")
+        fut: Future = Future()
+        self._commands.put((method, args, kwargs, fut))
+        return fut
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.post(method, *args, **kwargs).result()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+    def _run(self, item) -> None:
+        method, args, kwargs, fut = item
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(getattr(self.engine, method)(*args, **kwargs))
+        except BaseException as e:  # handed to the caller, who re-raises it
+            fut.set_exception(e)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._run(self._commands.get(timeout=0 if self.engine.has_work() else 0.02))
+                while True:
+                    self._run(self._commands.get_nowait())
+            except queue.Empty:
+                pass
+            try:
+                self.engine.housekeeping()
+                if self.engine.has_work():
+                    self.engine.step()
+            except Exception:  # keep serving everyone else
+                log.exception("engine loop error")

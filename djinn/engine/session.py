@@ -1,0 +1,94 @@
+"""Server-resident state: sessions (token history, KV blocks, persistent interventions), the request a
+session is running, and checkpoints."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Optional
+
+import torch
+
+from .kv_pool import CopyJob
+from .plan import Plan
+from .runner import Row
+from .sampling import SamplingParams
+from .staging import Staged
+
+_arrival = itertools.count()
+
+
+class SessionState(str, Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    PAUSED = "paused"
+
+
+@dataclass(eq=False)
+class Request:
+    """One generate/stream call."""
+
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_tokens: frozenset[int]
+    return_logits: bool
+    plan: Plan
+    sink: Callable[[object], None]
+    history_len_before: int
+    seq: int = field(default_factory=lambda: next(_arrival))
+    step: int = 0
+    generated: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    captures: dict[tuple[str, int], Staged] = field(default_factory=dict)
+    text: str = ""
+    paused_row: Optional[Row] = None  # the row waiting at a breakpoint, state saved
+    paused_since: float = 0.0
+    resumed: bool = False  # paused_row re-enters at its site in the next step
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    owner: str
+    model: str
+    history: list[int] = field(default_factory=list)  # every token; history[kv_len:] is not in the cache yet
+    kv_len: int = 0
+    blocks: list[int] = field(default_factory=list)  # device blocks
+    host_blocks: Optional[list[int]] = None  # set while swapped out to host
+    interventions: list = field(default_factory=list)  # persistent, as the client sent them
+    plan: Plan = field(default_factory=Plan)  # the same, compiled
+    state: SessionState = SessionState.IDLE
+    request: Optional[Request] = None
+    last_used: float = 0.0
+
+    @property
+    def swapped(self) -> bool:
+        return self.host_blocks is not None
+
+
+@dataclass(eq=False)
+class CheckpointRecord:
+    id: str
+    owner: str
+    model: str
+    history: list[int]
+    kv_len: int
+    interventions: list
+    plan: Plan
+    host_blocks: list[int]
+    job: CopyJob
+    frozen_device_blocks: list[int]  # held until the background copy is done
+    started: float
+    finished: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    id: str
+    model: str
+    state: str  # idle | running | paused | swapped
+    n_tokens: int
+    kv_len: int
+    n_device_blocks: int
+    n_host_blocks: int
+    interventions: int

@@ -1,0 +1,251 @@
+"""One model's share of the engine: admission, KV memory (allocation, copy-on-write, swap), continuous
+batching of prefill and decode rows, the step itself, sampling and events."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import torch
+
+from ..errors import CapacityError, DjinnError, InternalError
+from ..events import Done, Error, GenerateResult, Paused, Token
+from ..models.loading import LoadedModel
+from ..sites import SiteTable
+from .batch import RowSpan
+from .kv_pool import KVPool
+from .plan import Compiler
+from .runner import Pause, Row, Runner
+from .sampling import sample
+from .session import Request, Session, SessionState
+
+log = logging.getLogger("djinn.engine")
+
+
+class ModelWorker:
+    def __init__(self, loaded: LoadedModel, n_blocks: int, n_host_blocks: int, block_size: int,
+                 max_step_tokens: int):
+        self.name, self.cfg, self.model, self.tokenizer = loaded.name, loaded.config, loaded.model, loaded.tokenizer
+        p = next(self.model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        self.pool = KVPool(self.cfg, n_blocks, n_host_blocks, block_size, self.dtype, self.device)
+        self.sites = SiteTable(self.cfg.n_layers)
+        self.compiler = Compiler(self.sites, self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head, self.dtype,
+                                 self.device)
+        self.runner = Runner(self.model, self.pool.kv, self.sites.sites, block_size, self.cfg.sliding_window,
+                             self.device)
+        self.max_step_tokens = max_step_tokens
+        self.sessions: dict[str, Session] = {}
+        self._pending_pauses: list[tuple[Session, Pause, object]] = []
+
+    # ------------------------------------------------------------------ memory
+
+    def _free_session_blocks(self, s: Session) -> None:
+        self.pool.device_blocks.decref(s.blocks)
+        s.blocks = []
+        if s.host_blocks is not None:
+            self.pool.host_blocks.decref(s.host_blocks)
+            s.host_blocks = None
+
+    def trim(self, s: Session) -> None:
+        """Drop device blocks beyond what the committed tokens need (after a cancelled step)."""
+        keep = self.pool.blocks_for(s.kv_len)
+        if s.host_blocks is not None:
+            self.pool.host_blocks.decref(s.host_blocks[keep:])
+            s.host_blocks = s.host_blocks[:keep]
+        else:
+            self.pool.device_blocks.decref(s.blocks[keep:])
+            s.blocks = s.blocks[:keep]
+
+    def swap_out(self, s: Session) -> bool:
+        if s.swapped or not s.blocks:
+            return False
+        if self.pool.host_blocks.n_free < len(s.blocks):
+            return False
+        host = self.pool.host_blocks.allocate(len(s.blocks))
+        self.pool.to_host(s.blocks, host, fence=True)
+        self.pool.device_blocks.decref(s.blocks)
+        s.blocks, s.host_blocks = [], host
+        return True
+
+    def _make_room(self, n: int, protected: set[int]) -> bool:
+        """Free `n` device blocks by swapping out sessions not in this step: idle first, then paused, then
+        running ones that were not scheduled, least recently used first."""
+        if self.pool.device_blocks.n_free >= n:
+            return True
+        rank = {SessionState.IDLE: 0, SessionState.PAUSED: 1, SessionState.RUNNING: 2}
+        victims = sorted((s for s in self.sessions.values() if id(s) not in protected and s.blocks),
+                         key=lambda s: (rank[s.state], s.last_used))
+        for v in victims:
+            self.swap_out(v)
+            if self.pool.device_blocks.n_free >= n:
+                return True
+        return False
+
+    def _make_resident(self, s: Session, end: int, protected: set[int]) -> bool:
+        """Ensure `s` is on the device with blocks covering positions < end, its written block unshared."""
+        if s.swapped:
+            if not self._make_room(len(s.host_blocks), protected):
+                return False
+            dev = self.pool.device_blocks.allocate(len(s.host_blocks))
+            self.pool.to_device(s.host_blocks, dev)
+            self.pool.host_blocks.decref(s.host_blocks)
+            s.blocks, s.host_blocks = dev, None
+        bs = self.pool.block_size
+        start_block = s.kv_len // bs
+        shared = [b for b in range(start_block, len(s.blocks)) if self.pool.device_blocks.refcount[s.blocks[b]] > 1]
+        need = max(0, self.pool.blocks_for(end) - len(s.blocks)) + len(shared)
+        if not self._make_room(need, protected):
+            return False
+        for b in shared:  # copy-on-write: this session is about to write into a block another one holds
+            (new,) = self.pool.device_blocks.allocate(1)
+            self.pool.copy_block(s.blocks[b], new)
+            self.pool.device_blocks.decref([s.blocks[b]])
+            s.blocks[b] = new
+        s.blocks.extend(self.pool.device_blocks.allocate(max(0, self.pool.blocks_for(end) - len(s.blocks))))
+        return True
+
+    # ------------------------------------------------------------------ scheduling
+
+    def has_work(self) -> bool:
+        return any(self._runnable(s) for s in self.sessions.values()) or bool(self._pending_pauses)
+
+    @staticmethod
+    def _runnable(s: Session) -> bool:
+        r = s.request
+        return r is not None and (s.state == SessionState.RUNNING or (s.state == SessionState.PAUSED and r.resumed))
+
+    def _schedule(self) -> list[Row]:
+        candidates = sorted((s for s in self.sessions.values() if self._runnable(s)), key=lambda s: s.request.seq)
+        rows: list[Row] = []
+        used = 0
+        for s in candidates:
+            req = s.request
+            if req.resumed:
+                row = req.paused_row
+                n = row.span.n_tokens
+                end = row.span.start + n
+            else:
+                tokens = s.history[s.kv_len:]
+                n, end = len(tokens), s.kv_len + len(tokens)
+                row = None
+            if rows and used + n > self.max_step_tokens:
+                continue
+            # sessions already in this step stay put; any other may be swapped out to make room
+            if not self._make_resident(s, end, {id(x.session) for x in rows} | {id(s)}):
+                continue
+            if row is None:
+                row = Row(s, RowSpan(s.kv_len, n, s.blocks), tokens, req.step, req.plan)
+            else:
+                row.span.block_table = s.blocks  # blocks may have moved through a swap
+                req.paused_row, req.resumed = None, False
+                s.state = SessionState.RUNNING
+            s.last_used = time.monotonic()
+            rows.append(row)
+            used += n
+        if not rows and candidates:
+            s = candidates[0]
+            self.fail(s, CapacityError("not enough KV memory to run this request, even after swapping out "
+                                       "every other session (host pool full)"))
+        return rows
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> None:
+        self._emit_ready_pauses()
+        rows = self._schedule()
+        if not rows:
+            return
+        try:
+            out = self.runner.run(rows)
+            self._finish_step(out)
+        except DjinnError as e:
+            for r in rows:
+                self.fail(r.session, e)
+        except Exception as e:  # a bug must not take down other users' sessions
+            log.exception("engine step failed")
+            for r in rows:
+                if r.session.request is not None:
+                    self.fail(r.session, InternalError(f"engine step failed: {type(e).__name__}: {e}"))
+
+    def _finish_step(self, out) -> None:
+        for row, name, staged in out.captures:
+            row.session.request.captures[(name, row.step)] = staged
+        for p in out.paused:
+            s = p.row.session
+            s.state = SessionState.PAUSED
+            s.request.paused_row = p.row
+            s.request.paused_since = time.monotonic()
+            self._pending_pauses.append((s, p, self.runner.stager.stage(p.activation)))
+        self._emit_ready_pauses()
+        if not out.finished:
+            return
+        rows = out.finished
+        reqs = [r.session.request for r in rows]
+        tokens = sample(out.logits, [q.sampling for q in reqs], [q.step for q in reqs]).tolist()
+        want = [i for i, q in enumerate(reqs) if q.return_logits]
+        host_logits = out.logits[want].float().cpu() if want else None
+        for i, (row, req, tok) in enumerate(zip(rows, reqs, tokens)):
+            s = row.session
+            s.kv_len += row.span.n_tokens
+            req.step += 1
+            if req.max_new_tokens == 0:
+                self._complete(s, "length")
+                continue
+            s.history.append(tok)
+            req.generated.append(tok)
+            logits = host_logits[want.index(i)] if req.return_logits else None
+            if logits is not None:
+                req.logits.append(logits)
+            req.sink(Token(tok, self._text_delta(req), req.step - 1, logits))
+            if tok in req.stop_tokens:
+                self._complete(s, "stop")
+            elif len(req.generated) >= req.max_new_tokens:
+                self._complete(s, "length")
+            elif s.kv_len >= self.cfg.max_seq_len:
+                self._complete(s, "context")
+
+    def _text_delta(self, req: Request) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(req.generated)
+        delta = text[len(req.text):] if text.startswith(req.text) else text
+        req.text = text
+        return delta
+
+    def _emit_ready_pauses(self) -> None:
+        still = []
+        for s, p, staged in self._pending_pauses:
+            if s.request is None or s.request.paused_row is not p.row:
+                continue  # cancelled meanwhile
+            if not staged.ready():
+                still.append((s, p, staged))
+                continue
+            s.request.sink(Paused(p.site, p.row.step, p.row.positions, staged.result()))
+        self._pending_pauses = still
+
+    def _complete(self, s: Session, reason: str) -> None:
+        req = s.request
+        captures = {k: v.result() for k, v in req.captures.items()}
+        logits = torch.stack(req.logits) if req.return_logits and req.logits else None
+        text = self.tokenizer.decode(req.generated) if self.tokenizer else ""
+        s.request, s.state = None, SessionState.IDLE
+        req.sink(Done(GenerateResult(text, list(req.generated), reason, captures, logits)))
+
+    def fail(self, s: Session, error: DjinnError) -> None:
+        """End the session's request with `error`; the session keeps every committed token."""
+        req = s.request
+        if req is None:
+            return
+        if req.step == 0:  # the prompt never went through: forget it
+            del s.history[req.history_len_before:]
+        s.request, s.state = None, SessionState.IDLE
+        self.trim(s)
+        req.sink(Error(error))
+
+    def close(self, s: Session, error: Optional[DjinnError] = None) -> None:
+        if s.request is not None and error is not None:
+            self.fail(s, error)
+        s.request, s.state = None, SessionState.IDLE
+        self._free_session_blocks(s)
+        self.sessions.pop(s.id, None)

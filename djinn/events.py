@@ -1,0 +1,74 @@
+"""What a generation reports to its caller: Token, Paused, Done and Error events, and the final result."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from .errors import DjinnError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    vocab_size: int
+    max_seq_len: int
+    dtype: str
+    device: str
+    has_tokenizer: bool
+
+
+@dataclass
+class Token:
+    token_id: int
+    text: str
+    step: int
+    logits: Optional[torch.Tensor] = None  # [vocab_size] when return_logits=True
+
+
+@dataclass
+class Paused:
+    """The session stopped mid-forward at `site` on `step`; `activation` is [len(positions), ...].
+
+    Call `resume()` to continue unchanged or `resume(tensor)` with an edited activation of the same shape.
+    """
+
+    site: str
+    step: int
+    positions: list[int]
+    activation: torch.Tensor
+    _resume: Optional[Callable[[Optional[torch.Tensor]], None]] = field(default=None, repr=False)
+
+    def resume(self, activation: Optional[torch.Tensor] = None) -> None:
+        if self._resume is None:
+            raise RuntimeError("this Paused event is not attached to a session")
+        self._resume(activation)
+
+
+@dataclass
+class GenerateResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "length" | "stop" | "context"
+    captures: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    logits: Optional[torch.Tensor] = None  # [n_new_tokens, vocab_size] when return_logits=True
+
+
+@dataclass
+class Done:
+    result: GenerateResult
+
+
+@dataclass
+class Error:
+    error: DjinnError
+
+
+Event = Any  # Token | Paused | Done | Error

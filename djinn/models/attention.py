@@ -1,0 +1,49 @@
+"""Attention over the paged KV cache for a flat varlen batch.
+
+Tokens of many rows (sessions) are packed as [n_tokens, ...]. Each row has its own block table; a token
+attends to every cached key of its row at a position <= its own (and inside the sliding window, if any).
+This portable path gathers each row's keys and values into a padded batch and calls PyTorch SDPA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    write_blocks: torch.Tensor  # [N] block of each new token's KV
+    write_offsets: torch.Tensor  # [N] offset inside that block
+    query_row: torch.Tensor  # [N] row of each token in the padded query batch
+    query_col: torch.Tensor  # [N] column of each token in the padded query batch
+    kv_blocks: torch.Tensor  # [B, L] block holding each context position of each row
+    kv_offsets: torch.Tensor  # [B, L]
+    mask: torch.Tensor  # [B, 1, T, L] True where a query may attend a key
+    n_rows: int
+    max_query_len: int
+
+
+def paged_attention(
+    q: torch.Tensor,  # [N, n_heads, d_head]
+    k: torch.Tensor,  # [N, n_kv_heads, d_head]
+    v: torch.Tensor,
+    kv_layer: torch.Tensor,  # [n_blocks, 2, block_size, n_kv_heads, d_head] (a view into the pool)
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Writes this step's keys and values into the cache, then attends. Returns z: [N, n_heads, d_head]."""
+    k_cache, v_cache = kv_layer[:, 0], kv_layer[:, 1]
+    k_cache[meta.write_blocks, meta.write_offsets] = k
+    v_cache[meta.write_blocks, meta.write_offsets] = v
+    keys = k_cache[meta.kv_blocks, meta.kv_offsets].transpose(1, 2)  # [B, n_kv_heads, L, d_head]
+    values = v_cache[meta.kv_blocks, meta.kv_offsets].transpose(1, 2)
+    n_heads, d_head = q.shape[1], q.shape[2]
+    queries = q.new_zeros(meta.n_rows, meta.max_query_len, n_heads, d_head)
+    queries[meta.query_row, meta.query_col] = q
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2), keys, values, attn_mask=meta.mask, scale=scale,
+        enable_gqa=keys.shape[1] != n_heads,
+    )  # [B, n_heads, T, d_head]
+    return out.transpose(1, 2)[meta.query_row, meta.query_col]

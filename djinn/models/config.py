@@ -1,0 +1,43 @@
+"""One configuration type for every family; loaders translate checkpoint configs into it."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str  # "llama" (Llama 2/3, Mistral, Qwen2) or "gpt2"
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_mlp: int
+    max_seq_len: int
+    d_head: int = 0  # 0: d_model // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict[str, Any]] = field(default=None, hash=False)  # {"rope_type": "llama3"|"linear", ...}
+    sliding_window: Optional[int] = None  # attend to keys with q_pos - k_pos < sliding_window
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.d_head == 0:
+            object.__setattr__(self, "d_head", self.d_model // self.n_heads)
+        if self.family not in ("llama", "gpt2"):
+            raise ValueError(f"unknown model family {self.family!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError("n_heads must be a multiple of n_kv_heads")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def n_params(self) -> int:
+        d, f, v = self.d_model, self.d_mlp, self.vocab_size
+        attn = d * self.d_head * (self.n_heads * 2 + self.n_kv_heads * 2)
+        mlp = (3 if self.family == "llama" else 2) * d * f
+        head = 0 if self.tie_embeddings else v * d
+        pos = self.max_seq_len * d if self.family == "gpt2" else 0
+        return self.n_layers * (attn + mlp) + v * d + head + pos

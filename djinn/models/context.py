@@ -1,0 +1,17 @@
+"""What one engine step hands to the model besides the activations."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .attention import AttentionMetadata
+
+
+@dataclass
+class ForwardContext:
+    positions: torch.Tensor  # [N] absolute position of each token
+    attention: AttentionMetadata
+    kv: torch.Tensor  # the pool: [n_blocks, n_layers, 2, block_size, n_kv_heads, d_head]
+    rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # cos, sin: [N, 1, d_head]

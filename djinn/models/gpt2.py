@@ -1,0 +1,74 @@
+"""GPT-2: learned positions, LayerNorm, fused qkv, tied head, GELU (tanh approximation).
+
+Blocks expose the same halves as the Llama family, so the engine treats both alike.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import paged_attention
+from .config import ModelConfig
+from .context import ForwardContext
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.d_head = layer, cfg.n_heads, cfg.d_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.n_heads * cfg.d_head)
+        self.proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.n_heads, self.d_head).unbind(1)
+        return paged_attention(q, k, v, ctx.kv[:, self.layer], ctx.attention, self.d_head**-0.5)
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.proj = nn.Linear(cfg.d_mlp, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = GPT2Attention(cfg, layer)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = GPT2MLP(cfg)
+
+    def attn_z(self, resid: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.attn(self.ln1(resid), ctx)
+
+    def attn_out(self, z: torch.Tensor) -> torch.Tensor:
+        return self.attn.proj(z.flatten(1))
+
+    def mlp_out(self, resid: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln2(resid))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_final = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def prepare(self, ctx: ForwardContext) -> None:
+        pass
+
+    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens) + self.pos_embed(positions)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(x)

@@ -1,0 +1,89 @@
+"""The Llama family: Llama 2 and 3, Mistral (sliding window), Qwen2 (qkv bias). GQA, tied or untied head.
+
+Each block is split into the halves the engine runs between hook sites:
+    z        = attention(norm(resid))            -> blocks.i.attn.hook_z
+    attn_out = o_proj(z)                         -> blocks.i.hook_attn_out
+    resid    = resid + attn_out                  -> blocks.i.hook_resid_mid
+    mlp_out  = mlp(norm(resid))                  -> blocks.i.hook_mlp_out
+    resid    = resid + mlp_out                   -> blocks.i.hook_resid_post
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import paged_attention
+from .config import ModelConfig
+from .context import ForwardContext
+from .layers import RMSNorm, Rotary, apply_rotary
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.d_head = layer, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.n_heads, self.d_head)
+        k = self.k_proj(x).view(n, self.n_kv_heads, self.d_head)
+        v = self.v_proj(x).view(n, self.n_kv_heads, self.d_head)
+        cos, sin = ctx.rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return paged_attention(q, k, v, ctx.kv[:, self.layer], ctx.attention, self.d_head**-0.5)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = LlamaAttention(cfg, layer)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def attn_z(self, resid: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.attn(self.ln1(resid), ctx)
+
+    def attn_out(self, z: torch.Tensor) -> torch.Tensor:
+        return self.attn.o_proj(z.flatten(1))
+
+    def mlp_out(self, resid: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln2(resid))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(LlamaBlock(cfg, i) for i in range(cfg.n_layers))
+        self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rotary = Rotary(cfg.d_head, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+
+    def prepare(self, ctx: ForwardContext) -> None:
+        ctx.rope = self.rotary(ctx.positions, self.embed.weight.dtype)
+
+    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(x)

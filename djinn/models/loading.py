@@ -1,0 +1,270 @@
+"""Loaders: Hugging Face checkpoint folders (safetensors, sharded or single, or pytorch_model.bin), a
+Hugging Face cache entry by repo id (offline), llama2.c `.bin` files, and random initialisation."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ..errors import UnknownModel
+from . import build_model
+from .config import ModelConfig
+from .layers import Rotary
+from .tokenizer import Tokenizer, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    config: ModelConfig
+    model: torch.nn.Module
+    tokenizer: Optional[Tokenizer]
+
+
+def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------- Hugging Face configs and weights
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        d = hf["n_embd"]
+        return ModelConfig(
+            family="gpt2", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
+            n_kv_heads=hf["n_head"], d_mlp=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=True,
+        )
+    if kind not in ("llama", "mistral", "qwen2"):
+        raise UnknownModel(f"unsupported model_type {kind!r} (supported: llama, mistral, qwen2, gpt2)")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+    window = hf.get("sliding_window")
+    if kind == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None
+    n_heads = hf["num_attention_heads"]
+    return ModelConfig(
+        family="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_mlp=hf["intermediate_size"],
+        max_seq_len=hf["max_position_embeddings"], d_head=hf.get("head_dim") or 0,
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+        sliding_window=window, qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def _llama_names(cfg: ModelConfig) -> dict[str, str]:
+    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "ln_final.weight",
+             "lm_head.weight": "lm_head.weight"}
+    for i in range(cfg.n_layers):
+        src, dst = f"model.layers.{i}.", f"blocks.{i}."
+        names[src + "input_layernorm.weight"] = dst + "ln1.weight"
+        names[src + "post_attention_layernorm.weight"] = dst + "ln2.weight"
+        for p in ("q", "k", "v", "o"):
+            for t in ("weight", "bias"):
+                names[f"{src}self_attn.{p}_proj.{t}"] = f"{dst}attn.{p}_proj.{t}"
+        for p in ("gate", "up", "down"):
+            names[f"{src}mlp.{p}_proj.weight"] = f"{dst}mlp.{p}_proj.weight"
+    return names
+
+
+def _gpt2_names(cfg: ModelConfig) -> dict[str, str]:
+    names = {"wte.weight": "embed.weight", "wpe.weight": "pos_embed.weight",
+             "ln_f.weight": "ln_final.weight", "ln_f.bias": "ln_final.bias"}
+    for i in range(cfg.n_layers):
+        src, dst = f"h.{i}.", f"blocks.{i}."
+        for a, b in [("ln_1", "ln1"), ("ln_2", "ln2"), ("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"),
+                     ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")]:
+            for t in ("weight", "bias"):
+                names[f"{src}{a}.{t}"] = f"{dst}{b}.{t}"
+    return {**names, **{"transformer." + k: v for k, v in names.items()}}
+
+
+def _read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(folder / shard)))
+        return state
+    if (folder / "model.safetensors").exists():
+        return load_file(str(folder / "model.safetensors"))
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if bins:
+        state = {}
+        for b in bins:
+            state.update(torch.load(b, map_location="cpu", weights_only=True))
+        return state
+    raise UnknownModel(f"no weights in {folder} (expected model.safetensors, an index of shards, or pytorch_model.bin)")
+
+
+def _to_djinn_state(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    names = _gpt2_names(cfg) if cfg.family == "gpt2" else _llama_names(cfg)
+    state = {}
+    for key, tensor in hf_state.items():
+        if key in names:
+            # GPT-2 stores its linear layers as Conv1D: [in, out].
+            conv1d = cfg.family == "gpt2" and key.endswith(".weight") and tensor.dim() == 2 and (
+                ".attn." in key or ".mlp." in key)
+            state[names[key]] = tensor.t() if conv1d else tensor
+    if cfg.tie_embeddings or "lm_head.weight" not in state:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def load_hf_folder(folder: Union[str, Path], dtype: torch.dtype, device: torch.device,
+                   name: Optional[str] = None) -> LoadedModel:
+    folder = Path(folder)
+    hf_cfg = json.loads((folder / "config.json").read_text())
+    cfg = config_from_hf(hf_cfg)
+    state = _to_djinn_state(cfg, _read_hf_state_dict(folder))
+    if cfg.family == "llama" and "lm_head.weight" not in state and not cfg.tie_embeddings:
+        cfg = ModelConfig(**{**cfg.to_dict(), "tie_embeddings": True})
+    model = _materialize(cfg, state, dtype, device)
+    return LoadedModel(name or folder.name, cfg, model, load_tokenizer(folder, cfg.family))
+
+
+def _materialize(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model = model.to_empty(device=device)
+    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    if cfg.family == "gpt2":
+        expected.discard("lm_head.weight")
+    missing = expected - set(state)
+    if missing:
+        raise UnknownModel(f"checkpoint is missing weights: {sorted(missing)[:6]}")
+    model.load_state_dict(state, strict=False)
+    if cfg.tie_embeddings or cfg.family == "gpt2":
+        model.lm_head.weight = model.embed.weight
+    if cfg.family == "llama":  # non-persistent rope tables are not in the state dict: rebuild them
+        model.rotary = Rotary(cfg.d_head, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling).to(device)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def hf_cache_folder(repo_id: str) -> Optional[Path]:
+    """The snapshot folder of `repo_id` in the local Hugging Face cache (no network)."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+    entry = Path(hub) / ("models--" + repo_id.replace("/", "--"))
+    ref = entry / "refs" / "main"
+    if ref.exists():
+        snap = entry / "snapshots" / ref.read_text().strip()
+        if snap.exists():
+            return snap
+    snaps = sorted((entry / "snapshots").glob("*")) if (entry / "snapshots").exists() else []
+    return snaps[-1] if snaps else None
+
+
+# ---------------------------------------------------------------- llama2.c
+
+def _permute_for_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama2.c rotates interleaved pairs (0,1),(2,3)...; reorder each head's rows so that rotating halves
+    computes the same thing (evens first, then odds)."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def load_llama2c(path: Union[str, Path], dtype: torch.dtype, device: torch.device,
+                 name: Optional[str] = None) -> LoadedModel:
+    path = Path(path)
+    raw = path.read_bytes()
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("7i", raw[:28])
+    shared = vocab > 0
+    vocab = abs(vocab)
+    cfg = ModelConfig(family="llama", vocab_size=vocab, d_model=dim, n_layers=n_layers, n_heads=n_heads,
+                      n_kv_heads=n_kv, d_mlp=hidden, max_seq_len=seq_len, norm_eps=1e-5, tie_embeddings=shared)
+    data = torch.frombuffer(bytearray(raw[28:]), dtype=torch.float32)
+    d_head, kv_dim = dim // n_heads, n_kv * (dim // n_heads)
+    offset = 0
+
+    def take(*shape: int) -> torch.Tensor:
+        nonlocal offset
+        n = 1
+        for s in shape:
+            n *= s
+        t = data[offset:offset + n].view(*shape).clone()
+        offset += n
+        return t
+
+    embed = take(vocab, dim)
+    rms_att, wq = take(n_layers, dim), take(n_layers, dim, dim)
+    wk, wv = take(n_layers, kv_dim, dim), take(n_layers, kv_dim, dim)
+    wo, rms_ffn = take(n_layers, dim, dim), take(n_layers, dim)
+    w1, w2, w3 = take(n_layers, hidden, dim), take(n_layers, dim, hidden), take(n_layers, hidden, dim)
+    rms_final = take(dim)
+    take(seq_len, d_head // 2)  # freq_cis_real: recomputed from theta
+    take(seq_len, d_head // 2)  # freq_cis_imag
+    state = {"embed.weight": embed, "ln_final.weight": rms_final}
+    if not shared:
+        state["lm_head.weight"] = take(vocab, dim)
+    for i in range(n_layers):
+        b = f"blocks.{i}."
+        state.update({
+            b + "ln1.weight": rms_att[i], b + "ln2.weight": rms_ffn[i],
+            b + "attn.q_proj.weight": _permute_for_rotate_half(wq[i], n_heads),
+            b + "attn.k_proj.weight": _permute_for_rotate_half(wk[i], n_kv),
+            b + "attn.v_proj.weight": wv[i], b + "attn.o_proj.weight": wo[i],
+            b + "mlp.gate_proj.weight": w1[i], b + "mlp.down_proj.weight": w2[i], b + "mlp.up_proj.weight": w3[i],
+        })
+    model = _materialize(cfg, state, dtype, device)
+    return LoadedModel(name or path.stem, cfg, model, load_tokenizer(path.parent, "llama"))
+
+
+# ---------------------------------------------------------------- random weights and dispatch
+
+def load_random(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                name: str = "random") -> LoadedModel:
+    """Random weights (normal, std 0.02; norms at one) for tests and benchmarks of a given shape."""
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    state = {}
+    for key, p in model.state_dict().items():
+        if key.endswith("bias"):
+            state[key] = torch.zeros(p.shape, device=device, dtype=dtype)
+        elif p.dim() == 1:
+            state[key] = torch.ones(p.shape, device=device, dtype=dtype)
+        else:  # generated in chunks of rows to keep float32 temporaries small for 7B-sized layers
+            state[key] = torch.empty(p.shape, device=device, dtype=dtype)
+            for rows in state[key].split(4096):
+                rows.copy_(torch.randn(rows.shape, generator=gen, device=device) * 0.02)
+    return LoadedModel(name, cfg, _materialize(cfg, state, dtype, device), None)
+
+
+def load_model(spec: str, dtype: Union[str, torch.dtype] = "float32", device: Union[str, torch.device] = "cpu",
+               name: Optional[str] = None) -> LoadedModel:
+    """Load by path (HF folder, llama2.c .bin, or a folder holding one) or by HF repo id from the local cache."""
+    dt, dev = parse_dtype(dtype), torch.device(device)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".bin":
+        return load_llama2c(path, dt, dev, name)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return load_hf_folder(path, dt, dev, name)
+        bins = [p for p in sorted(path.glob("*.bin")) if p.name not in ("tok512.bin", "tokenizer.bin")]
+        if bins:
+            return load_llama2c(bins[0], dt, dev, name or path.name)
+        raise UnknownModel(f"{path} holds neither config.json nor a llama2.c .bin file")
+    cached = hf_cache_folder(spec) if "/" in spec else None
+    if cached is not None:
+        return load_hf_folder(cached, dt, dev, name or spec)
+    raise UnknownModel(f"no model at {spec!r}: not a file or folder, and not in the local Hugging Face cache")

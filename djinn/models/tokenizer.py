@@ -1,0 +1,62 @@
+"""Tokenizers from a checkpoint folder: Hugging Face `tokenizer.json` or a SentencePiece `.model`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+
+class Tokenizer:
+    """Text <-> token ids. `add_bos`: a text prompt that opens a session starts with `bos_id`."""
+
+    def __init__(self, backend, kind: str, bos_id: Optional[int], eos_id: Optional[int], add_bos: bool):
+        self._backend, self.kind = backend, kind
+        self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "sentencepiece":
+            return list(self._backend.encode(text))
+        return list(self._backend.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.kind == "sentencepiece":
+            return self._backend.decode(list(ids))
+        return self._backend.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        if self.kind == "sentencepiece":
+            return self._backend.get_piece_size()
+        return self._backend.get_vocab_size()
+
+
+def _token_id(backend, value) -> Optional[int]:
+    if isinstance(value, dict):
+        value = value.get("content")
+    if isinstance(value, str):
+        return backend.token_to_id(value)
+    return None
+
+
+def load_tokenizer(folder: Path, family: str) -> Optional[Tokenizer]:
+    """The tokenizer stored in `folder`, or None when there is none."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").exists():
+        from tokenizers import Tokenizer as HFTokenizer
+
+        backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg_path = folder / "tokenizer_config.json"
+        tcfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        bos = _token_id(backend, tcfg.get("bos_token"))
+        eos = _token_id(backend, tcfg.get("eos_token"))
+        add_bos = bool(tcfg.get("add_bos_token", family == "llama")) and bos is not None
+        return Tokenizer(backend, "hf", bos, eos, add_bos)
+    models = sorted(folder.glob("*.model"))
+    if models:
+        import sentencepiece as spm
+
+        backend = spm.SentencePieceProcessor(model_file=str(models[0]))
+        bos, eos = backend.bos_id(), backend.eos_id()
+        return Tokenizer(backend, "sentencepiece", bos if bos >= 0 else None, eos if eos >= 0 else None,
+                         add_bos=bos >= 0)
+    return None
