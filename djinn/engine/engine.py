@@ -20,6 +20,7 @@ from ..models.loading import LoadedModel
 from ..sites import RESID
 from .kv_pool import KVPool
 from .sampling import SamplingParams
+from .stats import EngineStats
 from .session import CheckpointRecord, Request, Session, SessionInfo, SessionState
 from .worker import ModelWorker
 
@@ -33,11 +34,12 @@ class Engine:
         if not models:
             raise UnknownModel("the engine needs at least one model")
         self.workers: dict[str, ModelWorker] = {}
+        self.stats = EngineStats()
         for m in models:
             n = kv_blocks if kv_blocks is not None else self._blocks_from_budget(m, kv_memory, block_size,
                                                                                   len(models))
             self.workers[m.name] = ModelWorker(m, n, host_kv_blocks if host_kv_blocks is not None else n,
-                                               block_size, max_step_tokens)
+                                               block_size, max_step_tokens, self.stats)
         self.default_model = models[0].name
         self.pause_ttl = pause_ttl
         self.sessions: dict[str, Session] = {}
@@ -330,6 +332,12 @@ class Engine:
                 del self.sessions[s.id]
         for rec in self.checkpoints.values():
             self._poll_checkpoint(rec)
+
+    def sessions_by_state(self) -> dict[str, int]:
+        counts = {"idle": 0, "running": 0, "paused": 0, "swapped": 0}
+        for s in self.sessions.values():
+            counts[self._info(s).state] += 1
+        return counts
 
     def pool_usage(self) -> dict[str, dict[str, int]]:
         return {name: {"device_used": w.pool.device_blocks.n_used, "device_total": w.pool.device_blocks.n_blocks,

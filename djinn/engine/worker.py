@@ -18,13 +18,15 @@ from .plan import Compiler
 from .runner import Pause, Row, Runner
 from .sampling import sample
 from .session import Request, Session, SessionState
+from .stats import EngineStats
 
 log = logging.getLogger("djinn.engine")
 
 
 class ModelWorker:
     def __init__(self, loaded: LoadedModel, n_blocks: int, n_host_blocks: int, block_size: int,
-                 max_step_tokens: int):
+                 max_step_tokens: int, stats: EngineStats):
+        self.stats = stats
         self.name, self.cfg, self.model, self.tokenizer = loaded.name, loaded.config, loaded.model, loaded.tokenizer
         p = next(self.model.parameters())
         self.dtype, self.device = p.dtype, p.device
@@ -156,6 +158,7 @@ class ModelWorker:
         rows = self._schedule()
         if not rows:
             return
+        started = time.perf_counter()
         try:
             out = self.runner.run(rows)
             self._finish_step(out)
@@ -167,6 +170,10 @@ class ModelWorker:
             for r in rows:
                 if r.session.request is not None:
                     self.fail(r.session, InternalError(f"engine step failed: {type(e).__name__}: {e}"))
+        elapsed = time.perf_counter() - started
+        st = self.stats
+        st.steps, st.step_seconds, st.last_step_seconds = st.steps + 1, st.step_seconds + elapsed, elapsed
+        st.tokens_processed += sum(r.span.n_tokens for r in rows)
 
     def _finish_step(self, out) -> None:
         for row, name, staged in out.captures:
@@ -176,6 +183,7 @@ class ModelWorker:
             s.state = SessionState.PAUSED
             s.request.paused_row = p.row
             s.request.paused_since = time.monotonic()
+            self.stats.pauses += 1
             self._pending_pauses.append((s, p, self.runner.stager.stage(p.activation)))
         self._emit_ready_pauses()
         if not out.finished:
@@ -194,6 +202,7 @@ class ModelWorker:
                 continue
             s.history.append(tok)
             req.generated.append(tok)
+            self.stats.tokens_generated += 1
             logits = host_logits[want.index(i)] if req.return_logits else None
             if logits is not None:
                 req.logits.append(logits)
@@ -230,6 +239,7 @@ class ModelWorker:
         logits = torch.stack(req.logits) if req.return_logits and req.logits else None
         text = self.tokenizer.decode(req.generated) if self.tokenizer else ""
         s.request, s.state = None, SessionState.IDLE
+        self.stats.requests_finished += 1
         req.sink(Done(GenerateResult(text, list(req.generated), reason, captures, logits)))
 
     def fail(self, s: Session, error: DjinnError) -> None:
