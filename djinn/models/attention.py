@@ -10,6 +10,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Run-to-run determinism matters more than the last microsecond here: cuDNN's attention (PyTorch's first
+# choice on Hopper) gives different bits on identical inputs, which would break bit-exact pause/resume.
+DETERMINISTIC_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -42,8 +47,9 @@ def paged_attention(
     n_heads, d_head = q.shape[1], q.shape[2]
     queries = q.new_zeros(meta.n_rows, meta.max_query_len, n_heads, d_head)
     queries[meta.query_row, meta.query_col] = q
-    out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2), keys, values, attn_mask=meta.mask, scale=scale,
-        enable_gqa=keys.shape[1] != n_heads,
-    )  # [B, n_heads, T, d_head]
+    with sdpa_kernel(DETERMINISTIC_BACKENDS):
+        out = F.scaled_dot_product_attention(
+            queries.transpose(1, 2), keys, values, attn_mask=meta.mask, scale=scale,
+            enable_gqa=keys.shape[1] != n_heads,
+        )  # [B, n_heads, T, d_head]
     return out.transpose(1, 2)[meta.query_row, meta.query_col]

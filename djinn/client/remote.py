@@ -1,0 +1,296 @@
+"""The remote backend: the `Backend` protocol over HTTP (httpx) for control calls and one WebSocket (the
+`websockets` sync client) per stream, so `djinn.connect(url, api_key=...)` gives the same `Client`,
+`Session` and `Checkpoint` classes, the same events and the same typed errors as the embedded engine.
+
+Tensors travel as safetensors bytes inside msgpack frames (see `djinn.server.protocol`), so activations
+arrive as torch tensors in the model's dtype (bfloat16 included).
+"""
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any, Callable, Iterator, Optional, Sequence
+from urllib.parse import quote
+
+import httpx
+import torch
+
+from .. import __version__
+from ..errors import (DjinnError, FrameTooLarge, InvalidRequest, InvalidTensor, ProtocolMismatch,
+                      error_from_code)
+from ..events import Done, Error, Paused
+from ..server.protocol import (MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, decode_event, decode_model_info,
+                               decode_result, encode_intervention, encode_params, encode_prompt, mismatch_message,
+                               pack, unpack)
+
+API_KEY_ENV = "DJINN_API_KEY"
+
+
+# ---------------------------------------------------------------- shared with the asyncio client
+
+def _p(x: Any) -> str:
+    return quote(str(x), safe="")
+
+
+def route(method: str, args: Sequence[Any]) -> tuple[str, str, Optional[dict]]:
+    """(HTTP verb, path, body) of a Backend call (the same method names as the engine, without the owner)."""
+    a = list(args)
+    arg = (lambda i, default=None: a[i] if len(a) > i else default)
+    table: dict[str, Callable[[], tuple[str, str, Optional[dict]]]] = {
+        "models": lambda: ("GET", "/api/models", None),
+        "create_session": lambda: ("POST", "/api/sessions", {"model": arg(0)}),
+        "list_sessions": lambda: ("GET", "/api/sessions", None),
+        "session_info": lambda: ("GET", f"/api/sessions/{_p(arg(0))}", None),
+        "close_session": lambda: ("DELETE", f"/api/sessions/{_p(arg(0))}", None),
+        "set_interventions": lambda: ("PUT", f"/api/sessions/{_p(arg(0))}/interventions",
+                                      {"interventions": [encode_intervention(x) for x in _items(arg(1, []))]}),
+        "resume": lambda: ("POST", f"/api/sessions/{_p(arg(0))}/resume", {"activation": _activation(arg(1))}),
+        "cancel": lambda: ("POST", f"/api/sessions/{_p(arg(0))}/cancel", None),
+        "checkpoint": lambda: ("POST", f"/api/sessions/{_p(arg(0))}/checkpoint", None),
+        "fork": lambda: ("POST", f"/api/sessions/{_p(arg(0))}/fork", None),
+        "checkpoint_status": lambda: ("GET", f"/api/checkpoints/{_p(arg(0))}", None),
+        "restore": lambda: ("POST", f"/api/checkpoints/{_p(arg(0))}/restore", None),
+        "delete_checkpoint": lambda: ("DELETE", f"/api/checkpoints/{_p(arg(0))}", None),
+        "tokenize": lambda: ("POST", "/api/tokenize", {"text": arg(0), "model": arg(1)}),
+        "detokenize": lambda: ("POST", "/api/detokenize", {"ids": [int(i) for i in arg(0, [])], "model": arg(1)}),
+    }
+    if method not in table:
+        raise InvalidRequest(f"unknown call {method!r}")
+    return table[method]()
+
+
+def _items(items: Any) -> list:
+    try:
+        return list(items)
+    except TypeError:
+        raise InvalidRequest(f"interventions must be a list, got {type(items).__name__}") from None
+
+
+def _activation(act: Any) -> Optional[torch.Tensor]:
+    if act is not None and not isinstance(act, torch.Tensor):
+        raise InvalidTensor(f"the replacement activation must be a torch.Tensor, got {type(act).__name__}")
+    return act
+
+
+def result(method: str, data: Any) -> Any:
+    """The Backend call's return value, shaped like the embedded backend's."""
+    if method == "models":
+        return [decode_model_info(m) for m in data]
+    if method in ("create_session", "checkpoint", "fork", "restore"):
+        return data["id"]
+    if method == "tokenize":
+        return list(data["ids"])
+    if method == "detokenize":
+        return data["text"]
+    if method in ("close_session", "set_interventions", "resume", "cancel", "delete_checkpoint"):
+        return None
+    return data  # session_info, list_sessions, checkpoint_status: plain dicts
+
+
+def raise_for(status: int, content_type: str, content: bytes) -> None:
+    """Re-raise the server's typed error."""
+    try:
+        body = unpack(content) if MSGPACK in content_type else __import__("json").loads(content)
+        err = body["error"]
+        raise error_from_code(err["code"], err["message"])
+    except DjinnError:
+        raise
+    except Exception:
+        raise DjinnError(f"HTTP {status} from the server: {content[:200]!r}") from None
+
+
+def decode_body(content_type: str, content: bytes) -> Any:
+    if MSGPACK in content_type:
+        return unpack(content)
+    return __import__("json").loads(content) if content else None
+
+
+def hello_frame() -> bytes:
+    return pack({"type": "hello", "protocol": PROTOCOL_VERSION})
+
+
+def generate_frame(prompt: Any, params: dict) -> bytes:
+    return pack({"type": "generate", "prompt": encode_prompt(prompt), "params": encode_params(params)})
+
+
+def check_hello(msg: dict) -> int:
+    """The server's hello reply: its max frame size, or the typed error it sent instead."""
+    if msg.get("type") == "error":
+        raise error_from_code(msg.get("code", "djinn_error"), msg.get("message", ""))
+    if msg.get("type") != "hello":
+        raise DjinnError(f"expected the server's hello, got {msg.get('type')!r}")
+    if msg.get("protocol") != PROTOCOL_VERSION:
+        raise ProtocolMismatch(mismatch_message(PROTOCOL_VERSION, msg.get("protocol")))
+    return int(msg.get("max_frame_bytes") or 0)
+
+
+def closed_error(code: Optional[int], reason: str) -> DjinnError:
+    if code == 1009:
+        return FrameTooLarge(f"the server closed the stream: frame too large ({reason or 'message too big'})")
+    return DjinnError(f"the connection to the Djinn server closed (code {code}{': ' + reason if reason else ''})")
+
+
+def ws_url(url: str) -> str:
+    return ("wss" + url[5:]) if url.startswith("https") else ("ws" + url[4:])
+
+
+def normalize_url(url: str) -> str:
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
+def base_headers(api_key: Optional[str]) -> dict:
+    h = {PROTOCOL_HEADER: str(PROTOCOL_VERSION), "Accept": MSGPACK, "User-Agent": f"djinn-client/{__version__}"}
+    if api_key:
+        h["Authorization"] = f"Bearer {api_key}"
+    return h
+
+
+# ---------------------------------------------------------------- the sync backend
+
+class _Stream:
+    """One WebSocket stream: frames in order, with replies to our frames picked out of the event flow."""
+
+    def __init__(self, ws, max_frame_bytes: int):
+        self.ws, self.max_frame_bytes = ws, max_frame_bytes
+        self.pending: collections.deque = collections.deque()
+        self.closed = False
+
+    def recv(self) -> dict:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            data = self.ws.recv()
+        except ConnectionClosed as e:
+            self.closed = True
+            rcvd = e.rcvd
+            raise closed_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from None
+        msg = unpack(data) if isinstance(data, bytes) else {}
+        if not isinstance(msg, dict):
+            raise DjinnError("the server sent a frame that is not a map")
+        return msg
+
+    def next_event(self) -> dict:
+        return self.pending.popleft() if self.pending else self.recv()
+
+    def send(self, frame: bytes) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        if self.max_frame_bytes and len(frame) > self.max_frame_bytes:
+            raise FrameTooLarge(f"frame of {len(frame)} bytes exceeds the server's limit of "
+                                f"{self.max_frame_bytes} bytes")
+        try:
+            self.ws.send(frame)
+        except ConnectionClosed as e:
+            self.closed = True
+            rcvd = e.rcvd
+            raise closed_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from None
+
+    def request(self, frame: dict, kind: str) -> None:
+        """Send a frame and wait for the server's reply to it; events that arrive meanwhile are kept."""
+        self.send(pack(frame))
+        while True:
+            msg = self.recv()
+            if msg.get("type") == "reply" and msg.get("to") == kind:
+                if not msg.get("ok"):
+                    raise error_from_code(msg.get("code", "djinn_error"), msg.get("message", ""))
+                return
+            self.pending.append(msg)
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.ws.close()
+        except Exception:
+            pass
+
+
+class RemoteBackend:
+    def __init__(self, url: str, api_key: Optional[str] = None, *, timeout: float = 300.0,
+                 connect_timeout: float = 10.0):
+        self.url = normalize_url(url)
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self._headers = base_headers(self.api_key)
+        self.http = httpx.Client(base_url=self.url, headers=self._headers,
+                                 timeout=httpx.Timeout(timeout, connect=connect_timeout))
+        self.connect_timeout = connect_timeout
+        health = self._request("GET", "/healthz", None)
+        if health.get("protocol") != PROTOCOL_VERSION:
+            self.http.close()
+            raise ProtocolMismatch(mismatch_message(PROTOCOL_VERSION, health.get("protocol")))
+
+    def _request(self, verb: str, path: str, body: Optional[dict]) -> Any:
+        content = pack(body) if body is not None else None
+        try:
+            r = self.http.request(verb, path, content=content,
+                                  headers={"Content-Type": MSGPACK} if content is not None else None)
+        except httpx.TransportError as e:
+            raise DjinnError(f"cannot reach the Djinn server at {self.url}: {type(e).__name__}: {e}") from None
+        ctype = r.headers.get("content-type", "")
+        if r.status_code >= 400:
+            raise_for(r.status_code, ctype, r.content)
+        return decode_body(ctype, r.content)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:  # the embedded backend accepts the engine's keyword names too
+            raise InvalidRequest(f"{method}: keyword arguments {sorted(kwargs)} are not supported remotely")
+        verb, path, body = route(method, args)
+        return result(method, self._request(verb, path, body))
+
+    def generate(self, sid: str, prompt: Any, params: dict) -> Any:
+        """Non-streaming generate over REST (no breakpoints)."""
+        body = {"prompt": encode_prompt(prompt), **encode_params(params)}
+        return decode_result(self._request("POST", f"/api/sessions/{_p(sid)}/generate", body))
+
+    def _connect(self, sid: str):
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+        from websockets.sync.client import connect
+
+        headers = {k: v for k, v in self._headers.items() if k != "Accept"}
+        try:
+            return connect(ws_url(self.url) + f"/api/sessions/{_p(sid)}/stream", additional_headers=headers,
+                           max_size=None, compression=None, proxy=None, open_timeout=self.connect_timeout,
+                           user_agent_header=None)
+        except InvalidStatus as e:
+            raise DjinnError(f"the server refused the stream (HTTP {e.response.status_code})") from None
+        except (InvalidHandshake, OSError, TimeoutError) as e:
+            raise DjinnError(f"cannot open a stream to the Djinn server at {self.url}: {type(e).__name__}: {e}") \
+                from None
+
+    def stream(self, sid: str, prompt: Any, params: dict) -> Iterator[object]:
+        hello, gen = hello_frame(), generate_frame(prompt, params)  # encode first: bad input raises here
+        s = _Stream(self._connect(sid), 0)
+        finished = False
+        try:
+            s.send(hello)
+            s.send(gen)  # pipelined: no round trip before the first token
+            s.max_frame_bytes = check_hello(s.recv())
+            while True:
+                ev = decode_event(s.next_event())
+                if isinstance(ev, Paused):
+                    ev._resume = lambda act, _s=s, _sid=sid: self._resume(_s, _sid, act)
+                finished = isinstance(ev, (Done, Error))
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished and not s.closed:  # the caller walked away: end the request, keep the session
+                try:
+                    s.request({"type": "cancel"}, "cancel")
+                except Exception:
+                    pass
+            s.close()
+
+    def _resume(self, s: _Stream, sid: str, act: Any) -> None:
+        act = _activation(act)
+        if s.closed:  # the stream is gone (e.g. it ended): the engine decides, over REST
+            self.call("resume", sid, act)
+            return
+        s.request({"type": "resume", "activation": act}, "resume")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+__all__ = ["RemoteBackend"]

@@ -1,0 +1,122 @@
+"""Starting a server: `run()` (what `djinn serve` calls; blocks) and `ServerThread` (uvicorn in a background
+thread on a given or free port: notebooks and tests)."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+from ..engine.engine import Engine
+from ..engine.service import EngineService
+from .auth import load_api_keys
+from .limits import Limits
+
+log = logging.getLogger("djinn.server")
+
+DEFAULT_PORT = 8421
+LOOPBACK = "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _uvicorn_config(app, host: str, port: int, limits: Limits, log_level: str):
+    import uvicorn
+
+    # uvicorn drops frames beyond ws_max_size with close code 1009; ours is larger than the Djinn limit so
+    # that a frame somewhat over the limit still gets a typed frame_too_large reply.
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                          ws_max_size=limits.max_frame_bytes * 2 + (1 << 20), ws="websockets-sansio",
+                          lifespan="on", timeout_graceful_shutdown=5)
+
+
+def run(models=None, *, host: str = LOOPBACK, port: int = DEFAULT_PORT, dtype: str = "float32",
+        device: str = "cpu", kv_memory: Optional[int] = None, api_keys_file: Union[None, str, Path] = None,
+        api_keys: Optional[Iterable[str]] = None, limits: Optional[Limits] = None, log_level: str = "info",
+        engine: Union[None, Engine, EngineService] = None, **engine_options) -> None:
+    """Serve until interrupted. `models`: paths / repo ids / LoadedModels (None: the embedded default model),
+    or pass a ready `engine`. Keys: `api_keys` plus those in `api_keys_file` and DJINN_API_KEYS; with none the
+    server binds the loopback interface only."""
+    import uvicorn
+
+    from .app import create_app
+
+    keys = list(api_keys or []) + load_api_keys(api_keys_file)
+    if not keys:
+        if not is_loopback(host):
+            print(f"djinn: no API keys configured (--api-keys FILE or DJINN_API_KEYS): refusing to listen on "
+                  f"{host}; binding {LOOPBACK} only", file=sys.stderr)
+            host = LOOPBACK
+        else:
+            print(f"djinn: no API keys configured: open to every local user, listening on {host} only",
+                  file=sys.stderr)
+    else:
+        print(f"djinn: {len(keys)} API key(s) configured", file=sys.stderr)
+    if engine is None:
+        from ..client import load_models
+
+        loaded = load_models(models, dtype, device) if not _all_loaded(models) else list(models)
+        engine = Engine(loaded, kv_memory=kv_memory, **engine_options)
+    lim = limits or Limits()
+    app = create_app(engine, api_keys=keys, limits=lim)
+    print(f"djinn: serving on http://{host}:{port}", file=sys.stderr)
+    uvicorn.Server(_uvicorn_config(app, host, port, lim, log_level)).run()
+
+
+def _all_loaded(models) -> bool:
+    from ..models.loading import LoadedModel
+
+    return isinstance(models, (list, tuple)) and bool(models) and all(isinstance(m, LoadedModel) for m in models)
+
+
+class ServerThread:
+    """A Djinn server in a background thread of this process. `url` is ready once the constructor returns;
+    `stop()` shuts it down (and the engine thread, when the app owns it)."""
+
+    def __init__(self, engine_or_service: Union[Engine, EngineService], *, host: str = LOOPBACK, port: int = 0,
+                 api_keys: Optional[Sequence[str]] = (), limits: Optional[Limits] = None,
+                 log_level: str = "warning", startup_timeout: float = 30.0):
+        import uvicorn
+
+        from .app import create_app
+
+        self.limits = limits or Limits()
+        self.app = create_app(engine_or_service, api_keys=api_keys, limits=self.limits)
+        self.service: EngineService = self.app.state.djinn.service
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host, self.port = host, self._sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(_uvicorn_config(self.app, host, self.port, self.limits, log_level))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
+                                        name="djinn-server", daemon=True)
+        self._thread.start()
+        deadline = threading.Event()
+        for _ in range(int(startup_timeout * 100)):
+            if self.server.started or not self._thread.is_alive():
+                break
+            deadline.wait(0.01)
+        if not self.server.started:
+            raise RuntimeError("the Djinn server did not start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=15)
+        self._sock.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

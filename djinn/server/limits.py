@@ -1,0 +1,39 @@
+"""Per-server limits on what one request or one key may ask for.
+
+Checked by the server before anything reaches the engine; every breach is a `LimitExceeded` (429) or a
+`FrameTooLarge` (413) with the limit in its message.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import LimitExceeded
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_frame_bytes: int = 64 << 20  # one WebSocket frame or one REST body
+    max_prompt_tokens: int = 32768  # token ids in one prompt
+    max_prompt_chars: int = 1 << 20  # characters in one text prompt
+    max_new_tokens: int = 4096  # per generate call
+    max_sessions_per_key: int = 256  # sessions one key holds at once (create, fork, restore)
+    max_paused_per_key: int = 32  # streams with breakpoints (paused or able to pause) one key runs at once
+    max_list_items: int = 65536  # entries in one list of steps, positions, stop tokens or interventions
+
+    def replace(self, **changes) -> "Limits":
+        return dataclasses.replace(self, **changes)
+
+    def check_max_new_tokens(self, n) -> None:
+        if isinstance(n, int) and n > self.max_new_tokens:
+            raise LimitExceeded(f"max_new_tokens {n} exceeds this server's limit of {self.max_new_tokens}")
+
+    def check_sessions(self, n_held: int) -> None:
+        if n_held >= self.max_sessions_per_key:
+            raise LimitExceeded(f"this API key already holds {n_held} sessions, the limit is "
+                                f"{self.max_sessions_per_key}; close some first")
+
+    def check_paused(self, n_active: int) -> None:
+        if n_active >= self.max_paused_per_key:
+            raise LimitExceeded(f"this API key already runs {n_active} streams with breakpoints, the limit is "
+                                f"{self.max_paused_per_key}; resume or cancel some first")

@@ -1,0 +1,408 @@
+"""The wire format shared by the server and the remote clients.
+
+Frames (WebSocket messages, and REST bodies sent as `application/msgpack`) are msgpack maps. A tensor is a
+msgpack extension value (type `TENSOR_EXT`) whose payload is a safetensors file holding exactly one tensor
+named "t", so every dtype travels exactly, bfloat16 included. JSON bodies (simple control calls, the
+OpenAI-compatible routes) may give tensors as nested lists of numbers instead.
+
+Interventions and breakpoints are plain data: `{"type": "steer", "site": ..., "vector": <tensor>, ...}`.
+The decoder accepts only the known kinds and fields, checks every type, and raises a typed `DjinnError`
+for anything else; nothing a client sends is ever executed.
+
+This module needs only msgpack, safetensors and torch, so the client can import it without the server's
+dependencies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import msgpack
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..errors import DjinnError, InvalidRequest, InvalidTensor, MalformedFrame, error_from_code
+from ..events import Done, Error, GenerateResult, ModelInfo, Paused, Token
+from ..interventions import Ablate, Breakpoint, Capture, Replace, Scale, Steer
+
+PROTOCOL_VERSION = 1
+TENSOR_EXT = 1
+MSGPACK = "application/msgpack"
+PROTOCOL_HEADER = "X-Djinn-Protocol"
+
+# Tensors a client may send. (Integer tensors decode too, so that the engine can say "must be floating-point".)
+WIRE_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+               torch.int16, torch.int8, torch.uint8, torch.bool}
+
+
+# ---------------------------------------------------------------- tensors and frames
+
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    return st_save({"t": t.detach().to("cpu").contiguous()})
+
+
+def tensor_from_bytes(data: bytes) -> torch.Tensor:
+    try:
+        tensors = st_load(bytes(data))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers and sizes
+        raise InvalidTensor(f"tensor payload is not a valid safetensors blob ({type(e).__name__}: {e})") from None
+    if set(tensors) != {"t"}:
+        raise InvalidTensor(f"a tensor payload must hold exactly one tensor named 't', got {sorted(tensors)}")
+    t = tensors["t"]
+    if t.dtype not in WIRE_DTYPES:
+        raise InvalidTensor(f"tensor dtype {t.dtype} is not accepted on the wire")
+    return t
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return msgpack.ExtType(TENSOR_EXT, tensor_to_bytes(obj))
+    if isinstance(obj, (tuple, set, frozenset, range)):
+        return list(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    raise TypeError(f"cannot send a {type(obj).__name__} over the wire")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != TENSOR_EXT:
+        raise MalformedFrame(f"unknown msgpack extension type {code}")
+    return tensor_from_bytes(data)
+
+
+def pack(obj: Any) -> bytes:
+    """Encode a frame. Raises InvalidRequest for values that cannot travel (never sends pickles or code)."""
+    try:
+        return msgpack.packb(obj, default=_default, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InvalidRequest(f"cannot encode this value for the wire: {e}") from None
+
+
+def unpack(data: bytes, max_bytes: Optional[int] = None) -> Any:
+    """Decode a frame; anything that is not one well-formed msgpack value raises MalformedFrame."""
+    if max_bytes is not None and len(data) > max_bytes:
+        from ..errors import FrameTooLarge
+
+        raise FrameTooLarge(f"frame of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedFrame("frames must be binary msgpack")
+    try:
+        return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=True,
+                               use_list=True)
+    except DjinnError:
+        raise
+    except Exception as e:  # ExtraData, FormatError, StackError, UnicodeDecodeError, ValueError, ...
+        raise MalformedFrame(f"frame is not valid msgpack ({type(e).__name__})") from None
+
+
+def unpack_map(data: bytes, max_bytes: Optional[int] = None) -> dict:
+    obj = unpack(data, max_bytes)
+    if not isinstance(obj, dict):
+        raise MalformedFrame(f"a frame must be a map, got {type(obj).__name__}")
+    return obj
+
+
+def tensor_to_json(t: torch.Tensor) -> dict:
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+            "data": t.detach().to("cpu", torch.float64 if t.is_floating_point() else t.dtype).tolist()}
+
+
+def jsonable(obj: Any) -> Any:
+    """The same structure with tensors as {dtype, shape, data} and tuples as lists (for JSON responses)."""
+    if isinstance(obj, torch.Tensor):
+        return tensor_to_json(obj)
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, bytes):
+        return None
+    return obj
+
+
+# ---------------------------------------------------------------- field validation
+
+_MISSING = object()
+
+
+def _fail(what: str, expected: str, value: Any) -> DjinnError:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return InvalidRequest(f"{what} must be {expected}, got {shown}")
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def int_list(v: Any, what: str, max_items: int) -> list[int]:
+    if not isinstance(v, (list, tuple)):
+        raise _fail(what, "a list of integers", v)
+    if len(v) > max_items:
+        raise InvalidRequest(f"{what} has {len(v)} entries; at most {max_items} are accepted")
+    for x in v:
+        if not is_int(x):
+            raise _fail(f"every entry of {what}", "an integer", x)
+    return list(v)
+
+
+def decode_tensor(v: Any, what: str) -> torch.Tensor:
+    """A tensor from the wire: already decoded (msgpack extension) or a nested list of numbers (JSON)."""
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, (list, tuple)):
+        try:
+            t = torch.tensor(v, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise InvalidTensor(f"{what} must be a tensor or a (nested) list of numbers of a regular shape") from None
+        return t
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        raise InvalidTensor(f"{what} must be a tensor, not a single number")
+    raise InvalidTensor(f"{what} must be a tensor, got {type(v).__name__}")
+
+
+def decode_steps(v: Any, what: str, max_items: int) -> Any:
+    if v is None or v == "all":
+        return v
+    if is_int(v):
+        if v < 0:
+            raise InvalidRequest(f"{what} must be >= 0")
+        return v
+    if isinstance(v, (list, tuple)):
+        steps = int_list(v, what, max_items)
+        if any(s < 0 for s in steps):
+            raise InvalidRequest(f"{what} must be >= 0")
+        return steps
+    raise _fail(what, "null, 'all', an integer or a list of integers", v)
+
+
+def encode_steps(v: Any) -> Any:
+    if v is None or isinstance(v, (str, int)):
+        return v
+    return [int(s) for s in v]
+
+
+# ---------------------------------------------------------------- interventions and breakpoints as data
+
+# kind -> (class, {field: (kind of value, default)})
+_STEPS = ("steps", None)
+_SCHEMA: dict[str, tuple[type, dict[str, tuple[str, Any]]]] = {
+    "steer": (Steer, {"site": ("site", _MISSING), "vector": ("tensor", _MISSING), "scale": ("number", 1.0),
+                      "positions": ("positions", None), "steps": _STEPS}),
+    "scale": (Scale, {"site": ("site", _MISSING), "factor": ("number_or_tensor", _MISSING),
+                      "positions": ("positions", None), "steps": _STEPS}),
+    "replace": (Replace, {"site": ("site", _MISSING), "tensor": ("tensor", _MISSING),
+                          "positions": ("positions", None), "steps": _STEPS}),
+    "ablate": (Ablate, {"site": ("site", _MISSING), "mean": ("optional_tensor", None),
+                        "positions": ("positions", None), "steps": _STEPS}),
+    "capture": (Capture, {"site": ("site", _MISSING), "steps": _STEPS}),
+    "breakpoint": (Breakpoint, {"site": ("site", _MISSING), "steps": ("steps", 0)}),
+}
+_KIND_OF = {cls: kind for kind, (cls, _) in _SCHEMA.items()}
+INTERVENTION_KINDS = ("steer", "scale", "replace", "ablate", "capture")
+
+
+def encode_intervention(item: Any) -> dict:
+    kind = _KIND_OF.get(type(item))
+    if kind is None:
+        raise InvalidRequest(f"not an intervention: {type(item).__name__} (use Steer, Scale, Replace, Ablate, "
+                             f"Capture or Breakpoint)")
+    out: dict[str, Any] = {"type": kind}
+    for name, (vkind, _) in _SCHEMA[kind][1].items():
+        value = getattr(item, name)
+        if vkind == "steps":
+            value = encode_steps(value)
+        elif vkind == "positions" and value is not None:
+            value = [int(p) for p in value]
+        out[name] = value
+    return out
+
+
+def decode_intervention(d: Any, *, allowed: tuple[str, ...] = INTERVENTION_KINDS, max_items: int = 65536,
+                        where: str = "intervention", kind_key: str = "type") -> Any:
+    if not isinstance(d, dict):
+        raise _fail(where, f"a map with a '{kind_key}' field", d)
+    kind = d.get(kind_key)
+    if kind not in allowed:
+        raise InvalidRequest(f"{where} has {kind_key} {kind!r}; expected one of {list(allowed)}")
+    cls, schema = _SCHEMA[kind]
+    unknown = sorted(set(d) - set(schema) - {kind_key})
+    if unknown:
+        raise InvalidRequest(f"{where} ({kind}) has unknown field(s) {unknown}; fields are {sorted(schema)}")
+    kwargs = {}
+    for name, (vkind, default) in schema.items():
+        v = d.get(name, default)
+        what = f"{where} ({kind}) field '{name}'"
+        if v is _MISSING:
+            raise InvalidRequest(f"{where} ({kind}) needs the field '{name}'")
+        if vkind == "site":
+            if not isinstance(v, str):
+                raise _fail(what, "a hook site name", v)
+        elif vkind == "tensor":
+            v = decode_tensor(v, what)
+        elif vkind == "optional_tensor":
+            v = None if v is None else decode_tensor(v, what)
+        elif vkind == "number":
+            if not is_number(v):
+                raise _fail(what, "a number", v)
+        elif vkind == "number_or_tensor":
+            v = float(v) if is_number(v) else decode_tensor(v, what)
+        elif vkind == "positions":
+            v = None if v is None else int_list(v, what, max_items)
+        elif vkind == "steps":
+            v = decode_steps(v, what, max_items)
+        kwargs[name] = v
+    return cls(**kwargs)
+
+
+def decode_interventions(v: Any, what: str, max_items: int, *, breakpoints: bool = False,
+                         allowed: Optional[tuple[str, ...]] = None) -> list:
+    if not isinstance(v, (list, tuple)):
+        raise _fail(what, "a list", v)
+    if len(v) > max_items:
+        raise InvalidRequest(f"{what} has {len(v)} entries; at most {max_items} are accepted")
+    if allowed is None:
+        allowed = ("breakpoint",) if breakpoints else INTERVENTION_KINDS
+    return [decode_intervention(x, allowed=allowed, max_items=max_items, where=f"{what}[{i}]")
+            for i, x in enumerate(v)]
+
+
+# ---------------------------------------------------------------- generate parameters and prompts
+
+GENERATE_PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_tokens", "return_logits",
+                   "interventions", "breakpoints")
+
+
+def encode_prompt(prompt: Any) -> Any:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, torch.Tensor):
+        return [int(x) for x in prompt.tolist()]
+    try:
+        return [x if isinstance(x, (int, str, float, bool)) or x is None else int(x) for x in prompt]
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"a prompt is text or a list of token ids, got {type(prompt).__name__}") from None
+
+
+def decode_prompt(v: Any, max_tokens: int, max_chars: int) -> Any:
+    from ..errors import LimitExceeded
+
+    if isinstance(v, str):
+        if len(v) > max_chars:
+            raise LimitExceeded(f"prompt of {len(v)} characters exceeds the limit of {max_chars}")
+        return v
+    if isinstance(v, (list, tuple)):
+        if len(v) > max_tokens:
+            raise LimitExceeded(f"prompt of {len(v)} tokens exceeds the limit of {max_tokens}")
+        for x in v:
+            if not is_int(x):
+                raise _fail("every token id of the prompt", "an integer", x)
+        return list(v)
+    raise _fail("prompt", "text or a list of token ids", v)
+
+
+def encode_params(params: dict) -> dict:
+    out = {}
+    for k, v in params.items():
+        if k == "interventions":
+            v = [encode_intervention(x) for x in v]
+        elif k == "breakpoints":
+            v = [encode_intervention(x) for x in v]
+        elif k == "stop_tokens" and v is not None:
+            v = [int(x) for x in v]
+        out[k] = v
+    return out
+
+
+def decode_params(d: Any, max_items: int = 65536) -> dict:
+    """Generate parameters from the wire, type-checked; ranges are checked by the engine and the limits."""
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise _fail("params", "a map", d)
+    unknown = sorted(set(d) - set(GENERATE_PARAMS))
+    if unknown:
+        raise InvalidRequest(f"unknown generate parameter(s) {unknown}; parameters are {list(GENERATE_PARAMS)}")
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if k in ("max_new_tokens", "top_k"):
+            if not is_int(v):
+                raise _fail(k, "an integer", v)
+        elif k in ("temperature", "top_p"):
+            if not is_number(v):
+                raise _fail(k, "a number", v)
+        elif k == "seed":
+            if v is not None and not is_int(v):
+                raise _fail(k, "an integer or null", v)
+        elif k == "stop_tokens":
+            v = None if v is None else int_list(v, k, max_items)
+        elif k == "return_logits":
+            if not isinstance(v, bool):
+                raise _fail(k, "true or false", v)
+        elif k == "interventions":
+            v = decode_interventions(v, k, max_items)
+        elif k == "breakpoints":
+            v = decode_interventions(v, k, max_items, breakpoints=True)
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------- events and results
+
+def encode_result(r: GenerateResult) -> dict:
+    return {"text": r.text, "token_ids": list(r.token_ids), "finish_reason": r.finish_reason,
+            "captures": [[site, step, t] for (site, step), t in r.captures.items()], "logits": r.logits}
+
+
+def decode_result(d: dict) -> GenerateResult:
+    return GenerateResult(d["text"], list(d["token_ids"]), d["finish_reason"],
+                          {(site, step): t for site, step, t in d.get("captures") or []}, d.get("logits"))
+
+
+def encode_error(e: DjinnError) -> dict:
+    return {"code": e.code, "message": e.message}
+
+
+def encode_event(ev: Any) -> dict:
+    if isinstance(ev, Token):
+        return {"type": "token", "token_id": ev.token_id, "text": ev.text, "step": ev.step, "logits": ev.logits}
+    if isinstance(ev, Paused):
+        return {"type": "paused", "site": ev.site, "step": ev.step, "positions": list(ev.positions),
+                "activation": ev.activation}
+    if isinstance(ev, Done):
+        return {"type": "done", "result": encode_result(ev.result)}
+    if isinstance(ev, Error):
+        return {"type": "error", **encode_error(ev.error)}
+    raise TypeError(f"not an event: {type(ev).__name__}")
+
+
+def decode_event(d: dict, paused_cls: Callable[..., Paused] = Paused) -> Any:
+    kind = d.get("type")
+    if kind == "token":
+        return Token(d["token_id"], d["text"], d["step"], d.get("logits"))
+    if kind == "paused":
+        return paused_cls(d["site"], d["step"], list(d["positions"]), d["activation"])
+    if kind == "done":
+        return Done(decode_result(d["result"]))
+    if kind == "error":
+        return Error(error_from_code(d.get("code", "djinn_error"), d.get("message", "")))
+    raise MalformedFrame(f"unexpected frame type {kind!r} from the server")
+
+
+def decode_model_info(d: dict) -> ModelInfo:
+    names = {f.name for f in dataclasses.fields(ModelInfo)}
+    return ModelInfo(**{k: v for k, v in d.items() if k in names})
+
+
+def mismatch_message(client: Any, server: int = PROTOCOL_VERSION) -> str:
+    return (f"protocol version mismatch: the client speaks Djinn wire protocol {client!r}, this server speaks "
+            f"{server}; upgrade the older side")

@@ -1,0 +1,177 @@
+"""What every route shares: the engine service, auth, limits, metrics; reading bodies, writing replies and
+typed errors; handing engine events (produced on the engine thread) to the event loop."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import logging
+from collections import defaultdict
+from typing import Any, Callable, Optional
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from ..engine.service import EngineService
+from ..errors import (DjinnError, FrameTooLarge, InternalError, InvalidRequest, MalformedFrame,
+                      ProtocolMismatch, TokenOutOfRange, UnknownModel)
+from .auth import Auth
+from .limits import Limits
+from .metrics import Metrics
+from .protocol import MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, jsonable, mismatch_message, pack, unpack_map
+
+log = logging.getLogger("djinn.server")
+
+
+class ServerState:
+    def __init__(self, service: EngineService, auth: Auth, limits: Limits, owns_service: bool):
+        self.service, self.auth, self.limits, self.owns_service = service, auth, limits, owns_service
+        self.metrics = Metrics(service.engine.stats)
+        self.breakpoint_streams: dict[str, int] = defaultdict(int)  # owner -> streams that may pause
+        self._owner_locks: dict[str, asyncio.Lock] = {}
+        self.token_text: dict[tuple[str, int], str] = {}  # (model, id) -> text, for OpenAI logprobs
+
+    # -------------------------------------------------------------- the engine thread
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run `engine.<method>` on the engine thread; never touches the engine from the event loop."""
+        try:
+            fut = self.service.post(method, *args, **kwargs)
+        except RuntimeError:
+            raise InternalError("the engine is shut down") from None
+        return await asyncio.wrap_future(fut)
+
+    def post_nowait(self, method: str, *args: Any) -> None:
+        """Fire and forget (cleanup paths that must not wait, e.g. after a client went away)."""
+        try:
+            self.service.post(method, *args)
+        except RuntimeError:
+            pass
+
+    def owner_lock(self, owner: str) -> asyncio.Lock:
+        return self._owner_locks.setdefault(owner, asyncio.Lock())
+
+    async def new_session(self, owner: str, method: str, *args: Any) -> str:
+        """create_session / fork / restore under the per-key session limit."""
+        async with self.owner_lock(owner):
+            held = await self.call("list_sessions", owner)
+            self.limits.check_sessions(len(held))
+            if method == "create_session":
+                return await self.call(method, owner, *args)
+            return await self.call(method, args[0], owner, *args[1:])
+
+    async def model_info(self, model: Optional[str]) -> Any:
+        """The ModelInfo of `model` (None: the default model), or UnknownModel."""
+        infos = await self.call("models")
+        if model is None:
+            return infos[0]
+        for m in infos:
+            if m.name == model:
+                return m
+        raise UnknownModel(f"unknown model {model!r}; this server has {sorted(m.name for m in infos)}")
+
+    async def check_ids(self, ids: list[int], model: Optional[str]) -> None:
+        """Token ids in range (the engine's detokenize does not check; its tokenizer would raise)."""
+        vocab = (await self.model_info(model)).vocab_size
+        for t in ids:
+            if not 0 <= t < vocab:
+                raise TokenOutOfRange(f"token id {t} is outside the vocabulary [0, {vocab})")
+
+    # -------------------------------------------------------------- requests
+
+    def identify(self, request: Request) -> str:
+        version = request.headers.get(PROTOCOL_HEADER)
+        if version is not None and version != str(PROTOCOL_VERSION):
+            raise ProtocolMismatch(mismatch_message(version))
+        return self.auth.identify(request.headers)
+
+    async def body(self, request: Request) -> dict:
+        """The request body as a map: msgpack (Content-Type application/msgpack) or JSON; {} when empty."""
+        limit = self.limits.max_frame_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise FrameTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise FrameTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw.strip():
+            return {}
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == MSGPACK:
+            return unpack_map(raw)
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise MalformedFrame("request body is not valid JSON (send application/json or "
+                                 "application/msgpack)") from None
+        if not isinstance(obj, dict):
+            raise MalformedFrame(f"request body must be a JSON object, got {type(obj).__name__}")
+        return obj
+
+    def reply(self, request: Request, obj: Any, status: int = 200) -> Response:
+        if MSGPACK in request.headers.get("accept", ""):
+            return Response(pack(obj), status_code=status, media_type=MSGPACK)
+        return JSONResponse(jsonable(obj), status_code=status)
+
+    def error_response(self, e: DjinnError) -> JSONResponse:
+        self.metrics.error(e.code)
+        return JSONResponse(error_body(e), status_code=e.http_status)
+
+
+def error_body(e: DjinnError) -> dict:
+    """The one error shape of every route (compatible with OpenAI's {"error": {"message", "type", ...}})."""
+    return {"error": {"code": e.code, "message": e.message, "type": e.code, "param": None}}
+
+
+def fields(body: dict, allowed: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise InvalidRequest(f"{where}: unknown field(s) {unknown}; fields are {list(allowed)}")
+
+
+def as_plain(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else obj
+
+
+def guarded(state: ServerState) -> Callable:
+    """Route decorator: every failure becomes a typed error body; an unexpected one is logged here and
+    reported as `internal` without a traceback."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except DjinnError as e:
+                return state.error_response(e)
+            except Exception as e:
+                log.exception("unexpected error in %s", fn.__name__)
+                return state.error_response(InternalError(f"unexpected server error ({type(e).__name__})"))
+
+        return wrapper
+
+    return deco
+
+
+def threadsafe_sink(loop: asyncio.AbstractEventLoop, on_event: Callable[[object], None]) -> Callable[[object], None]:
+    """A sink the engine thread can call: hands each event to `on_event` on the loop, and never raises into
+    the engine (a closed loop just drops the event)."""
+
+    def sink(ev: object) -> None:
+        try:
+            loop.call_soon_threadsafe(on_event, ev)
+        except RuntimeError:
+            pass
+
+    return sink
+
+
+def plain_owner_error(e: Optional[BaseException]) -> DjinnError:
+    if isinstance(e, DjinnError):
+        return e
+    return InternalError(f"unexpected server error ({type(e).__name__})")

@@ -1,0 +1,207 @@
+"""One WebSocket per interactive stream: `/api/sessions/{sid}/stream`.
+
+Frames are binary msgpack maps (see protocol.py). The conversation:
+
+    client -> {"type": "hello", "protocol": 1}
+    server -> {"type": "hello", "protocol": 1, "server": "djinn/...", "max_frame_bytes": N}
+              (or {"type": "error", code: "protocol_mismatch", message naming both versions}, then close)
+    client -> {"type": "generate", "prompt": text | [ids], "params": {max_new_tokens, ..., interventions,
+               breakpoints}}
+    server -> {"type": "token", ...} | {"type": "paused", site, step, positions, activation} | ...
+              until {"type": "done", "result": ...} or {"type": "error", code, message}; then close (1000)
+    client -> {"type": "resume", "activation": tensor | null}   (while paused)
+    server -> {"type": "reply", "to": "resume", "ok": true}  or  ok: false with code and message
+    client -> {"type": "cancel"}  ->  {"type": "reply", "to": "cancel", "ok": true}, then the stream's error
+
+The client may send hello and generate back to back (no round trip). Any bad frame during the stream gets
+a `reply` with ok false and a typed error; the stream and the session carry on. A client that disconnects
+cancels nothing: a paused session stays paused until it is resumed over REST or its time-to-live frees it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import WebSocket
+from starlette.websockets import WebSocketDisconnect
+
+from .. import __version__
+from ..errors import (DjinnError, FrameTooLarge, InternalError, InvalidRequest, MalformedFrame,
+                      ProtocolMismatch)
+from ..events import Done, Error
+from .protocol import (PROTOCOL_VERSION, decode_params, decode_prompt, decode_tensor, encode_error, encode_event,
+                       mismatch_message, pack, unpack_map)
+from .state import ServerState, threadsafe_sink
+
+log = logging.getLogger("djinn.server")
+
+HELLO_TIMEOUT = 30.0
+
+
+class _Gone(Exception):
+    """The client closed the connection."""
+
+
+class _Conn:
+    def __init__(self, ws: WebSocket, state: ServerState):
+        self.ws, self.state = ws, state
+        self.open = True
+
+    async def recv(self) -> dict:
+        msg = await self.ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            self.open = False
+            raise _Gone()
+        data = msg.get("bytes")
+        if data is None:
+            raise MalformedFrame("frames must be binary msgpack, not text")
+        limit = self.state.limits.max_frame_bytes
+        if len(data) > limit:
+            raise FrameTooLarge(f"frame of {len(data)} bytes exceeds the limit of {limit} bytes")
+        return unpack_map(data)
+
+    async def send(self, frame: dict) -> None:
+        if not self.open:
+            raise _Gone()
+        try:
+            await self.ws.send_bytes(pack(frame))
+        except Exception:
+            self.open = False
+            raise _Gone() from None
+
+    async def fatal(self, e: DjinnError, code: int = 1000) -> None:
+        """Send the error that ends this stream, then close."""
+        self.state.metrics.error(e.code)
+        try:
+            await self.send({"type": "error", **encode_error(e)})
+            await self.ws.close(code=code, reason=e.message[:120])
+        except Exception:
+            pass
+        self.open = False
+
+
+async def stream_endpoint(ws: WebSocket, sid: str, state: ServerState) -> None:
+    await ws.accept()
+    conn = _Conn(ws, state)
+    state.metrics.active_streams.inc()
+    try:
+        await _serve(conn, sid, state)
+    except _Gone:
+        pass
+    except DjinnError as e:
+        await conn.fatal(e)
+    except Exception as e:  # a bug: tell this client, keep serving everyone else
+        log.exception("stream failed")
+        await conn.fatal(InternalError(f"unexpected server error ({type(e).__name__})"), code=1011)
+    finally:
+        state.metrics.active_streams.dec()
+
+
+async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
+    owner = state.auth.identify(conn.ws.headers)
+    try:
+        hello = await asyncio.wait_for(conn.recv(), HELLO_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise InvalidRequest(f"no hello frame within {HELLO_TIMEOUT:g} s") from None
+    if hello.get("type") != "hello" or "protocol" not in hello:
+        raise MalformedFrame("the first frame must be {'type': 'hello', 'protocol': %d}" % PROTOCOL_VERSION)
+    if hello["protocol"] != PROTOCOL_VERSION:
+        e = ProtocolMismatch(mismatch_message(hello["protocol"]))
+        await conn.fatal(e, code=1002)
+        return
+    await conn.send({"type": "hello", "protocol": PROTOCOL_VERSION, "server": f"djinn/{__version__}",
+                     "max_frame_bytes": state.limits.max_frame_bytes})
+
+    req = await conn.recv()
+    if req.get("type") != "generate":
+        raise MalformedFrame(f"expected a 'generate' frame after hello, got type {req.get('type')!r}")
+    unknown = sorted(set(req) - {"type", "prompt", "params"})
+    if unknown:
+        raise InvalidRequest(f"generate frame: unknown field(s) {unknown}; fields are ['prompt', 'params']")
+    lim = state.limits
+    prompt = decode_prompt(req.get("prompt", []), lim.max_prompt_tokens, lim.max_prompt_chars)
+    params = decode_params(req.get("params"), lim.max_list_items)
+    lim.check_max_new_tokens(params.get("max_new_tokens"))
+
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()  # engine events and replies to client frames, in order
+    counted = bool(params.get("breakpoints"))
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if counted and not released:
+            released = True
+            state.breakpoint_streams[owner] -= 1
+
+    def on_event(ev: object) -> None:  # on the loop, for every engine event, connected or not
+        if isinstance(ev, (Done, Error)):
+            release()
+        if conn.open:
+            events.put_nowait(ev)
+
+    if counted:
+        lim.check_paused(state.breakpoint_streams[owner])
+        state.breakpoint_streams[owner] += 1
+    try:
+        await state.call("generate", sid, owner, prompt, threadsafe_sink(loop, on_event), **params)
+    except BaseException:
+        release()
+        raise
+
+    async def writer() -> str:
+        while True:
+            item = await events.get()
+            if isinstance(item, dict):  # a reply to a client frame
+                await conn.send(item)
+                continue
+            await conn.send(encode_event(item))
+            if isinstance(item, (Done, Error)):
+                return "finished"
+
+    async def reader() -> str:
+        while True:
+            kind = None
+            try:
+                frame = await conn.recv()
+                kind = frame.get("type")
+                await _client_frame(state, sid, owner, frame)
+                events.put_nowait({"type": "reply", "to": kind, "ok": True})
+            except _Gone:
+                return "gone"
+            except DjinnError as e:
+                state.metrics.error(e.code)
+                events.put_nowait({"type": "reply", "to": kind if isinstance(kind, str) else None, "ok": False,
+                                     **encode_error(e)})
+
+    w, r = asyncio.ensure_future(writer()), asyncio.ensure_future(reader())
+    try:
+        done, _ = await asyncio.wait({w, r}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (w, r):
+            t.cancel()
+    if w in done and not w.cancelled() and w.exception() is None:
+        try:
+            await conn.ws.close(code=1000)
+        except Exception:
+            pass
+    conn.open = False  # disconnected: the engine keeps the session as it is (paused ones expire by TTL)
+
+
+async def _client_frame(state: ServerState, sid: str, owner: str, frame: dict) -> None:
+    kind = frame.get("type")
+    if kind == "resume":
+        unknown = sorted(set(frame) - {"type", "activation"})
+        if unknown:
+            raise InvalidRequest(f"resume frame: unknown field(s) {unknown}; fields are ['activation']")
+        act: Any = frame.get("activation")
+        if act is not None:
+            act = decode_tensor(act, "the resume activation")
+        await state.call("resume", sid, owner, act)
+    elif kind == "cancel":
+        await state.call("cancel", sid, owner)
+    elif kind in ("hello", "generate"):
+        raise InvalidRequest(f"a '{kind}' frame is only valid at the start of a stream; this one is running")
+    else:
+        raise MalformedFrame(f"unknown frame type {kind!r}; during a stream the client sends 'resume' or 'cancel'")
