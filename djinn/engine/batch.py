@@ -20,40 +20,42 @@ class RowSpan:
 
 
 def build_context(spans: list[RowSpan], tokens: list[int], kv: torch.Tensor, block_size: int,
-                  sliding_window: Optional[int], device: torch.device) -> tuple[ForwardContext, torch.Tensor]:
-    """The forward context of a step over `spans`, and the flat token ids on the device."""
+                  sliding_window: Optional[int], device: torch.device,
+                  use_kernel: Optional[bool] = None) -> tuple[ForwardContext, torch.Tensor]:
+    """The forward context of a step over `spans`, and the flat token ids on the device. The padded layout
+    of the portable attention path is built only when the Triton kernel does not run."""
+    if use_kernel is None:
+        use_kernel = device.type == "cuda"
     n_rows = len(spans)
     lens = torch.tensor([s.n_tokens for s in spans])
     starts = torch.tensor([s.start for s in spans])
-    ctx_lens = starts + lens
-    max_q, max_ctx = int(lens.max()), int(ctx_lens.max())
     n_tbl = max(len(s.block_table) for s in spans)
-    tables = torch.zeros(n_rows, n_tbl, dtype=torch.long)
+    tables = torch.zeros(n_rows, n_tbl, dtype=torch.int32)
     for r, s in enumerate(spans):
-        tables[r, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
-
+        tables[r, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
     row_of_token = torch.repeat_interleave(torch.arange(n_rows), lens)
     col_of_token = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
     positions = starts[row_of_token] + col_of_token
-
-    key_pos = torch.arange(max_ctx)
-    query_pos = starts[:, None] + torch.arange(max_q)[None, :]  # [B, T]
-    mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < ctx_lens[:, None, None])
-    if sliding_window is not None:
-        mask &= query_pos[:, :, None] - key_pos[None, None, :] < sliding_window
-    padded_query = torch.arange(max_q)[None, :] >= lens[:, None]
-    mask[:, :, 0] |= padded_query  # padding queries attend one key so softmax stays finite; outputs are dropped
-
     meta = AttentionMetadata(
-        write_blocks=tables[row_of_token, positions // block_size].to(device),
+        write_blocks=tables[row_of_token, positions // block_size].long().to(device),
         write_offsets=(positions % block_size).to(device),
-        query_row=row_of_token.to(device),
-        query_col=col_of_token.to(device),
-        kv_blocks=tables[:, key_pos // block_size].to(device),
-        kv_offsets=(key_pos % block_size).expand(n_rows, -1).to(device),
-        mask=mask[:, None].to(device),
-        n_rows=n_rows,
-        max_query_len=max_q,
+        block_tables=tables.to(device),
+        token_row=row_of_token.int().to(device),
+        token_pos=positions.int().to(device),
+        window=sliding_window or 0,
     )
+    if not use_kernel:
+        ctx_lens = starts + lens
+        max_q, max_ctx = int(lens.max()), int(ctx_lens.max())
+        key_pos = torch.arange(max_ctx)
+        query_pos = starts[:, None] + torch.arange(max_q)[None, :]  # [B, T]
+        mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < ctx_lens[:, None, None])
+        if sliding_window is not None:
+            mask &= query_pos[:, :, None] - key_pos[None, None, :] < sliding_window
+        mask[:, :, 0] |= torch.arange(max_q)[None, :] >= lens[:, None]  # padding queries: keep softmax finite
+        meta.query_row, meta.query_col = row_of_token.to(device), col_of_token.to(device)
+        meta.kv_blocks = tables[:, key_pos // block_size].long().to(device)
+        meta.kv_offsets = (key_pos % block_size).expand(n_rows, -1).to(device)
+        meta.mask, meta.max_query_len = mask[:, None].to(device), max_q
     ctx = ForwardContext(positions=positions.to(device), attention=meta, kv=kv)
     return ctx, torch.tensor(tokens, dtype=torch.long).to(device)

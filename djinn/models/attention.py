@@ -2,11 +2,13 @@
 
 Tokens of many rows (sessions) are packed as [n_tokens, ...]. Each row has its own block table; a token
 attends to every cached key of its row at a position <= its own (and inside the sliding window, if any).
-This portable path gathers each row's keys and values into a padded batch and calls PyTorch SDPA.
+On a GPU a Triton kernel reads the blocks in place (djinn/kernels/paged_attention.py); the portable path
+gathers each row's keys and values into a padded batch and calls PyTorch SDPA.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +23,17 @@ DETERMINISTIC_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 class AttentionMetadata:
     write_blocks: torch.Tensor  # [N] block of each new token's KV
     write_offsets: torch.Tensor  # [N] offset inside that block
-    query_row: torch.Tensor  # [N] row of each token in the padded query batch
-    query_col: torch.Tensor  # [N] column of each token in the padded query batch
-    kv_blocks: torch.Tensor  # [B, L] block holding each context position of each row
-    kv_offsets: torch.Tensor  # [B, L]
-    mask: torch.Tensor  # [B, 1, T, L] True where a query may attend a key
-    n_rows: int
-    max_query_len: int
+    block_tables: torch.Tensor  # [B, max_blocks] int32, each row's blocks
+    token_row: torch.Tensor  # [N] int32, the row of each token
+    token_pos: torch.Tensor  # [N] int32, the position of each token
+    window: int  # sliding window (0: none)
+    # The portable path's padded layout (None when the Triton kernel runs):
+    query_row: Optional[torch.Tensor] = None  # [N] row of each token in the padded query batch
+    query_col: Optional[torch.Tensor] = None  # [N] column of each token in the padded query batch
+    kv_blocks: Optional[torch.Tensor] = None  # [B, L] block holding each context position of each row
+    kv_offsets: Optional[torch.Tensor] = None  # [B, L]
+    mask: Optional[torch.Tensor] = None  # [B, 1, T, L] True where a query may attend a key
+    max_query_len: int = 0
 
 
 def paged_attention(
@@ -42,10 +48,15 @@ def paged_attention(
     k_cache, v_cache = kv_layer[:, 0], kv_layer[:, 1]
     k_cache[meta.write_blocks, meta.write_offsets] = k
     v_cache[meta.write_blocks, meta.write_offsets] = v
+    if meta.mask is None:
+        from ..kernels.paged_attention import paged_attention_triton
+
+        return paged_attention_triton(q, kv_layer, meta.block_tables, meta.token_row, meta.token_pos, scale,
+                                      meta.window)
     keys = k_cache[meta.kv_blocks, meta.kv_offsets].transpose(1, 2)  # [B, n_kv_heads, L, d_head]
     values = v_cache[meta.kv_blocks, meta.kv_offsets].transpose(1, 2)
     n_heads, d_head = q.shape[1], q.shape[2]
-    queries = q.new_zeros(meta.n_rows, meta.max_query_len, n_heads, d_head)
+    queries = q.new_zeros(meta.block_tables.shape[0], meta.max_query_len, n_heads, d_head)
     queries[meta.query_row, meta.query_col] = q
     with sdpa_kernel(DETERMINISTIC_BACKENDS):
         out = F.scaled_dot_product_attention(

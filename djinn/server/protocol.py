@@ -305,7 +305,7 @@ def decode_prompt(v: Any, max_tokens: int, max_chars: int) -> Any:
             raise LimitExceeded(f"prompt of {len(v)} tokens exceeds the limit of {max_tokens}")
         for x in v:
             if not is_int(x):
-                raise _fail("every token id of the prompt", "an integer", x)
+                raise InvalidRequest(f"token ids must be integers, got {x!r}")
         return list(v)
     raise _fail("prompt", "text or a list of token ids", v)
 

@@ -1,0 +1,292 @@
+"""The asyncio client: the same API as `djinn.connect(url)`, with coroutines.
+
+    client = await djinn.client.aio.connect_async("http://127.0.0.1:8421", api_key="...")
+    sess = await client.session()
+    out = await sess.generate("Once upon a time", max_new_tokens=32)
+    async for ev in sess.stream("Once", breakpoints=[djinn.Breakpoint("blocks.2.hook_resid_post")]):
+        if isinstance(ev, djinn.Paused):       # an AsyncPaused: `await ev.resume(...)`
+            await ev.resume(ev.activation * 0.5)
+    await sess.close(); await client.close()
+
+Events, results and errors are the same classes as the sync client's.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import time
+from typing import Any, AsyncIterator, Optional, Sequence
+
+import httpx
+import torch
+
+from ..errors import DjinnError, FrameTooLarge, ProtocolMismatch, error_from_code
+from ..events import Done, Error, GenerateResult, ModelInfo, Paused
+from ..interventions import Breakpoint
+from ..server.protocol import MSGPACK, PROTOCOL_VERSION, decode_event, mismatch_message, pack, unpack
+from .remote import (API_KEY_ENV, _activation, _p, base_headers, check_hello, closed_error, decode_body,
+                     generate_frame, hello_frame, normalize_url, raise_for, result, route, ws_url)
+
+
+class AsyncPaused(Paused):
+    """A Paused event whose `resume` is a coroutine: `await ev.resume()` or `await ev.resume(tensor)`."""
+
+    async def resume(self, activation: Optional[torch.Tensor] = None) -> None:  # type: ignore[override]
+        if self._resume is None:
+            raise RuntimeError("this Paused event is not attached to a session")
+        await self._resume(activation)
+
+
+class _AsyncStream:
+    def __init__(self, ws):
+        self.ws, self.max_frame_bytes = ws, 0
+        self.pending: collections.deque = collections.deque()
+        self.closed = False
+        self.lock = asyncio.Lock()
+
+    async def recv(self) -> dict:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            data = await self.ws.recv()
+        except ConnectionClosed as e:
+            self.closed = True
+            rcvd = e.rcvd
+            raise closed_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from None
+        msg = unpack(data) if isinstance(data, bytes) else {}
+        if not isinstance(msg, dict):
+            raise DjinnError("the server sent a frame that is not a map")
+        return msg
+
+    async def send(self, frame: bytes) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        if self.max_frame_bytes and len(frame) > self.max_frame_bytes:
+            raise FrameTooLarge(f"frame of {len(frame)} bytes exceeds the server's limit of "
+                                f"{self.max_frame_bytes} bytes")
+        try:
+            await self.ws.send(frame)
+        except ConnectionClosed as e:
+            self.closed = True
+            rcvd = e.rcvd
+            raise closed_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from None
+
+    async def next_event(self) -> dict:
+        async with self.lock:
+            return self.pending.popleft() if self.pending else await self.recv()
+
+    async def request(self, frame: dict, kind: str) -> None:
+        await self.send(pack(frame))
+        async with self.lock:
+            while True:
+                msg = await self.recv()
+                if msg.get("type") == "reply" and msg.get("to") == kind:
+                    if not msg.get("ok"):
+                        raise error_from_code(msg.get("code", "djinn_error"), msg.get("message", ""))
+                    return
+                self.pending.append(msg)
+
+    async def close(self) -> None:
+        self.closed = True
+        try:
+            await self.ws.close()
+        except Exception:
+            pass
+
+
+class AsyncRemoteBackend:
+    def __init__(self, url: str, api_key: Optional[str] = None, *, timeout: float = 300.0,
+                 connect_timeout: float = 10.0):
+        self.url = normalize_url(url)
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self._headers = base_headers(self.api_key)
+        self.connect_timeout = connect_timeout
+        self.http = httpx.AsyncClient(base_url=self.url, headers=self._headers,
+                                      timeout=httpx.Timeout(timeout, connect=connect_timeout))
+
+    async def check(self) -> None:
+        health = await self._request("GET", "/healthz", None)
+        if health.get("protocol") != PROTOCOL_VERSION:
+            raise ProtocolMismatch(mismatch_message(PROTOCOL_VERSION, health.get("protocol")))
+
+    async def _request(self, verb: str, path: str, body: Optional[dict]) -> Any:
+        content = pack(body) if body is not None else None
+        try:
+            r = await self.http.request(verb, path, content=content,
+                                        headers={"Content-Type": MSGPACK} if content is not None else None)
+        except httpx.TransportError as e:
+            raise DjinnError(f"cannot reach the Djinn server at {self.url}: {type(e).__name__}: {e}") from None
+        ctype = r.headers.get("content-type", "")
+        if r.status_code >= 400:
+            raise_for(r.status_code, ctype, r.content)
+        return decode_body(ctype, r.content)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        verb, path, body = route(method, args)
+        return result(method, await self._request(verb, path, body))
+
+    async def generate(self, sid: str, prompt: Any, params: dict) -> GenerateResult:
+        from ..server.protocol import decode_result, encode_params, encode_prompt
+
+        body = {"prompt": encode_prompt(prompt), **encode_params(params)}
+        return decode_result(await self._request("POST", f"/api/sessions/{_p(sid)}/generate", body))
+
+    async def stream(self, sid: str, prompt: Any, params: dict) -> AsyncIterator[object]:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+        hello, gen = hello_frame(), generate_frame(prompt, params)
+        headers = {k: v for k, v in self._headers.items() if k != "Accept"}
+        try:
+            ws = await connect(ws_url(self.url) + f"/api/sessions/{_p(sid)}/stream", additional_headers=headers,
+                               max_size=None, compression=None, proxy=None, open_timeout=self.connect_timeout,
+                               user_agent_header=None)
+        except InvalidStatus as e:
+            raise DjinnError(f"the server refused the stream (HTTP {e.response.status_code})") from None
+        except (InvalidHandshake, OSError, TimeoutError) as e:
+            raise DjinnError(f"cannot open a stream to the Djinn server at {self.url}: {e}") from None
+        s = _AsyncStream(ws)
+        finished = False
+        try:
+            await s.send(hello)
+            await s.send(gen)
+            s.max_frame_bytes = check_hello(await s.recv())
+            while True:
+                ev = decode_event(await s.next_event(), paused_cls=AsyncPaused)
+                if isinstance(ev, Paused):
+                    ev._resume = lambda act, _s=s, _sid=sid: self._resume(_s, _sid, act)
+                finished = isinstance(ev, (Done, Error))
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished and not s.closed:
+                try:
+                    await asyncio.wait_for(s.request({"type": "cancel"}, "cancel"), 10)
+                except BaseException:
+                    pass
+            await s.close()
+
+    async def _resume(self, s: _AsyncStream, sid: str, act: Any) -> None:
+        act = _activation(act)
+        if s.closed:
+            await self.call("resume", sid, act)
+            return
+        await s.request({"type": "resume", "activation": act}, "resume")
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+class AsyncCheckpoint:
+    def __init__(self, backend: AsyncRemoteBackend, cid: str):
+        self._backend, self.id = backend, cid
+
+    async def status(self) -> dict:
+        return await self._backend.call("checkpoint_status", self.id)
+
+    async def wait(self, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = await self.status()
+            if st["done"] or time.monotonic() > deadline:
+                return st
+            await asyncio.sleep(0.005)
+
+    async def restore(self) -> "AsyncSession":
+        return AsyncSession(self._backend, await self._backend.call("restore", self.id))
+
+    async def delete(self) -> None:
+        await self._backend.call("delete_checkpoint", self.id)
+
+
+class AsyncSession:
+    def __init__(self, backend: AsyncRemoteBackend, sid: str):
+        self._backend, self.id = backend, sid
+
+    def __repr__(self) -> str:
+        return f"AsyncSession({self.id!r})"
+
+    async def stream(self, prompt: Any = (), *, max_new_tokens: int = 16, breakpoints: Sequence[Breakpoint] = (),
+                     **params: Any) -> AsyncIterator[object]:
+        """Token and AsyncPaused events (then Done); an Error event is raised as its typed error."""
+        params = dict(params, max_new_tokens=max_new_tokens, breakpoints=list(breakpoints))
+        agen = self._backend.stream(self.id, prompt, params)
+        try:
+            async for ev in agen:
+                if isinstance(ev, Error):
+                    raise ev.error
+                yield ev
+                if isinstance(ev, Done):
+                    return
+        finally:
+            await agen.aclose()
+
+    async def generate(self, prompt: Any = (), *, max_new_tokens: int = 16, **params: Any) -> GenerateResult:
+        """Run to completion over one REST call (breakpoints belong to stream())."""
+        return await self._backend.generate(self.id, prompt, dict(params, max_new_tokens=max_new_tokens))
+
+    async def set_interventions(self, interventions: Sequence) -> None:
+        await self._backend.call("set_interventions", self.id, list(interventions))
+
+    async def info(self) -> dict:
+        return await self._backend.call("session_info", self.id)
+
+    async def checkpoint(self) -> AsyncCheckpoint:
+        return AsyncCheckpoint(self._backend, await self._backend.call("checkpoint", self.id))
+
+    async def fork(self) -> "AsyncSession":
+        return AsyncSession(self._backend, await self._backend.call("fork", self.id))
+
+    async def close(self) -> None:
+        await self._backend.call("close_session", self.id)
+
+    async def __aenter__(self) -> "AsyncSession":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class AsyncClient:
+    def __init__(self, backend: AsyncRemoteBackend):
+        self._backend = backend
+
+    async def models(self) -> list[ModelInfo]:
+        return await self._backend.call("models")
+
+    async def session(self, model: Optional[str] = None) -> AsyncSession:
+        return AsyncSession(self._backend, await self._backend.call("create_session", model))
+
+    async def sessions(self) -> list[dict]:
+        return await self._backend.call("list_sessions")
+
+    async def tokenize(self, text: str, model: Optional[str] = None) -> list[int]:
+        return await self._backend.call("tokenize", text, model)
+
+    async def detokenize(self, ids: Sequence[int], model: Optional[str] = None) -> str:
+        return await self._backend.call("detokenize", list(ids), model)
+
+    async def close(self) -> None:
+        await self._backend.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+async def connect_async(url: str, api_key: Optional[str] = None, **options: Any) -> AsyncClient:
+    """An asyncio client of a running `djinn serve` (checks that it is reachable and speaks our protocol)."""
+    backend = AsyncRemoteBackend(url, api_key, **options)
+    try:
+        await backend.check()
+    except BaseException:
+        await backend.close()
+        raise
+    return AsyncClient(backend)
+
+
+__all__ = ["connect_async", "AsyncClient", "AsyncSession", "AsyncCheckpoint", "AsyncPaused"]
