@@ -30,7 +30,7 @@ Prompt = Union[str, Sequence[int]]
 class Engine:
     def __init__(self, models: Sequence[LoadedModel], kv_memory: Optional[int] = None,
                  kv_blocks: Optional[int] = None, host_kv_blocks: Optional[int] = None, block_size: int = 16,
-                 max_step_tokens: int = 4096, pause_ttl: float = 300.0):
+                 max_step_tokens: int = 4096, pause_ttl: float = 300.0, cuda_graphs: bool = True):
         if not models:
             raise UnknownModel("the engine needs at least one model")
         self.workers: dict[str, ModelWorker] = {}
@@ -39,7 +39,7 @@ class Engine:
             n = kv_blocks if kv_blocks is not None else self._blocks_from_budget(m, kv_memory, block_size,
                                                                                   len(models))
             self.workers[m.name] = ModelWorker(m, n, host_kv_blocks if host_kv_blocks is not None else n,
-                                               block_size, max_step_tokens, self.stats)
+                                               block_size, max_step_tokens, self.stats, cuda_graphs)
         self.default_model = models[0].name
         self.pause_ttl = pause_ttl
         self.sessions: dict[str, Session] = {}
@@ -152,9 +152,9 @@ class Engine:
         if total > cfg.max_seq_len:
             raise ContextOverflow(f"prompt brings the session to {total} tokens; the context is {cfg.max_seq_len}")
         need = w.pool.blocks_for(min(cfg.max_seq_len, total + max_new_tokens))
-        if need > w.pool.device_blocks.n_blocks:
-            raise CapacityError(f"this request needs {need} KV blocks but the pool has "
-                                f"{w.pool.device_blocks.n_blocks}; it can never fit")
+        usable = w.pool.device_blocks.n_blocks - w.reserved_blocks
+        if need > usable:
+            raise CapacityError(f"this request needs {need} KV blocks but the pool has {usable}; it can never fit")
         if stop_tokens is None:
             stop = frozenset([w.tokenizer.eos_id]) if w.tokenizer and w.tokenizer.eos_id is not None else frozenset()
         else:

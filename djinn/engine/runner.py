@@ -59,9 +59,15 @@ class Runner:
         self.model, self.kv, self.sites = model, kv, sites
         self.block_size, self.window, self.device = block_size, sliding_window, device
         self.stager = HostStager(device)
+        self.graphs = None  # DecodeGraphs, set by the worker on a GPU
+
 
     @torch.inference_mode()
     def run(self, rows: list[Row]) -> StepOutput:
+        if self.graphs is not None:
+            edits = self.graphs.plan_step(rows)
+            if edits is not None:
+                return StepOutput(finished=rows, logits=self.graphs.run(rows, edits))
         out = StepOutput()
         joining: dict[int, list[Row]] = defaultdict(list)
         live = [r for r in rows if r.entry < 0]

@@ -13,6 +13,7 @@ from ..events import Done, Error, GenerateResult, Paused, Token
 from ..models.loading import LoadedModel
 from ..sites import SiteTable
 from .batch import RowSpan
+from .cuda_graphs import DecodeGraphs
 from .kv_pool import KVPool
 from .plan import Compiler
 from .runner import Pause, Row, Runner
@@ -25,7 +26,7 @@ log = logging.getLogger("djinn.engine")
 
 class ModelWorker:
     def __init__(self, loaded: LoadedModel, n_blocks: int, n_host_blocks: int, block_size: int,
-                 max_step_tokens: int, stats: EngineStats):
+                 max_step_tokens: int, stats: EngineStats, cuda_graphs: bool = True):
         self.stats = stats
         self.name, self.cfg, self.model, self.tokenizer = loaded.name, loaded.config, loaded.model, loaded.tokenizer
         p = next(self.model.parameters())
@@ -37,6 +38,11 @@ class ModelWorker:
         self.runner = Runner(self.model, self.pool.kv, self.sites.sites, block_size, self.cfg.sliding_window,
                              self.device)
         self.max_step_tokens = max_step_tokens
+        self.reserved_blocks = 0
+        if self.device.type == "cuda" and cuda_graphs:
+            (scratch,) = self.pool.device_blocks.allocate(1)  # padding rows of a graph write here
+            self.reserved_blocks = 1
+            self.runner.graphs = DecodeGraphs(self.runner, scratch)
         self.sessions: dict[str, Session] = {}
         self._pending_pauses: list[tuple[Session, Pause, object]] = []
 

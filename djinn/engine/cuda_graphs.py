@@ -1,0 +1,157 @@
+"""CUDA graphs of the whole forward for decode steps.
+
+A decode step (every row feeds one token, no breakpoint or capture due) replays a graph captured for its
+padded batch size and for the set of sites where edits apply. Interventions stay data: each such site gets
+preallocated per-row `mul` and `add` buffers (identity for rows without an edit), and the graph computes
+`act * mul + add` there. Every other step runs eagerly through the same model code.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..models.attention import AttentionMetadata
+from ..models.context import ForwardContext
+from ..sites import RESID
+from .plan import Edit
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class DecodeGraphs:
+    def __init__(self, runner, scratch_block: int, max_context: int = 4096):
+        self.runner = runner
+        self.model, self.kv, self.sites, self.device = runner.model, runner.kv, runner.sites, runner.device
+        self.block_size = runner.block_size
+        self.scratch_block = scratch_block
+        self.max_batch = BUCKETS[-1]
+        self.width = -(-max_context // self.block_size)  # block-table columns a graph can read
+        mb, w = self.max_batch, self.width
+        # One host buffer and one device buffer hold every integer input, so a step is one copy.
+        self._host = torch.zeros(4 * mb + mb * w, dtype=torch.long, pin_memory=True)
+        self._dev = torch.zeros_like(self._host, device=self.device)
+        self.tokens, self.positions = self._dev[:mb], self._dev[mb:2 * mb]
+        self.write_blocks, self.write_offsets = self._dev[2 * mb:3 * mb], self._dev[3 * mb:4 * mb]
+        self.tables = self._dev[4 * mb:].view(mb, w)
+        self.token_row = torch.arange(mb, device=self.device)
+        self._edit_bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, tuple[int, ...]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+        self.window = runner.window or 0
+
+    # ------------------------------------------------------------------ eligibility
+
+    def plan_step(self, rows) -> Optional[dict[int, list]]:
+        """The per-site edits of each row if this step can replay a graph, else None."""
+        if not rows or len(rows) > self.max_batch:
+            return None
+        edits: dict[int, list] = {}
+        for i, r in enumerate(rows):
+            if r.entry >= 0 or r.span.n_tokens != 1 or len(r.span.block_table) > self.width:
+                return None
+            plan, step, pos = r.plan, r.step, r.span.start
+            if any(p.applies(step) for probes in plan.breakpoints.values() for p in probes):
+                return None
+            if any(p.applies(step) for probes in plan.captures.values() for p in probes):
+                return None
+            for site, es in plan.edits.items():
+                for e in es:
+                    if e.applies(step) and (e.positions is None or pos in e.positions):
+                        edits.setdefault(site, [[] for _ in rows])[i].append(e)
+        return edits
+
+    # ------------------------------------------------------------------ replay
+
+    def run(self, rows, edits: dict[int, list]):
+        n = len(rows)
+        bucket = next(b for b in BUCKETS if b >= n)
+        mb, w = self.max_batch, self.width
+        host = self._host
+        host[: 4 * mb].zero_()
+        host[2 * mb:3 * mb].fill_(self.scratch_block)  # padding rows write into the scratch block
+        tables = host[4 * mb:].view(mb, w)
+        tables[:bucket].fill_(self.scratch_block)
+        for i, r in enumerate(rows):
+            pos, bt = r.span.start, r.span.block_table
+            host[i], host[mb + i] = r.tokens[0], pos
+            host[2 * mb + i], host[3 * mb + i] = bt[pos // self.block_size], pos % self.block_size
+            tables[i, : len(bt)] = torch.tensor(bt)
+        used = 4 * mb + bucket * w
+        self._dev[:used].copy_(host[:used], non_blocking=True)
+        signature = tuple(sorted(edits))
+        for site in signature:
+            self._fill_edits(site, edits[site], [r.span.start for r in rows], bucket)
+        key = (bucket, signature)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(bucket, signature)
+        graph, logits = self._graphs[key]
+        graph.replay()
+        return logits[:n]
+
+    def _fill_edits(self, site: int, per_row: list[list[Edit]], positions: list[int], bucket: int) -> None:
+        """Compose each row's edits in order into one (mul, add): (x * m1 + a1) * m2 + a2; a replacement is
+        mul 0, add the new value."""
+        mul, add = self._buffers(site)
+        mul[:bucket].fill_(1)
+        add[:bucket].zero_()
+        token_dims = add.dim() - 1
+        for i, es in enumerate(per_row):
+            for e in es:
+                k = None if e.positions is None else e.positions.index(positions[i])
+
+                def at(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                    return t[k] if t is not None and k is not None and t.dim() == token_dims + 1 else t
+                if e.replace is not None:
+                    mul[i].zero_()
+                    add[i].copy_(at(e.replace))
+                    continue
+                if e.mul is not None:
+                    mul[i].mul_(at(e.mul))
+                    add[i].mul_(at(e.mul))
+                if e.add is not None:
+                    add[i].add_(at(e.add))
+
+    def _buffers(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if site not in self._edit_bufs:
+            s = self.sites[site]
+            cfg = self.model.cfg
+            shape = (cfg.n_heads, cfg.d_head) if s.per_head else (cfg.d_model,)
+            dtype = self.model.embed.weight.dtype
+            self._edit_bufs[site] = (torch.ones((self.max_batch, *shape), dtype=dtype, device=self.device),
+                                     torch.zeros((self.max_batch, *shape), dtype=dtype, device=self.device))
+        return self._edit_bufs[site]
+
+    def _forward(self, bucket: int, signature: tuple[int, ...]) -> torch.Tensor:
+        meta = AttentionMetadata(
+            write_blocks=self.write_blocks[:bucket], write_offsets=self.write_offsets[:bucket],
+            block_tables=self.tables[:bucket], token_row=self.token_row[:bucket],
+            token_pos=self.positions[:bucket], window=self.window)
+        ctx = ForwardContext(positions=self.positions[:bucket], attention=meta, kv=self.kv)
+        self.model.prepare(ctx)
+        resid = branch = None
+        for site in self.sites:
+            resid, branch = self.runner._compute(site, resid, branch, ctx, self.tokens[:bucket])
+            if site.index in signature:
+                mul, add = self._edit_bufs[site.index]
+                value = resid if site.kind == RESID else branch
+                value.mul_(mul[:bucket]).add_(add[:bucket])
+        return self.model.unembed(branch)
+
+    def _capture(self, bucket: int, signature: tuple[int, ...]):
+        saved = self._dev.clone()
+        self._dev[2 * self.max_batch:3 * self.max_batch].fill_(self.scratch_block)  # warm-up writes go nowhere
+        self.tables.fill_(self.scratch_block)
+        for site in signature:
+            self._buffers(site)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(bucket, signature)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(bucket, signature)
+        self._dev.copy_(saved)
+        return graph, logits
