@@ -157,8 +157,8 @@ def scenario(client: djinn.Client) -> dict:
     s8 = client.session()
     for ev in s8.stream(STORY, max_new_tokens=50):
         break
-    assert s8.info()["state"] == "idle"
-    R["after_abandon"] = s8.generate(" and", max_new_tokens=4).token_ids
+    assert s8.info()["state"] == "idle"  # (how many tokens it made before the cancel is timing, not compared)
+    assert len(s8.generate(" and", max_new_tokens=4).token_ids) == 4
 
     for sess in (s, s3, s4, s6, s7, r, f, t, s8):
         sess.close()
@@ -275,12 +275,12 @@ def test_disconnect_mid_pause_is_freed_by_the_ttl(stories_path):
         c = djinn.connect(srv.url)
         bystander = c.session()
         bystander.generate(STORY, max_new_tokens=4)
-        base = srv.service.call("pool_usage")
         expected = c.session().generate([1, 40, 50], max_new_tokens=12).token_ids
+        base = srv.service.call("pool_usage")
         for abrupt in (False, True):
             s = c.session()
             ws = websockets.sync.client.connect(srv.url.replace("http", "ws") + f"/api/sessions/{s.id}/stream",
-                                                proxy=None)
+                                                proxy=None, legacy=True)
             ws.send(pack({"type": "hello", "protocol": PROTOCOL_VERSION}))
             ws.send(pack({"type": "generate", "prompt": STORY, "params": {
                 "max_new_tokens": 30, "breakpoints": [encode_intervention(djinn.Breakpoint(SITE, steps=[3]))]}}))

@@ -248,10 +248,14 @@ class RemoteBackend:
         from websockets.sync.client import connect
 
         headers = {k: v for k, v in self._headers.items() if k != "Accept"}
+        options = dict(additional_headers=headers, max_size=None, compression=None, proxy=None,
+                       open_timeout=self.connect_timeout, user_agent_header=None)
+        url = ws_url(self.url) + f"/api/sessions/{_p(sid)}/stream"
         try:
-            return connect(ws_url(self.url) + f"/api/sessions/{_p(sid)}/stream", additional_headers=headers,
-                           max_size=None, compression=None, proxy=None, open_timeout=self.connect_timeout,
-                           user_agent_header=None)
+            try:  # websockets >= 16 wants `legacy=True` to hand back a plain connection without a warning
+                return connect(url, legacy=True, **options)
+            except TypeError:
+                return connect(url, **options)
         except InvalidStatus as e:
             raise DjinnError(f"the server refused the stream (HTTP {e.response.status_code})") from None
         except (InvalidHandshake, OSError, TimeoutError) as e:

@@ -23,7 +23,7 @@ def _paged_attention_kernel(
     tok = tl.program_id(0)
     kv_head = tl.program_id(1)
     row = tl.load(rows_ptr + tok).to(tl.int64)
-    pos = tl.load(pos_ptr + tok)
+    pos = tl.load(pos_ptr + tok).to(tl.int32)
     g = tl.arange(0, GROUP_P)
     d = tl.arange(0, D_P)
     heads = kv_head * GROUP + g
@@ -31,7 +31,7 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + tok.to(tl.int64) * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=qd_mask,
                 other=0.0).to(tl.float32)
 
-    first = 0
+    first = pos * 0
     if window > 0:
         first = tl.maximum(pos - window + 1, 0)
     m = tl.full([GROUP_P], float("-inf"), tl.float32)

@@ -62,7 +62,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_mlp=hf["intermediate_size"],
         max_seq_len=hf["max_position_embeddings"], d_head=hf.get("head_dim") or 0,
         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-        sliding_window=window, qkv_bias= bool(hf.get("attention_bias", False)),
+        sliding_window=window, qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
