@@ -30,6 +30,7 @@ class DecodeGraphs:
         mb, w = self.max_batch, self.width
         # One host buffer and one device buffer hold every integer input, so a step is one copy.
         self._host = torch.zeros(4 * mb + mb * w, dtype=torch.long, pin_memory=True)
+        self._host_np = self._host.numpy()
         self._dev = torch.zeros_like(self._host, device=self.device)
         self.tokens, self.positions = self._dev[:mb], self._dev[mb:2 * mb]
         self.write_blocks, self.write_offsets = self._dev[2 * mb:3 * mb], self._dev[3 * mb:4 * mb]
@@ -66,19 +67,19 @@ class DecodeGraphs:
     def run(self, rows, edits: dict[int, list]):
         n = len(rows)
         bucket = next(b for b in BUCKETS if b >= n)
-        mb, w = self.max_batch, self.width
-        host = self._host
-        host[: 4 * mb].zero_()
-        host[2 * mb:3 * mb].fill_(self.scratch_block)  # padding rows write into the scratch block
-        tables = host[4 * mb:].view(mb, w)
-        tables[:bucket].fill_(self.scratch_block)
+        mb, w, bs = self.max_batch, self.width, self.block_size
+        host = self._host_np  # numpy view: per-row Python writes here cost far less than tensor ops
+        host[: 4 * mb] = 0
+        host[2 * mb:3 * mb] = self.scratch_block  # padding rows write into the scratch block
+        tables = host[4 * mb:].reshape(mb, w)
+        tables[:bucket] = self.scratch_block
         for i, r in enumerate(rows):
             pos, bt = r.span.start, r.span.block_table
             host[i], host[mb + i] = r.tokens[0], pos
-            host[2 * mb + i], host[3 * mb + i] = bt[pos // self.block_size], pos % self.block_size
-            tables[i, : len(bt)] = torch.tensor(bt)
+            host[2 * mb + i], host[3 * mb + i] = bt[pos // bs], pos % bs
+            tables[i, : len(bt)] = bt
         used = 4 * mb + bucket * w
-        self._dev[:used].copy_(host[:used], non_blocking=True)
+        self._dev[:used].copy_(self._host[:used], non_blocking=True)
         signature = tuple(sorted(edits))
         for site in signature:
             self._fill_edits(site, edits[site], [r.span.start for r in rows], bucket)
@@ -90,27 +91,38 @@ class DecodeGraphs:
         return logits[:n]
 
     def _fill_edits(self, site: int, per_row: list[list[Edit]], positions: list[int], bucket: int) -> None:
-        """Compose each row's edits in order into one (mul, add): (x * m1 + a1) * m2 + a2; a replacement is
-        mul 0, add the new value."""
+        """Compose each row's edits in order into one (mul, add): (x * m1 + a1) * m2 + a2, a replacement
+        being mul 0, add the new value; then write all rows with one indexed copy per buffer."""
         mul, add = self._buffers(site)
         mul[:bucket].fill_(1)
         add[:bucket].zero_()
         token_dims = add.dim() - 1
+        mul_rows, mul_vals, add_rows, add_vals = [], [], [], []
         for i, es in enumerate(per_row):
+            m = a = None
             for e in es:
                 k = None if e.positions is None else e.positions.index(positions[i])
 
                 def at(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
                     return t[k] if t is not None and k is not None and t.dim() == token_dims + 1 else t
                 if e.replace is not None:
-                    mul[i].zero_()
-                    add[i].copy_(at(e.replace))
+                    m, a = torch.zeros_like(add[0]), at(e.replace)
                     continue
                 if e.mul is not None:
-                    mul[i].mul_(at(e.mul))
-                    add[i].mul_(at(e.mul))
+                    m = at(e.mul) if m is None else m * at(e.mul)
+                    a = None if a is None else a * at(e.mul)
                 if e.add is not None:
-                    add[i].add_(at(e.add))
+                    a = at(e.add) if a is None else a + at(e.add)
+            if m is not None:
+                mul_rows.append(i)
+                mul_vals.append(m.expand(add.shape[1:]))
+            if a is not None:
+                add_rows.append(i)
+                add_vals.append(a.expand(add.shape[1:]))
+        if mul_rows:
+            mul.index_copy_(0, torch.tensor(mul_rows, device=self.device), torch.stack(mul_vals))
+        if add_rows:
+            add.index_copy_(0, torch.tensor(add_rows, device=self.device), torch.stack(add_vals))
 
     def _buffers(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
         if site not in self._edit_bufs:

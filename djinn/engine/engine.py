@@ -267,9 +267,11 @@ class Engine:
     def checkpoint_status(self, cid: str, owner: str) -> dict:
         rec = self._checkpoint(cid, owner)
         self._poll_checkpoint(rec)
+        gpu = rec.job.gpu_seconds() if rec.job is not None else None
         return {"id": cid, "done": rec.finished is not None, "n_tokens": len(rec.history),
-                "n_blocks": len(rec.host_blocks),
-                "copy_seconds": None if rec.finished is None else rec.finished - rec.started}
+                "n_blocks": len(rec.host_blocks), "n_bytes": rec.job.n_bytes if rec.job is not None else 0,
+                "copy_seconds": gpu if gpu is not None else (
+                    None if rec.finished is None else rec.finished - rec.started)}
 
     def restore(self, cid: str, owner: str) -> str:
         """A new session in exactly the checkpoint's state (its KV comes to the device when it next runs)."""

@@ -52,8 +52,9 @@ class BlockAllocator:
 class CopyJob:
     """A device<->host block copy; on a GPU it runs on a side stream and `done()` polls its event."""
 
-    def __init__(self, event: Optional[torch.cuda.Event] = None):
-        self._event = event
+    def __init__(self, n_bytes: int, start: Optional[torch.cuda.Event] = None,
+                 end: Optional[torch.cuda.Event] = None):
+        self.n_bytes, self._start, self._event = n_bytes, start, end
 
     def done(self) -> bool:
         return self._event is None or self._event.query()
@@ -61,6 +62,12 @@ class CopyJob:
     def wait(self) -> None:
         if self._event is not None:
             self._event.synchronize()
+
+    def gpu_seconds(self) -> Optional[float]:
+        """Time the copy took on the GPU's side stream (None on the CPU or while running)."""
+        if self._start is None or not self.done():
+            return None
+        return self._start.elapsed_time(self._event) / 1000.0
 
 
 class KVPool:
@@ -91,19 +98,21 @@ class KVPool:
     def to_host(self, device_ids: list[int], host_ids: list[int], fence: bool = False) -> CopyJob:
         """Start copying device blocks into host blocks. Either the device blocks stay allocated until done(),
         or `fence` orders all later compute after the copy, so the blocks may be reused at once."""
+        n_bytes = len(device_ids) * self.kv[0].numel() * self.kv.element_size()
         if self._side is None:
             for d, h in zip(device_ids, host_ids):
                 self.host[h].copy_(self.kv[d])
-            return CopyJob()
+            return CopyJob(n_bytes)
         self._side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._side):
+            start, event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self._side)
             for d, h in zip(device_ids, host_ids):
                 self.host[h].copy_(self.kv[d], non_blocking=True)
-            event = torch.cuda.Event()
             event.record(self._side)
         if fence:
             torch.cuda.current_stream(self.device).wait_event(event)
-        return CopyJob(event)
+        return CopyJob(n_bytes, start, event)
 
     def to_device(self, host_ids: list[int], device_ids: list[int]) -> None:
         """Copy host blocks into device blocks, ordered before any later work on the compute stream."""

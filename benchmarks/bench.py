@@ -1,0 +1,329 @@
+"""The GPU benchmark: the seed experiment, decode latency and throughput, and baselines, in one run.
+
+    python3 benchmarks/bench.py --part gpt2        # (a) seed experiment + batch-1 decode + HF eager, GPT-2-small shape
+    python3 benchmarks/bench.py --part mistral     # (b) the same on a Mistral-7B shape + HF eager
+    python3 benchmarks/bench.py --part throughput  # (c) Mistral-7B shape, 1..128 sessions: plain, Steer, 25% pausing
+
+Each part fits one device call (< 10 minutes), prints a table last and writes JSON to $OUT (or ./).
+All weights are random (seeded); every figure is a median over the stated trials, measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import djinn  # noqa: E402
+from djinn.models.config import ModelConfig  # noqa: E402
+from djinn.models.loading import LoadedModel, _materialize, _to_djinn_state  # noqa: E402
+
+SHAPES = {
+    "gpt2": dict(cfg=ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
+                                 n_kv_heads=12, d_mlp=3072, max_seq_len=1024, tie_embeddings=True),
+                 dtype=torch.float16, layers=(3, 6, 9)),
+    "mistral": dict(cfg=ModelConfig(family="llama", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
+                                    n_kv_heads=8, d_mlp=14336, max_seq_len=4096, rope_theta=10000.0,
+                                    sliding_window=4096, norm_eps=1e-5),
+                    dtype=torch.bfloat16, layers=(8, 16, 24)),
+}
+DEV = torch.device("cuda")
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def now():
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+# ---------------------------------------------------------------- models: one set of weights for both engines
+
+def hf_model(shape: str):
+    """A random Hugging Face model on the GPU; Djinn loads the very same tensors."""
+    import transformers
+
+    spec = SHAPES[shape]
+    c, dtype = spec["cfg"], spec["dtype"]
+    if c.family == "gpt2":
+        hf_cfg = transformers.GPT2Config(vocab_size=c.vocab_size, n_embd=c.d_model, n_layer=c.n_layers,
+                                         n_head=c.n_heads, n_positions=c.max_seq_len)
+        cls = transformers.GPT2LMHeadModel
+    else:
+        hf_cfg = transformers.MistralConfig(vocab_size=c.vocab_size, hidden_size=c.d_model,
+                                            num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+                                            num_key_value_heads=c.n_kv_heads, intermediate_size=c.d_mlp,
+                                            max_position_embeddings=c.max_seq_len, sliding_window=c.sliding_window)
+        cls = transformers.MistralForCausalLM
+    hf_cfg._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = cls(hf_cfg)
+    model = model.to_empty(device=DEV).to(dtype)
+    gen = torch.Generator(DEV).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0 if "bias" not in name else 0.0)
+            else:
+                for rows in p.split(4096):
+                    rows.copy_(torch.randn(rows.shape, generator=gen, device=DEV) * 0.02)
+        for name, b in model.named_buffers():  # rope tables etc. were left uninitialised by to_empty
+            pass
+    model.eval()
+    if hasattr(model, "model") and hasattr(model.model, "rotary_emb"):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_cfg, device=DEV)
+    state = _to_djinn_state(c, {k: v for k, v in model.state_dict().items()})
+    djinn_model = _materialize(c, state, dtype, DEV)
+    return model, LoadedModel(f"{shape}-random", c, djinn_model, None)
+
+
+def weight_bytes(m: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in m.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20 after warm-up)."""
+    x = torch.randn(1 << 30, device=DEV, dtype=torch.float16)  # 2 GiB
+    y = torch.empty_like(x)
+    times = []
+    for i in range(25):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        y.copy_(x)
+        e.record()
+        e.synchronize()
+        if i >= 5:
+            times.append(s.elapsed_time(e) / 1000)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) * 2 / med(times)
+
+
+def kv_bytes_per_token(c: ModelConfig, dtype) -> int:
+    return c.n_layers * 2 * c.n_kv_heads * c.d_head * torch.empty((), dtype=dtype).element_size()
+
+
+# ---------------------------------------------------------------- measurements
+
+def batch1_ms_per_token(client, n_new=256, trials=3) -> float:
+    prompt = list(range(100, 116))
+    out = []
+    for _ in range(trials):
+        s = client.session()
+        t0 = now()
+        s.generate(prompt, max_new_tokens=1, stop_tokens=[])
+        t1 = now()
+        s2 = client.session()
+        t2 = now()
+        s2.generate(prompt, max_new_tokens=n_new + 1, stop_tokens=[])
+        t3 = now()
+        out.append(((t3 - t2) - (t1 - t0)) * 1000 / n_new)
+        s.close()
+        s2.close()
+    return med(out)
+
+
+def hf_ms_per_token(model, hook_layer=None, scale=1.0, n_new=64, trials=3) -> float:
+    """HF eager decode with its KV cache; with `hook_layer`, a forward hook pauses there every step: reads the
+    activation to the host, edits it, and writes it back (what a hook-based tool has to do)."""
+    layers = model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    handle = None
+    if hook_layer is not None:
+        def hook(mod, inp, out):
+            h = out[0] if isinstance(out, tuple) else out
+            edited = (h.cpu() * scale).to(h.device)
+            return (edited,) + tuple(out[1:]) if isinstance(out, tuple) else edited
+        handle = layers[hook_layer].register_forward_hook(hook)
+    ids = torch.arange(100, 116, device=DEV)[None]
+    res = []
+    try:
+        with torch.no_grad():
+            for _ in range(trials):
+                out = model(ids, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                t0 = now()
+                for _ in range(n_new):
+                    out = model(tok, past_key_values=past, use_cache=True)
+                    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                res.append((now() - t0) * 1000 / n_new)
+    finally:
+        if handle:
+            handle.remove()
+    return med(res)
+
+
+def run_stream(session, prompt, n_new, site=None, steps=(0,), edit=None, **kw):
+    """Stream one call; returns (tokens, per-pause [(t_paused_event, t_resume_call, t_next_token)])."""
+    bps = [djinn.Breakpoint(site, steps=list(steps))] if site else []
+    tokens, pauses, pending = [], [], None
+    for ev in session.stream(prompt, max_new_tokens=n_new, breakpoints=bps, stop_tokens=[], **kw):
+        t = time.perf_counter()
+        if isinstance(ev, djinn.Paused):
+            act = edit(ev.activation) if edit else None
+            pending = [t, time.perf_counter()]
+            ev.resume(act)
+        elif isinstance(ev, djinn.Token):
+            tokens.append(ev.token_id)
+            if pending:
+                pauses.append((*pending, t))
+                pending = None
+    return tokens, pauses
+
+
+def seed_experiment(client, shape: str, n_new=128, trials=3) -> dict:
+    layers = SHAPES[shape]["layers"]
+    prompt = torch.randint(0, SHAPES[shape]["cfg"].vocab_size, (512,), generator=torch.Generator().manual_seed(1)).tolist()
+    base, _ = run_stream(client.session(), prompt, n_new)
+    result = {"prompt_tokens": 512, "new_tokens": n_new, "layers": {}}
+    for layer in layers:
+        site = f"blocks.{layer}.hook_resid_post"
+        agree, added, resume_lat, ck_dispatch, ck_copy, ck_gbps, restore_t, restore_agree = [], [], [], [], [], [], [], []
+        for _ in range(trials):
+            # round trip: prefill alone, uninterrupted vs paused at the site and resumed unchanged at once
+            t0 = now(); run_stream(client.session(), prompt, 1); t1 = now()
+            _, p = run_stream(client.session(), prompt, 1, site=site); t2 = now()
+            added.append(((t2 - t1) - (t1 - t0)) * 1000)
+            resume_lat.append((p[0][2] - p[0][1]) * 1000)
+            s = client.session()
+            toks, _ = run_stream(s, prompt, n_new, site=site, steps=(0, 64))
+            agree.append(sum(a == b for a, b in zip(toks, base)) / len(base))
+            t = time.perf_counter(); ck = s.checkpoint(); ck_dispatch.append((time.perf_counter() - t) * 1000)
+            st = ck.wait()
+            ck_copy.append(st["copy_seconds"] * 1000)
+            ck_gbps.append(st["n_bytes"] / st["copy_seconds"] / 1e9)
+            t = time.perf_counter(); r = ck.restore(); more, _ = run_stream(r, [], 8); restore_t.append((time.perf_counter() - t) * 1000)
+            ref_more, _ = run_stream(s, [], 8)
+            restore_agree.append(more == ref_more)
+            for x in (s, r):
+                x.close()
+            ck.delete()
+        result["layers"][layer] = {
+            "token_agreement_unmodified": med(agree), "breakpoint_round_trip_added_ms": med(added),
+            "resume_to_token_ms": med(resume_lat), "checkpoint_dispatch_ms": med(ck_dispatch),
+            "checkpoint_copy_ms": med(ck_copy), "checkpoint_copy_GBps": med(ck_gbps),
+            "restore_plus_8_tokens_ms": med(restore_t), "restore_continues_identically": all(restore_agree)}
+    mid = layers[1]
+    steered, _ = run_stream(client.session(), prompt, n_new, site=f"blocks.{mid}.hook_resid_post",
+                            steps=range(0, n_new + 1), edit=lambda a: a * 0.9)
+    declarative = client.session().generate(prompt, max_new_tokens=n_new, stop_tokens=[], interventions=[
+        djinn.Scale(f"blocks.{mid}.hook_resid_post", 0.9)]).token_ids
+    result["steer_scale_0.9_changed_fraction"] = sum(a != b for a, b in zip(steered, base)) / n_new
+    result["steer_interactive_equals_declarative"] = steered == declarative
+    # another session's speed while one sits paused
+    def tps(paused_other: bool) -> float:
+        holder = None
+        if paused_other:
+            holder = client.session().stream(prompt, max_new_tokens=4, breakpoints=[
+                djinn.Breakpoint(f"blocks.{mid}.hook_resid_post", steps=[0])])
+            assert isinstance(next(holder), djinn.Paused)
+        t = now(); run_stream(client.session(), prompt[:16], n_new); dt = now() - t
+        if holder:
+            holder.close()
+        return n_new / dt
+    alone = med([tps(False) for _ in range(trials)])
+    beside = med([tps(True) for _ in range(trials)])
+    result["other_session_tokens_per_s_alone"] = alone
+    result["other_session_tokens_per_s_while_one_paused"] = beside
+    return result
+
+
+def throughput(client, n_sessions: int, mode: str, n_prompt=128, n_new=256) -> float:
+    vocab = client.models()[0].vocab_size
+    g = torch.Generator().manual_seed(n_sessions)
+    prompts = [torch.randint(0, vocab, (n_prompt,), generator=g).tolist() for _ in range(n_sessions)]
+    d = client.models()[0].d_model
+    vec = torch.randn(d, generator=g) * 0.1
+    sessions = [client.session() for _ in range(n_sessions)]
+    done = [0] * n_sessions
+
+    def work(i):
+        kw = {}
+        site = None
+        if mode == "steer":
+            kw["interventions"] = [djinn.Steer("blocks.16.hook_resid_post", vec)]
+        if mode == "pause25" and i % 4 == 0:
+            site = "blocks.16.hook_resid_post"
+        toks, _ = run_stream(sessions[i], prompts[i], n_new, site=site, steps=(n_new // 2,), **kw)
+        done[i] = len(toks)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_sessions)]
+    t = now()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    dt = now() - t
+    for s in sessions:
+        s.close()
+    assert all(x == n_new for x in done)
+    return sum(done) / dt
+
+
+# ---------------------------------------------------------------- parts
+
+def part_latency(shape: str) -> dict:
+    spec = SHAPES[shape]
+    bw = copy_bandwidth()
+    hf, loaded = hf_model(shape)
+    wbytes = weight_bytes(loaded.model)
+    client = djinn.connect(model=loaded, kv_memory=16 << 30)
+    out = {"shape": shape, "dtype": str(spec["dtype"]), "copy_bandwidth_GBps": bw / 1e9, "weight_bytes": wbytes}
+    out["djinn_batch1_ms_per_token"] = batch1_ms_per_token(client)
+    ctx = 16 + 128  # mean context over the timed decode steps
+    floor_bytes = wbytes + ctx * kv_bytes_per_token(spec["cfg"], spec["dtype"])
+    out["floor_batch1_ms_per_token"] = floor_bytes / bw * 1000
+    out["hf_eager_ms_per_token"] = hf_ms_per_token(hf)
+    out["hf_eager_with_pause_hook_ms_per_token"] = hf_ms_per_token(hf, hook_layer=spec["layers"][1])
+    out["seed_experiment"] = seed_experiment(client, shape)
+    client.close()
+    return out
+
+
+def part_throughput() -> dict:
+    spec = SHAPES["mistral"]
+    bw = copy_bandwidth()
+    _, loaded = hf_model("mistral")
+    wbytes = weight_bytes(loaded.model)
+    client = djinn.connect(model=loaded, kv_memory=40 << 30)
+    out = {"copy_bandwidth_GBps": bw / 1e9, "rows": []}
+    for n in (1, 8, 32, 64, 128):
+        row = {"sessions": n}
+        for mode in ("plain", "steer", "pause25"):
+            row[mode] = throughput(client, n, mode)
+        # floor: each step reads the weights once and every session's KV (mean context 128 + 128)
+        step_bytes = wbytes + n * 256 * kv_bytes_per_token(spec["cfg"], spec["dtype"])
+        row["floor_tokens_per_s"] = n / (step_bytes / bw)
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    client.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["gpt2", "mistral", "throughput"], required=True)
+    args = ap.parse_args()
+    info = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "command": "python3 benchmarks/bench.py --part " + args.part}
+    result = part_throughput() if args.part == "throughput" else part_latency(args.part)
+    result = {**info, **result}
+    path = os.path.join(os.environ.get("OUT", "."), f"bench_{args.part}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
