@@ -42,11 +42,16 @@ def main() -> None:
                                         interventions=[djinn.Steer("blocks.6.hook_resid_post", vec, scale=8.0)])
     changed = sum(a != b for a, b in zip(steered.token_ids, ref.token_ids)) / len(ref.token_ids)
     report["steer_changed_fraction"] = changed
+    edits = [djinn.Steer("blocks.6.hook_resid_post", vec, scale=2.0), djinn.Scale("blocks.2.hook_mlp_out", 0.5),
+             djinn.Replace("blocks.4.hook_resid_post", torch.randn(2, 768), positions=[515, 530]),
+             djinn.Ablate("blocks.8.attn.hook_z")]
+    edited = {}
     for name, graphs in [("graphs", True), ("eager", False)]:
         c = client if graphs else djinn.connect(model=loaded, kv_memory=2 << 30, cuda_graphs=False)
         out = c.session().generate(prompt, max_new_tokens=64, return_logits=True)
         report[f"{name}_tokens_equal_reference"] = out.token_ids == ref.token_ids
         report[f"{name}_logits_bit_identical_reference"] = bool(torch.equal(out.logits, ref.logits))
+        edited[name] = c.session().generate(prompt, max_new_tokens=64, return_logits=True, interventions=edits)
         times = []
         for _ in range(3):
             torch.cuda.synchronize()
@@ -56,6 +61,7 @@ def main() -> None:
         report[f"{name}_ms_per_token_batch1"] = sorted(times)[1]
         if not graphs:
             c.close()
+    report["edited_graphs_equal_eager_bitwise"] = bool(torch.equal(edited["graphs"].logits, edited["eager"].logits))
     ok = all(c["tokens_equal"] and c["logits_bit_identical"] for c in report["checks"].values())
     report["all_bit_identical"] = ok
     client.close()

@@ -3,7 +3,7 @@
 A decode step (every row feeds one token, no breakpoint or capture due) replays a graph captured for its
 padded batch size and for the set of sites where edits apply. Interventions stay data: each such site gets
 preallocated per-row `mul` and `add` buffers (identity for rows without an edit), and the graph computes
-`act * mul + add` there. Every other step runs eagerly through the same model code.
+`act * mul + add` there (in float32, like the eager path). Every other step runs eagerly through the same model code.
 """
 from __future__ import annotations
 
@@ -129,9 +129,8 @@ class DecodeGraphs:
             s = self.sites[site]
             cfg = self.model.cfg
             shape = (cfg.n_heads, cfg.d_head) if s.per_head else (cfg.d_model,)
-            dtype = self.model.embed.weight.dtype
-            self._edit_bufs[site] = (torch.ones((self.max_batch, *shape), dtype=dtype, device=self.device),
-                                     torch.zeros((self.max_batch, *shape), dtype=dtype, device=self.device))
+            self._edit_bufs[site] = (torch.ones((self.max_batch, *shape), device=self.device),
+                                     torch.zeros((self.max_batch, *shape), device=self.device))
         return self._edit_bufs[site]
 
     def _forward(self, bucket: int, signature: tuple[int, ...]) -> torch.Tensor:
@@ -147,7 +146,7 @@ class DecodeGraphs:
             if site.index in signature:
                 mul, add = self._edit_bufs[site.index]
                 value = resid if site.kind == RESID else branch
-                value.mul_(mul[:bucket]).add_(add[:bucket])
+                value.copy_(value.float() * mul[:bucket] + add[:bucket])  # as the eager path computes it
         return self.model.unembed(branch)
 
     def _capture(self, bucket: int, signature: tuple[int, ...]):

@@ -71,8 +71,10 @@ class Compiler:
     def site_shape(self, site: Site) -> tuple[int, ...]:
         return (self.n_heads, self.d_head) if site.per_head else (self.d_model,)
 
-    def tensor(self, t, what: str, shape: tuple[int, ...], n_rows: Optional[int]) -> torch.Tensor:
-        """A client tensor of `shape` (or [n_rows, *shape]) as the model's dtype on its device."""
+    def tensor(self, t, what: str, shape: tuple[int, ...], n_rows: Optional[int],
+               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A client tensor of `shape` (or [n_rows, *shape]) on the model's device, as `dtype` (default: the
+        model's)."""
         if not isinstance(t, torch.Tensor):
             raise InvalidTensor(f"{what} must be a torch.Tensor, got {type(t).__name__}")
         if not (t.is_floating_point()):
@@ -83,7 +85,7 @@ class Compiler:
             raise InvalidTensor(f"{what} has shape {list(t.shape)}, expected {want}")
         if not torch.isfinite(t).all():
             raise InvalidTensor(f"{what} contains NaN or Inf")
-        return t.detach().to(device=self.device, dtype=self.dtype)
+        return t.detach().to(device=self.device, dtype=dtype or self.dtype)
 
     def compile(self, items: Sequence, breakpoints: Sequence[Breakpoint] = ()) -> Plan:
         plan = Plan()
@@ -114,7 +116,10 @@ class Compiler:
             raise InvalidRequest(str(e)) from None
 
     def _edit(self, item, name: str, site: Site) -> Edit:
+        """Edit values are kept in float32: the edit is computed in float32 and rounded to the model's dtype
+        once, as `act * 0.9` with a Python number does in PyTorch."""
         shape = self.site_shape(site)
+        f32 = torch.float32
         positions = None if item.positions is None else tuple(int(p) for p in item.positions)
         if positions is not None and (len(positions) == 0 or min(positions) < 0 or len(set(positions)) != len(positions)):
             raise InvalidRequest(f"positions for {name} must be distinct non-negative integers")
@@ -124,19 +129,18 @@ class Compiler:
         if isinstance(item, Steer):
             if not isinstance(item.scale, (int, float)) or not math.isfinite(item.scale):
                 raise InvalidTensor(f"Steer scale for {name} must be a finite number")
-            return Edit(add=self.tensor(item.vector, what, shape, n_rows) * item.scale, **common)
+            return Edit(add=self.tensor(item.vector, what, shape, n_rows, f32) * item.scale, **common)
         if isinstance(item, Scale):
             factor = item.factor
             if isinstance(factor, (int, float)):
                 if not math.isfinite(factor):
                     raise InvalidTensor(f"Scale factor for {name} must be finite")
-                factor = torch.tensor(float(factor))
-                return Edit(mul=factor.to(device=self.device, dtype=self.dtype), **common)
-            return Edit(mul=self.tensor(factor, what, shape, n_rows), **common)
+                return Edit(mul=torch.tensor(float(factor), dtype=f32, device=self.device), **common)
+            return Edit(mul=self.tensor(factor, what, shape, n_rows, f32), **common)
         if isinstance(item, Replace):
-            return Edit(replace=self.tensor(item.tensor, what, shape, n_rows), **common)
+            return Edit(replace=self.tensor(item.tensor, what, shape, n_rows, f32), **common)
         if isinstance(item, Ablate):
             if item.mean is None:
-                return Edit(replace=torch.zeros(shape, dtype=self.dtype, device=self.device), **common)
-            return Edit(replace=self.tensor(item.mean, what, shape, n_rows), **common)
+                return Edit(replace=torch.zeros(shape, dtype=f32, device=self.device), **common)
+            return Edit(replace=self.tensor(item.mean, what, shape, n_rows, f32), **common)
         raise InvalidRequest(f"unknown intervention {type(item).__name__}")

@@ -163,7 +163,7 @@ class Runner:
 
     def _apply_edits(self, value: torch.Tensor, live: list[Row], offsets: list[int],
                      edits: list[tuple[int, list[Edit]]]) -> None:
-        """Each round applies the j-th edit of every row that has one, as one batched op:
+        """Each round applies the j-th edit of every row that has one, as one batched op in float32:
         value[idx] = where(replace_mask, replacement, value[idx] * mul + add)."""
         shape = value.shape[1:]
         for j in range(max(len(es) for _, es in edits)):
@@ -191,14 +191,14 @@ class Runner:
             index = torch.cat(idx).to(self.device)
             mask = torch.cat(is_rep).to(self.device).view(-1, *([1] * len(shape)))
             current = value.index_select(0, index)
-            new = torch.where(mask, torch.cat(rep), current * torch.cat(mul) + torch.cat(add))
-            value.index_copy_(0, index, new)
+            new = torch.where(mask, torch.cat(rep), current.float() * torch.cat(mul) + torch.cat(add))
+            value.index_copy_(0, index, new.to(value.dtype))
 
     @staticmethod
     def _per_token(t: Optional[torch.Tensor], which: Optional[list[int]], n: int, shape, default: float,
                    like: torch.Tensor) -> torch.Tensor:
         if t is None:
-            return torch.full((n, *shape), default, dtype=like.dtype, device=like.device)
+            return torch.full((n, *shape), default, dtype=torch.float32, device=like.device)
         if t.dim() == len(shape) + 1:  # one row per listed position
             return t[torch.tensor(which, device=t.device)]
         return t.expand(n, *shape)
