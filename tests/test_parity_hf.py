@@ -54,20 +54,30 @@ def _hf_config(family: str):
     if family == "gpt2":
         return GPT2Config(vocab_size=300, n_embd=64, n_layer=3, n_head=4, n_positions=128, layer_norm_epsilon=1e-5,
                           bos_token_id=None, eos_token_id=None)
+    if family == "gpt2-untied":  # a separate lm_head
+        return GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=128, layer_norm_epsilon=1e-5,
+                          bos_token_id=None, eos_token_id=None, tie_word_embeddings=False,
+                          activation_function="gelu_pytorch_tanh")
     if family == "llama":  # GQA, untied head
         return LlamaConfig(**COMMON, num_key_value_heads=2, tie_word_embeddings=False)
+    if family == "llama-bias":  # attention_bias (q, k, v and o) and mlp_bias, plain multi-head attention
+        return LlamaConfig(**{**COMMON, "num_hidden_layers": 2}, num_key_value_heads=4, tie_word_embeddings=False,
+                           attention_bias=True, mlp_bias=True)
     if family == "llama3":  # Llama-3 rope scaling, GQA, tied head
         return LlamaConfig(**COMMON, num_key_value_heads=1, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)
     if family == "mistral":  # sliding window much shorter than the sequence, GQA, untied head
         return MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False)
     if family == "qwen2":  # qkv bias, GQA, tied head
         return Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True)
+    if family == "qwen2-sliding":  # every layer slides (max_window_layers 0), untied head
+        return Qwen2Config(**{**COMMON, "num_hidden_layers": 2}, num_key_value_heads=2, tie_word_embeddings=False,
+                           use_sliding_window=True, sliding_window=8, max_window_layers=0)
     raise ValueError(family)
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     """Every parameter random: norm gains around one, small biases, matrices a little larger than unit-gain so
-    that greedy decoding wanders over many tokens instead of locking onto one, logits of order one."""
+    that greedy decoding wanders over many tokens instead of locking onto one; logits of a few units."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():  # tied parameters appear once
@@ -105,6 +115,19 @@ def _save(model: torch.nn.Module, folder: Path, layout: str) -> Path:
         for f in folder.glob("*.safetensors*"):
             f.unlink()
         torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    elif layout == "bin-sharded":  # what transformers 4 wrote for large models with safe_serialization=False
+        model.save_pretrained(folder)
+        for f in folder.glob("*.safetensors*"):
+            f.unlink()
+        state = model.state_dict()
+        keys = list(state)
+        shards = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+        weight_map = {}
+        for i, part in enumerate(shards, 1):
+            name = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
+            torch.save({k: state[k] for k in part}, folder / name)
+            weight_map.update({k: name for k in part})
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     else:
         raise ValueError(layout)
     return folder
@@ -178,10 +201,13 @@ def _check_parity(hf_model: torch.nn.Module, folder: Path, prompt: list[int]) ->
 
 CASES = [  # family, checkpoint layout, seed
     ("gpt2", "bin", 11),
+    ("gpt2-untied", "safetensors", 16),
     ("llama", "safetensors", 12),
+    ("llama-bias", "bin-sharded", 17),
     ("llama3", "safetensors", 13),
     ("mistral", "sharded", 14),
     ("qwen2", "safetensors", 15),
+    ("qwen2-sliding", "safetensors", 18),
 ]
 
 
@@ -236,6 +262,63 @@ def test_legacy_rope_config_keys():
     assert cfg.rope_theta == 1e6 and cfg.rope_scaling is None
     cfg = config_from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 20000.0}})
     assert cfg.rope_theta == 20000.0 and cfg.rope_scaling is None
+
+
+def test_sliding_window_layouts_and_refusals(tmp_path: Path):
+    """One window for every layer is what the engine runs; configs it would run wrongly are refused clearly."""
+    from djinn.errors import UnknownModel
+    from djinn.models.layers import rope_inv_freq
+
+    def saved(hf_cfg) -> dict:
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        hf_cfg.save_pretrained(d)
+        return json.loads((d / "config.json").read_text())
+
+    small = {**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 2}
+    assert config_from_hf(saved(Qwen2Config(**small, use_sliding_window=True, sliding_window=8,
+                                            max_window_layers=0))).sliding_window == 8
+    assert config_from_hf(saved(Qwen2Config(**small, use_sliding_window=False, sliding_window=8))).sliding_window \
+        is None
+    mixed = saved(Qwen2Config(**small, use_sliding_window=True, sliding_window=8, max_window_layers=1))
+    assert mixed["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
+    with pytest.raises(UnknownModel, match="mix full and sliding"):
+        config_from_hf(mixed)
+    legacy = {k: v for k, v in mixed.items() if k != "layer_types"}  # transformers 4 spelling of the same
+    with pytest.raises(UnknownModel, match="mix full and sliding"):
+        config_from_hf(legacy)
+    assert config_from_hf({**legacy, "max_window_layers": 0}).sliding_window == 8
+    assert config_from_hf({**legacy, "use_sliding_window": False}).sliding_window is None
+
+    llama = saved(LlamaConfig(**COMMON))
+    with pytest.raises(UnknownModel, match="hidden_act"):
+        config_from_hf({**llama, "hidden_act": "gelu"})
+    with pytest.raises(UnknownModel, match="rope type"):
+        config_from_hf({**llama, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}})
+    gpt2 = saved(GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=128))
+    with pytest.raises(UnknownModel, match="activation_function"):
+        config_from_hf({**gpt2, "activation_function": "relu"})
+    with pytest.raises(UnknownModel, match="inverse_layer_idx"):
+        config_from_hf({**gpt2, "scale_attn_by_inverse_layer_idx": True})
+
+    # Linear rope scaling: the same frequencies as transformers.
+    linear = LlamaConfig(**COMMON, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})
+    cfg = config_from_hf(saved(linear))
+    hf_freq = AutoModelForCausalLM.from_config(linear).model.rotary_emb.inv_freq.float()
+    torch.testing.assert_close(rope_inv_freq(cfg.d_head, cfg.rope_theta, cfg.rope_scaling), hf_freq, rtol=1e-6,
+                               atol=0)
+
+
+def test_checkpoint_weights_without_a_place_are_refused(tmp_path: Path):
+    """A weight the config gives no place to (here o_proj biases under a config that says attention_bias=False)
+    must not be dropped silently: that would be a different model."""
+    from djinn.errors import UnknownModel
+
+    hf_model = _make_hf("llama-bias", 0)
+    folder = _save(hf_model, tmp_path / "m", "safetensors")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "attention_bias": False, "mlp_bias": False}))
+    with pytest.raises(UnknownModel, match="no place for"):
+        djinn.connect(model=str(folder), dtype="float32", device="cpu")
 
 
 # ---------------------------------------------------------------- stories260K (llama2.c)

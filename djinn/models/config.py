@@ -21,7 +21,9 @@ class ModelConfig:
     rope_scaling: Optional[dict[str, Any]] = field(default=None, hash=False)  # {"rope_type": "llama3"|"linear", ...}
     sliding_window: Optional[int] = None  # attend to keys with q_pos - k_pos < sliding_window
     qkv_bias: bool = False
-    tie_embeddings: bool = False
+    o_bias: bool = False  # bias on the attention output projection (Llama's attention_bias covers q, k, v and o)
+    mlp_bias: bool = False  # biases on the Llama MLP's gate, up and down projections
+    tie_embeddings: bool = False  # lm_head shares the token embedding (GPT-2 checkpoints usually do)
 
     def __post_init__(self):
         if self.d_head == 0:

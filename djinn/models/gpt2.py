@@ -1,4 +1,5 @@
-"""GPT-2: learned positions, LayerNorm, fused qkv, tied head, GELU (tanh approximation).
+"""GPT-2: learned positions, LayerNorm, fused qkv, tied head (unless the config unties it), GELU (tanh
+approximation).
 
 Blocks expose the same halves as the Llama family, so the engine treats both alike.
 """
@@ -62,7 +63,8 @@ class GPT2Model(nn.Module):
         self.blocks = nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.embed.weight
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
 
     def prepare(self, ctx: ForwardContext) -> None:
         pass

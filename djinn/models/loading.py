@@ -38,31 +38,79 @@ def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
 
 # ---------------------------------------------------------------- Hugging Face configs and weights
 
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
+LLAMA_ACTIVATIONS = ("silu", "swish")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _unsupported(kind: str, what: str) -> UnknownModel:
+    return UnknownModel(f"unsupported {kind} checkpoint: {what}")
+
+
+def _sliding_window(hf: dict, kind: str) -> Optional[int]:
+    """The one window every layer uses, or None. Djinn applies a single window to all layers, so a config whose
+    layers mix full and sliding attention (Qwen2 with use_sliding_window and max_window_layers > 0) is refused
+    rather than run with the wrong mask."""
+    window = hf.get("sliding_window")
+    n = hf["num_hidden_layers"]
+    if hf.get("layer_types"):  # transformers 5 spells out each layer's attention
+        sliding = [t == "sliding_attention" for t in hf["layer_types"]]
+    elif kind == "qwen2":  # older Qwen2 configs: layers from max_window_layers on slide, if enabled at all
+        use = bool(hf.get("use_sliding_window", False)) and window is not None
+        start = hf.get("max_window_layers", n)
+        sliding = [use and i >= start for i in range(n)]
+    else:  # Mistral (and Llama configs that carry a window): every layer slides
+        sliding = [window is not None] * n
+    if not any(sliding):
+        return None
+    if window is None:
+        raise _unsupported(kind, "layer_types asks for sliding attention but sliding_window is null")
+    if not all(sliding):
+        raise _unsupported(kind, f"layers mix full and sliding-window attention ({sum(sliding)} of {n} slide); "
+                                 "Djinn applies one window to every layer")
+    return int(window)
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
+    """Translate a Hugging Face config.json (transformers 4 or 5 spelling) into a ModelConfig. Anything the
+    stacks would silently compute differently (activation, attention scaling, per-layer windows, rope type)
+    raises UnknownModel instead."""
     kind = hf.get("model_type")
     if kind == "gpt2":
         d = hf["n_embd"]
+        act = hf.get("activation_function", "gelu_new")
+        if act not in GPT2_ACTIVATIONS:
+            raise _unsupported(kind, f"activation_function {act!r} (supported: {', '.join(GPT2_ACTIVATIONS)})")
+        if hf.get("scale_attn_by_inverse_layer_idx", False) or not hf.get("scale_attn_weights", True):
+            raise _unsupported(kind, "attention scores must be scaled by 1/sqrt(d_head) only "
+                                     "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)")
         return ModelConfig(
             family="gpt2", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
             n_kv_heads=hf["n_head"], d_mlp=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=True,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         )
     if kind not in ("llama", "mistral", "qwen2"):
         raise UnknownModel(f"unsupported model_type {kind!r} (supported: llama, mistral, qwen2, gpt2)")
+    act = hf.get("hidden_act", "silu")
+    if act not in LLAMA_ACTIVATIONS:
+        raise _unsupported(kind, f"hidden_act {act!r} (supported: silu)")
+    # transformers 5 writes `rope_parameters` (theta and scaling together); 4 wrote `rope_theta` at the top level
+    # and scaling, if any, in `rope_scaling`.
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise _unsupported(kind, f"rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
     scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
-    window = hf.get("sliding_window")
-    if kind == "qwen2" and not hf.get("use_sliding_window", False):
-        window = None
     n_heads = hf["num_attention_heads"]
+    attention_bias = bool(hf.get("attention_bias", False))  # Llama: on q, k, v and o alike
     return ModelConfig(
         family="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_mlp=hf["intermediate_size"],
         max_seq_len=hf["max_position_embeddings"], d_head=hf.get("head_dim") or 0,
         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-        sliding_window=window, qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias", False)),
+        sliding_window=_sliding_window(hf, kind), qkv_bias=kind == "qwen2" or attention_bias,
+        o_bias=kind != "qwen2" and attention_bias, mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
@@ -78,7 +126,8 @@ def _llama_names(cfg: ModelConfig) -> dict[str, str]:
             for t in ("weight", "bias"):
                 names[f"{src}self_attn.{p}_proj.{t}"] = f"{dst}attn.{p}_proj.{t}"
         for p in ("gate", "up", "down"):
-            names[f"{src}mlp.{p}_proj.weight"] = f"{dst}mlp.{p}_proj.weight"
+            for t in ("weight", "bias"):
+                names[f"{src}mlp.{p}_proj.{t}"] = f"{dst}mlp.{p}_proj.{t}"
     return names
 
 
@@ -91,7 +140,7 @@ def _gpt2_names(cfg: ModelConfig) -> dict[str, str]:
                      ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")]:
             for t in ("weight", "bias"):
                 names[f"{src}{a}.{t}"] = f"{dst}{b}.{t}"
-    return {**names, **{"transformer." + k: v for k, v in names.items()}}
+    return {**names, **{"transformer." + k: v for k, v in names.items()}, "lm_head.weight": "lm_head.weight"}
 
 
 def _read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -135,7 +184,7 @@ def load_hf_folder(folder: Union[str, Path], dtype: torch.dtype, device: torch.d
     hf_cfg = json.loads((folder / "config.json").read_text())
     cfg = config_from_hf(hf_cfg)
     state = _to_djinn_state(cfg, _read_hf_state_dict(folder))
-    if cfg.family == "llama" and "lm_head.weight" not in state and not cfg.tie_embeddings:
+    if "lm_head.weight" not in state and not cfg.tie_embeddings:  # no separate head saved: it is the embedding
         cfg = ModelConfig(**{**cfg.to_dict(), "tie_embeddings": True})
     model = _materialize(cfg, state, dtype, device)
     return LoadedModel(name or folder.name, cfg, model, load_tokenizer(folder, cfg.family))
@@ -146,14 +195,20 @@ def _materialize(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.
     with torch.device("meta"):
         model = build_model(cfg)
     model = model.to_empty(device=device)
-    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    if cfg.family == "gpt2":
-        expected.discard("lm_head.weight")
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k for k in own if not (cfg.tie_embeddings and k == "lm_head.weight")}
     missing = expected - set(state)
     if missing:
         raise UnknownModel(f"checkpoint is missing weights: {sorted(missing)[:6]}")
+    unused = set(state) - set(own)  # e.g. biases the config does not declare: dropping them would change the model
+    if unused:
+        raise UnknownModel(f"checkpoint has weights this {cfg.family} config has no place for: {sorted(unused)[:6]}")
+    wrong = [k for k, t in state.items() if tuple(t.shape) != own[k]]
+    if wrong:
+        k = wrong[0]
+        raise UnknownModel(f"weight {k} has shape {tuple(state[k].shape)}, the config implies {own[k]}")
     model.load_state_dict(state, strict=False)
-    if cfg.tie_embeddings or cfg.family == "gpt2":
+    if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     if cfg.family == "llama":  # non-persistent rope tables are not in the state dict: rebuild them
         model.rotary = Rotary(cfg.d_head, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling).to(device)
