@@ -39,6 +39,7 @@ class ModelWorker:
                              self.device)
         self.max_step_tokens = max_step_tokens
         self.reserved_blocks = 0
+        self._step_done = torch.cuda.Event() if self.device.type == "cuda" else None
         if self.device.type == "cuda" and cuda_graphs:
             (scratch,) = self.pool.device_blocks.allocate(1)  # padding rows of a graph write here
             self.reserved_blocks = 1
@@ -196,7 +197,11 @@ class ModelWorker:
             return
         rows = out.finished
         reqs = [r.session.request for r in rows]
-        tokens = sample(out.logits, [q.sampling for q in reqs], [q.step for q in reqs]).tolist()
+        sampled = sample(out.logits, [q.sampling for q in reqs], [q.step for q in reqs])
+        if self.device.type == "cuda":  # wait for the GPU with the GIL released, so client threads run meanwhile
+            self._step_done.record()
+            self._step_done.synchronize()
+        tokens = sampled.tolist()
         want = [i for i, q in enumerate(reqs) if q.return_logits]
         host_logits = out.logits[want].float().cpu() if want else None
         for i, (row, req, tok) in enumerate(zip(rows, reqs, tokens)):
