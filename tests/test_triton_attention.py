@@ -14,10 +14,16 @@ SCRIPT = textwrap.dedent("""
     from djinn.engine.batch import RowSpan, build_context
     from djinn.models.attention import paged_attention
     torch.manual_seed(0)
-    for n_heads, n_kv, d_head, window in [(4, 2, 16, None), (8, 8, 8, None), (8, 2, 32, 5), (6, 3, 12, None)]:
-        bs, n_blocks = 4, 40
+    for n_heads, n_kv, d_head, window, bs, starts in [(4, 2, 16, None, 4, (0, 5, 9, 2)), (8, 8, 8, None, 4, (0, 5, 9, 2)), (8, 2, 32, 5, 4, (0, 5, 9, 2)), (6, 3, 12, None, 4, (0, 5, 9, 2)), (4, 1, 16, None, 16, (130, 250, 3, 120)), (4, 2, 16, 40, 16, (200, 140, 7, 66))]:
+        lens = (7, 1, 4, 3)  # chunks of 128 positions: the longer rows cross chunk boundaries
+        n_blocks = sum(-(-(s + n) // bs) for s, n in zip(starts, lens)) + 1
         kv = torch.randn(n_blocks, 1, 2, bs, n_kv, d_head)
-        spans = [RowSpan(0, 7, [3, 9]), RowSpan(5, 1, [1, 2]), RowSpan(9, 4, [5, 6, 7, 8]), RowSpan(2, 3, [11])]
+        perm = torch.randperm(n_blocks - 1).tolist()
+        spans, used = [], 0
+        for s, n in zip(starts, lens):
+            k = -(-(s + n) // bs)
+            spans.append(RowSpan(s, n, perm[used:used + k]))
+            used += k
         n = sum(s.n_tokens for s in spans)
         q, k, v = torch.randn(n, n_heads, d_head), torch.randn(n, n_kv, d_head), torch.randn(n, n_kv, d_head)
         outs = []

@@ -149,8 +149,16 @@ class AsyncRemoteBackend:
         s = _AsyncStream(ws)
         finished = False
         try:
-            await s.send(hello)
-            await s.send(gen)
+            try:
+                await s.send(hello)
+                await s.send(gen)
+            except DjinnError as e:  # the server may already have said why it closed (e.g. a bad key)
+                try:
+                    msg = await s.recv()
+                except DjinnError:
+                    raise e from None
+                s.max_frame_bytes = check_hello(msg)
+                raise
             s.max_frame_bytes = check_hello(await s.recv())
             while True:
                 ev = decode_event(await s.next_event(), paused_cls=AsyncPaused)

@@ -43,6 +43,7 @@ def build_context(spans: list[RowSpan], tokens: list[int], kv: torch.Tensor, blo
         token_row=row_of_token.int().to(device),
         token_pos=positions.int().to(device),
         window=sliding_window or 0,
+        max_context=int((starts + lens).max()),
     )
     if not use_kernel:
         ctx_lens = starts + lens

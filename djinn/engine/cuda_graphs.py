@@ -137,7 +137,7 @@ class DecodeGraphs:
         meta = AttentionMetadata(
             write_blocks=self.write_blocks[:bucket], write_offsets=self.write_offsets[:bucket],
             block_tables=self.tables[:bucket], token_row=self.token_row[:bucket],
-            token_pos=self.positions[:bucket], window=self.window)
+            token_pos=self.positions[:bucket], window=self.window, max_context=self.width * self.block_size)
         ctx = ForwardContext(positions=self.positions[:bucket], attention=meta, kv=self.kv)
         self.model.prepare(ctx)
         resid = branch = None

@@ -1,9 +1,10 @@
 """Paged attention for a flat varlen batch, in Triton.
 
-One program per (query token, KV head) computes all query heads that share that KV head (GQA). It walks
-the token's row of the block table up to its own position (inside the sliding window, if any) with an
-online softmax in float32. Keys are visited in a fixed order, so results are bit-reproducible, and all
-metadata lives in device tensors, so the kernel can be captured in a CUDA graph.
+Keys are split into fixed chunks of absolute positions (CHUNK). One program per (query token, KV head,
+chunk) computes all the query heads that share that KV head (GQA) over its chunk with an online softmax;
+a second kernel merges the chunks of each token in order. The chunking depends only on positions, never
+on the batch or the grid, so a token's result is the same bits whether it runs eagerly or inside a CUDA
+graph, alone or with others. All metadata lives in device tensors, so both kernels can be captured.
 """
 from __future__ import annotations
 
@@ -11,75 +12,116 @@ import torch
 import triton
 import triton.language as tl
 
+CHUNK = 128  # key positions per program
+
 
 @triton.jit
-def _paged_attention_kernel(
-    q_ptr, kv_ptr, out_ptr, tables_ptr, rows_ptr, pos_ptr,
-    stride_qn, stride_qh, stride_blk, stride_kv, stride_tok, stride_head, stride_table, stride_on, stride_oh,
-    scale, window,
+def _chunk_kernel(
+    q_ptr, kv_ptr, acc_ptr, ml_ptr, tables_ptr, rows_ptr, pos_ptr,
+    stride_qn, stride_qh, stride_blk, stride_kv, stride_tok, stride_head, stride_table,
+    scale, window, n_heads, n_chunks,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr,
 ):
-    tok = tl.program_id(0)
+    tok = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
-    row = tl.load(rows_ptr + tok).to(tl.int64)
+    chunk = tl.program_id(2)
     pos = tl.load(pos_ptr + tok).to(tl.int32)
-    g = tl.arange(0, GROUP_P)
-    d = tl.arange(0, D_P)
-    heads = kv_head * GROUP + g
-    qd_mask = (g < GROUP)[:, None] & (d < D)[None, :]
-    q = tl.load(q_ptr + tok.to(tl.int64) * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=qd_mask,
-                other=0.0).to(tl.float32)
-
     first = pos * 0
     if window > 0:
         first = tl.maximum(pos - window + 1, 0)
-    m = tl.full([GROUP_P], float("-inf"), tl.float32)
-    denom = tl.zeros([GROUP_P], tl.float32)
-    acc = tl.zeros([GROUP_P, D_P], tl.float32)
-    start = first
-    while start <= pos:  # a while loop: Triton's CPU interpreter cannot take a tensor bound in range()
-        kp = start + tl.arange(0, BLOCK_N)
-        valid = kp <= pos
-        block = tl.load(tables_ptr + row * stride_table + kp // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        base = block * stride_blk + (kp % BLOCK_SIZE) * stride_tok + kv_head * stride_head
-        kv_mask = valid[:, None] & (d < D)[None, :]
-        k = tl.load(kv_ptr + base[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        denom = denom * alpha + tl.sum(p, axis=1)
-        v = tl.load(kv_ptr + base[:, None] + stride_kv + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m = m_new
-        start += BLOCK_N
-    out = acc / denom[:, None]
-    tl.store(out_ptr + tok.to(tl.int64) * stride_on + heads[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+    lo = chunk * CHUNK_SIZE
+    hi = tl.minimum(lo + CHUNK_SIZE, pos + 1)
+    if (lo < hi) & (lo + CHUNK_SIZE > first):
+        row = tl.load(rows_ptr + tok).to(tl.int64)
+        g = tl.arange(0, GROUP_P)
+        d = tl.arange(0, D_P)
+        heads = kv_head * GROUP + g
+        qd_mask = (g < GROUP)[:, None] & (d < D)[None, :]
+        q = tl.load(q_ptr + tok * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=qd_mask, other=0.0)
+        m = tl.full([GROUP_P], float("-inf"), tl.float32)
+        denom = tl.zeros([GROUP_P], tl.float32)
+        acc = tl.zeros([GROUP_P, D_P], tl.float32)
+        start = lo + (tl.maximum(first - lo, 0) // BLOCK_N) * BLOCK_N  # every tile holds a valid key
+        while start < hi:  # a while loop: Triton's CPU interpreter cannot take a tensor bound in range()
+            kp = start + tl.arange(0, BLOCK_N)
+            valid = (kp < hi) & (kp >= first)
+            block = tl.load(tables_ptr + row * stride_table + kp // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            base = block * stride_blk + (kp % BLOCK_SIZE) * stride_tok + kv_head * stride_head
+            kv_mask = valid[:, None] & (d < D)[None, :]
+            k = tl.load(kv_ptr + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            denom = denom * alpha + tl.sum(p, axis=1)
+            v = tl.load(kv_ptr + base[:, None] + stride_kv + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m = m_new
+            start += BLOCK_N
+        slot = (tok * n_heads + heads) * n_chunks + chunk  # [GROUP_P]
+        tl.store(acc_ptr + slot[:, None] * D_P + d[None, :], acc, mask=(g < GROUP)[:, None])
+        tl.store(ml_ptr + slot * 2, m, mask=g < GROUP)
+        tl.store(ml_ptr + slot * 2 + 1, denom, mask=g < GROUP)
+
+
+@triton.jit
+def _merge_kernel(
+    acc_ptr, ml_ptr, out_ptr, pos_ptr, stride_on, stride_oh, window, n_heads, n_chunks,
+    D: tl.constexpr, D_P: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    pos = tl.load(pos_ptr + tok).to(tl.int32)
+    first = pos * 0
+    if window > 0:
+        first = tl.maximum(pos - window + 1, 0)
+    d = tl.arange(0, D_P)
+    c = first // CHUNK_SIZE
+    slot = (tok * n_heads + head) * n_chunks + c
+    m_all, denom = tl.load(ml_ptr + slot * 2), tl.load(ml_ptr + slot * 2 + 1)
+    acc = tl.load(acc_ptr + slot * D_P + d)
+    c += 1
+    while c <= pos // CHUNK_SIZE:
+        slot = (tok * n_heads + head) * n_chunks + c
+        m = tl.load(ml_ptr + slot * 2)
+        l = tl.load(ml_ptr + slot * 2 + 1)
+        part = tl.load(acc_ptr + slot * D_P + d)
+        m_new = tl.maximum(m_all, m)
+        a, b = tl.exp(m_all - m_new), tl.exp(m - m_new)
+        denom = denom * a + l * b
+        acc = acc * a + part * b
+        m_all = m_new
+        c += 1
+    out = acc / denom
+    tl.store(out_ptr + tok * stride_on + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
-                           token_row: torch.Tensor, token_pos: torch.Tensor, scale: float,
-                           window: int) -> torch.Tensor:
+                           token_row: torch.Tensor, token_pos: torch.Tensor, scale: float, window: int,
+                           max_context: int) -> torch.Tensor:
     """q: [N, n_heads, d_head]; kv_layer: [n_blocks, 2, block_size, n_kv_heads, d_head] (any strides with a
-    contiguous last dim); block_tables: [B, max_blocks]; token_row, token_pos: [N]. Returns [N, n_heads, d_head]."""
+    contiguous last dim); block_tables: [B, max_blocks]; token_row, token_pos: [N]; max_context bounds every
+    token's position + 1 (it sizes the grid only). Returns [N, n_heads, d_head]."""
     n, n_heads, d_head = q.shape
     n_kv = kv_layer.shape[3]
     group = n_heads // n_kv
     out = torch.empty_like(q)
     if n == 0:
         return out
-    d_p = triton.next_power_of_2(d_head)
-    group_p = triton.next_power_of_2(group)
-    block_n = max(16, min(64, 8192 // (group_p * d_p)))
-    _paged_attention_kernel[(n, n_kv)](
-        q, kv_layer, out, block_tables, token_row, token_pos,
+    d_p = max(16, triton.next_power_of_2(d_head))
+    group_p = max(16, triton.next_power_of_2(group))
+    n_chunks = max(1, -(-max_context // CHUNK))
+    acc = torch.empty((n, n_heads, n_chunks, d_p), dtype=torch.float32, device=q.device)
+    ml = torch.empty((n, n_heads, n_chunks, 2), dtype=torch.float32, device=q.device)
+    _chunk_kernel[(n, n_kv, n_chunks)](
+        q, kv_layer, acc, ml, block_tables, token_row, token_pos,
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        scale, window,
-        GROUP=group, GROUP_P=group_p, D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=block_n,
-        num_warps=4,
+        block_tables.stride(0), scale, window, n_heads, n_chunks,
+        GROUP=group, GROUP_P=group_p, D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=32,
+        CHUNK_SIZE=CHUNK, num_warps=4,
     )
+    _merge_kernel[(n, n_heads)](acc, ml, out, token_pos, out.stride(0), out.stride(1), window, n_heads, n_chunks,
+                                D=d_head, D_P=d_p, CHUNK_SIZE=CHUNK, num_warps=1)
     return out

@@ -27,6 +27,7 @@ class AttentionMetadata:
     token_row: torch.Tensor  # [N] int32, the row of each token
     token_pos: torch.Tensor  # [N] int32, the position of each token
     window: int  # sliding window (0: none)
+    max_context: int  # no token's position + 1 exceeds this (sizes the kernel's grid)
     # The portable path's padded layout (None when the Triton kernel runs):
     query_row: Optional[torch.Tensor] = None  # [N] row of each token in the padded query batch
     query_col: Optional[torch.Tensor] = None  # [N] column of each token in the padded query batch
@@ -52,7 +53,7 @@ def paged_attention(
         from ..kernels.paged_attention import paged_attention_triton
 
         return paged_attention_triton(q, kv_layer, meta.block_tables, meta.token_row, meta.token_pos, scale,
-                                      meta.window)
+                                      meta.window, meta.max_context)
     keys = k_cache[meta.kv_blocks, meta.kv_offsets].transpose(1, 2)  # [B, n_kv_heads, L, d_head]
     values = v_cache[meta.kv_blocks, meta.kv_offsets].transpose(1, 2)
     n_heads, d_head = q.shape[1], q.shape[2]

@@ -93,7 +93,9 @@ class ServerThread:
         self.limits = limits or Limits()
         self.app = create_app(engine_or_service, api_keys=api_keys, limits=self.limits)
         self.service: EngineService = self.app.state.djinn.service
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto must be IPPROTO_TCP (not 0): asyncio only sets TCP_NODELAY on accepted sockets whose proto
+        # says TCP, and without it every keep-alive response waits ~40 ms for a delayed ACK.
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = host, self._sock.getsockname()[1]

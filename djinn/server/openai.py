@@ -344,7 +344,7 @@ def register(app: FastAPI, state: ServerState, guard: Callable) -> None:
                 await c.start()
         except BaseException:
             for c in choices:
-                await c.close()
+                c.close_nowait()
             raise
         cid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": model,
@@ -354,9 +354,9 @@ def register(app: FastAPI, state: ServerState, guard: Callable) -> None:
                                      headers={"Cache-Control": "no-cache"})
         try:
             results = await asyncio.gather(*[_collect(c) for c in choices])
-        finally:
+        finally:  # (normally each choice has closed its session already; not when one failed or we were cancelled)
             for c in choices:
-                await c.close()
+                c.close_nowait()
         return {**head, "choices": [
             {"text": text, "index": c.index, "logprobs": lp, "finish_reason": c.finish_reason}
             for c, (text, lp) in zip(choices, results)], "usage": _usage(choices)}

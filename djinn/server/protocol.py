@@ -188,7 +188,10 @@ def decode_steps(v: Any, what: str, max_items: int) -> Any:
 def encode_steps(v: Any) -> Any:
     if v is None or isinstance(v, (str, int)):
         return v
-    return [int(s) for s in v]
+    try:
+        return [int(s) for s in v]
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"steps must be a list, a range, an int or 'all', not {v!r}") from None
 
 
 # ---------------------------------------------------------------- interventions and breakpoints as data

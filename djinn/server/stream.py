@@ -99,8 +99,7 @@ async def stream_endpoint(ws: WebSocket, sid: str, state: ServerState) -> None:
 
 
 async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
-    owner = state.auth.identify(conn.ws.headers)
-    try:
+    try:  # the hello comes first even for a bad key, so that a client can always send it and read why
         hello = await asyncio.wait_for(conn.recv(), HELLO_TIMEOUT)
     except asyncio.TimeoutError:
         raise InvalidRequest(f"no hello frame within {HELLO_TIMEOUT:g} s") from None
@@ -110,6 +109,7 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
         e = ProtocolMismatch(mismatch_message(hello["protocol"]))
         await conn.fatal(e, code=1002)
         return
+    owner = state.auth.identify(conn.ws.headers)
     await conn.send({"type": "hello", "protocol": PROTOCOL_VERSION, "server": f"djinn/{__version__}",
                      "max_frame_bytes": state.limits.max_frame_bytes})
 
@@ -170,10 +170,13 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
                 events.put_nowait({"type": "reply", "to": kind, "ok": True})
             except _Gone:
                 return "gone"
-            except DjinnError as e:
+            except Exception as e:
+                if not isinstance(e, DjinnError):  # a bug: this frame fails, the stream goes on
+                    log.exception("stream frame failed")
+                    e = InternalError(f"unexpected server error ({type(e).__name__})")
                 state.metrics.error(e.code)
                 events.put_nowait({"type": "reply", "to": kind if isinstance(kind, str) else None, "ok": False,
-                                     **encode_error(e)})
+                                   **encode_error(e)})
 
     w, r = asyncio.ensure_future(writer()), asyncio.ensure_future(reader())
     try:
@@ -186,6 +189,8 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
             await conn.ws.close(code=1000)
         except Exception:
             pass
+    elif w in done and not w.cancelled() and not isinstance(w.exception(), _Gone):
+        log.error("stream writer failed: %r", w.exception())
     conn.open = False  # disconnected: the engine keeps the session as it is (paused ones expire by TTL)
 
 
