@@ -1,5 +1,5 @@
-"""The Triton paged-attention kernel computes what the portable SDPA path computes. Runs through Triton's
-CPU interpreter here; the GPU benchmark runs it compiled."""
+"""The Triton kernels (paged attention, rotary + KV write, RMSNorm, SwiGLU) compute what the portable
+PyTorch path computes. Runs through Triton's CPU interpreter here; on GPUs they run compiled."""
 import os
 import subprocess
 import sys
@@ -11,9 +11,18 @@ pytest.importorskip("triton", reason="Triton is not installed (the kernel is onl
 
 SCRIPT = textwrap.dedent("""
     import torch
+    import torch.nn.functional as F
     from djinn.engine.batch import RowSpan, build_context
+    from djinn.kernels.fused import rms_norm, silu_mul
     from djinn.models.attention import paged_attention
+    from djinn.models.layers import RMSNorm, Rotary
     torch.manual_seed(0)
+    x, w = torch.randn(5, 48), torch.randn(48)
+    ref = RMSNorm(48, 1e-5)
+    ref.weight.data = w
+    assert (rms_norm(x, w, 1e-5) - ref(x)).abs().max() < 1e-5
+    gu = torch.randn(6, 2 * 40)
+    assert (silu_mul(gu) - F.silu(gu[:, :40]) * gu[:, 40:]).abs().max() < 1e-5
     for n_heads, n_kv, d_head, window, bs, starts in [(4, 2, 16, None, 4, (0, 5, 9, 2)), (8, 8, 8, None, 4, (0, 5, 9, 2)), (8, 2, 32, 5, 4, (0, 5, 9, 2)), (6, 3, 12, None, 4, (0, 5, 9, 2)), (4, 1, 16, None, 16, (130, 250, 3, 120)), (4, 2, 16, 40, 16, (200, 140, 7, 66))]:
         lens = (7, 1, 4, 3)  # chunks of 128 positions: the longer rows cross chunk boundaries
         n_blocks = sum(-(-(s + n) // bs) for s, n in zip(starts, lens)) + 1
@@ -26,13 +35,16 @@ SCRIPT = textwrap.dedent("""
             used += k
         n = sum(s.n_tokens for s in spans)
         q, k, v = torch.randn(n, n_heads, d_head), torch.randn(n, n_kv, d_head), torch.randn(n, n_kv, d_head)
-        outs = []
-        for use_kernel in (False, True):
-            ctx, _ = build_context(spans, [0] * n, kv, bs, window, torch.device("cpu"), use_kernel=use_kernel)
-            cache = kv.clone()
-            outs.append(paged_attention(q, k, v, cache[:, 0], ctx.attention, d_head ** -0.5))
-        err = (outs[0] - outs[1]).abs().max().item()
-        assert err < 1e-5, (n_heads, n_kv, d_head, window, err)
+        for rope in (None, Rotary(d_head, 512, 10000.0, None)):
+            outs, caches = [], []
+            for use_kernel in (False, True):
+                ctx, _ = build_context(spans, [0] * n, kv, bs, window, torch.device("cpu"), use_kernel=use_kernel)
+                cache = kv.clone()
+                outs.append(paged_attention(q, k, v, cache[:, 0], ctx.attention, d_head ** -0.5, rope=rope))
+                caches.append(cache)
+            err = (outs[0] - outs[1]).abs().max().item()
+            assert err < 1e-5, (n_heads, n_kv, d_head, window, rope is not None, err)
+            assert (caches[0] - caches[1]).abs().max().item() < 1e-5
     print("ok")
 """)
 

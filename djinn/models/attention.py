@@ -44,16 +44,23 @@ def paged_attention(
     kv_layer: torch.Tensor,  # [n_blocks, 2, block_size, n_kv_heads, d_head] (a view into the pool)
     meta: AttentionMetadata,
     scale: float,
+    rope=None,  # Rotary tables: rotate q and k by position first
 ) -> torch.Tensor:
-    """Writes this step's keys and values into the cache, then attends. Returns z: [N, n_heads, d_head]."""
+    """Rotates q and k (with `rope`), writes this step's keys and values into the cache, then attends.
+    Returns z: [N, n_heads, d_head]."""
+    if meta.mask is None:
+        from ..kernels.fused import rope_and_write_kv
+        from ..kernels.paged_attention import paged_attention_triton
+
+        q = rope_and_write_kv(q, k, v, kv_layer, meta.write_blocks, meta.write_offsets, meta.token_pos, rope)
+        return paged_attention_triton(q, kv_layer, meta.block_tables, meta.token_row, meta.token_pos, scale,
+                                      meta.window, meta.max_context)
+    if rope is not None:
+        positions = meta.token_pos.long()
+        q, k = rope.apply(q, positions), rope.apply(k, positions)
     k_cache, v_cache = kv_layer[:, 0], kv_layer[:, 1]
     k_cache[meta.write_blocks, meta.write_offsets] = k
     v_cache[meta.write_blocks, meta.write_offsets] = v
-    if meta.mask is None:
-        from ..kernels.paged_attention import paged_attention_triton
-
-        return paged_attention_triton(q, kv_layer, meta.block_tables, meta.token_row, meta.token_pos, scale,
-                                      meta.window, meta.max_context)
     keys = k_cache[meta.kv_blocks, meta.kv_offsets].transpose(1, 2)  # [B, n_kv_heads, L, d_head]
     values = v_cache[meta.kv_blocks, meta.kv_offsets].transpose(1, 2)
     n_heads, d_head = q.shape[1], q.shape[2]

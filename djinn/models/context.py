@@ -14,4 +14,4 @@ class ForwardContext:
     positions: torch.Tensor  # [N] absolute position of each token
     attention: AttentionMetadata
     kv: torch.Tensor  # the pool: [n_blocks, n_layers, 2, block_size, n_kv_heads, d_head]
-    rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # cos, sin: [N, 1, d_head]
+    rope: Optional[object] = None  # the model's Rotary tables, for families with rotary embeddings

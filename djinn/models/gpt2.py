@@ -22,7 +22,7 @@ class GPT2Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv(x).view(x.shape[0], 3, self.n_heads, self.d_head).unbind(1)
+        q, k, v = self.qkv(x).view(x.shape[0], 3 * self.n_heads, self.d_head).split(self.n_heads, dim=1)
         return paged_attention(q, k, v, ctx.kv[:, self.layer], ctx.attention, self.d_head**-0.5)
 
 

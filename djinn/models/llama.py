@@ -11,42 +11,35 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attention import paged_attention
 from .config import ModelConfig
 from .context import ForwardContext
-from .layers import RMSNorm, Rotary, apply_rotary
+from .layers import RMSNorm, Rotary, silu_mul
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads, self.d_head = layer, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=cfg.qkv_bias)
+        # q, k and v in one matrix product (rows: q heads, then k heads, then v heads)
+        self.qkv_proj = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.n_heads, self.d_head)
-        k = self.k_proj(x).view(n, self.n_kv_heads, self.d_head)
-        v = self.v_proj(x).view(n, self.n_kv_heads, self.d_head)
-        cos, sin = ctx.rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return paged_attention(q, k, v, ctx.kv[:, self.layer], ctx.attention, self.d_head**-0.5)
+        h, kv, dh = self.n_heads, self.n_kv_heads, self.d_head
+        q, k, v = self.qkv_proj(x).view(x.shape[0], h + 2 * kv, dh).split([h, kv, kv], dim=1)
+        return paged_attention(q, k, v, ctx.kv[:, self.layer], ctx.attention, dh**-0.5, rope=ctx.rope)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.d_mlp, bias=cfg.mlp_bias)  # gate rows, then up rows
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class LlamaBlock(nn.Module):
@@ -80,7 +73,7 @@ class LlamaModel(nn.Module):
         self.rotary = Rotary(cfg.d_head, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
     def prepare(self, ctx: ForwardContext) -> None:
-        ctx.rope = self.rotary(ctx.positions, self.embed.weight.dtype)
+        ctx.rope = self.rotary
 
     def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.embed(tokens)

@@ -190,8 +190,23 @@ def load_hf_folder(folder: Union[str, Path], dtype: torch.dtype, device: torch.d
     return LoadedModel(name or folder.name, cfg, model, load_tokenizer(folder, cfg.family))
 
 
+def _fuse_llama_projections(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints store q, k, v and gate, up separately; the stack runs each group as one matrix product."""
+    state = dict(state)
+    for i in range(cfg.n_layers):
+        for fused, parts in [(f"blocks.{i}.attn.qkv_proj", [f"blocks.{i}.attn.{p}_proj" for p in "qkv"]),
+                             (f"blocks.{i}.mlp.gate_up_proj", [f"blocks.{i}.mlp.{p}_proj" for p in ("gate", "up")])]:
+            for t in ("weight", "bias"):
+                keys = [f"{p}.{t}" for p in parts]
+                if all(k in state for k in keys):
+                    state[f"{fused}.{t}"] = torch.cat([state.pop(k) for k in keys])
+    return state
+
+
 def _materialize(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device) -> torch.nn.Module:
+    if cfg.family == "llama":
+        state = _fuse_llama_projections(cfg, state)
     with torch.device("meta"):
         model = build_model(cfg)
     model = model.to_empty(device=device)

@@ -1,0 +1,117 @@
+"""Fused elementwise kernels for the GPU path: RMSNorm, SwiGLU's silu(gate) * up, and rotary embedding
+fused with the KV-cache write. Each replaces several PyTorch kernels with one; each computes in float32 and
+rounds once."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    normed = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # like the reference: normalise in float32, round to the input dtype, then scale by the weight
+    out = w * normed.to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(x2.shape[1])
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), x2.shape[1], eps,
+                                         BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return out.view(x.shape)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    n, two_f = gate_up.shape
+    f = two_f // 2
+    out = torch.empty((n, f), dtype=gate_up.dtype, device=gate_up.device)
+    if n:
+        block = 1024
+        _silu_mul_kernel[(n, triton.cdiv(f, block))](gate_up, out, gate_up.stride(0), out.stride(0), f, BLOCK=block,
+                                                       num_warps=4)
+    return out
+
+
+@triton.jit
+def _rope_write_kernel(
+    q_ptr, k_ptr, v_ptr, q_out_ptr, kv_ptr, blocks_ptr, offsets_ptr, pos_ptr, cos_ptr, sin_ptr,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    stride_blk, stride_kv, stride_tok, stride_head, n_heads,
+    D: tl.constexpr, D_P: tl.constexpr, ROPE: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    d = tl.arange(0, D_P)
+    mask = d < D
+    if ROPE:
+        half: tl.constexpr = D // 2
+        pos = tl.load(pos_ptr + tok).to(tl.int64)
+        partner = tl.where(d < half, d + half, d - half)
+        sign = tl.where(d < half, -1.0, 1.0)
+        cos = tl.load(cos_ptr + pos * D + d, mask=mask, other=0.0)
+        sin = tl.load(sin_ptr + pos * D + d, mask=mask, other=0.0)
+    if head < n_heads:
+        if ROPE:
+            src = q_ptr + tok * stride_qn + head * stride_qh
+            x = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
+            xp = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_out_ptr + tok * stride_on + head * stride_oh + d,
+                     (x * cos + sign * xp * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+    else:
+        kh = head - n_heads
+        dst = (tl.load(blocks_ptr + tok).to(tl.int64) * stride_blk + tl.load(offsets_ptr + tok).to(tl.int64)
+               * stride_tok + kh * stride_head)
+        src = k_ptr + tok * stride_kn + kh * stride_kh
+        k = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
+        if ROPE:
+            kp = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
+            k = k * cos + sign * kp * sin
+        tl.store(kv_ptr + dst + d, k.to(kv_ptr.dtype.element_ty), mask=mask)
+        v = tl.load(v_ptr + tok * stride_vn + kh * stride_vh + d, mask=mask, other=0.0)
+        tl.store(kv_ptr + dst + stride_kv + d, v, mask=mask)
+
+
+def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+                      write_blocks: torch.Tensor, write_offsets: torch.Tensor, positions: torch.Tensor,
+                      rope: Optional[object]) -> torch.Tensor:
+    """Rotate q and k by position (when `rope` holds the model's cos/sin tables), write k and v into the cache
+    slots, and return the rotated q (q itself without rope)."""
+    n, n_heads, d_head = q.shape
+    n_kv = k.shape[1]
+    if n == 0:
+        return q
+    q_out = torch.empty((n, n_heads, d_head), dtype=q.dtype, device=q.device) if rope is not None else q
+    cos = rope.cos if rope is not None else q  # unused without rope
+    sin = rope.sin if rope is not None else q
+    _rope_write_kernel[(n, n_heads + n_kv)](
+        q, k, v, q_out, kv_layer, write_blocks, write_offsets, positions, cos, sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0),
+        q_out.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), n_heads,
+        D=d_head, D_P=triton.next_power_of_2(d_head), ROPE=rope is not None, num_warps=1,
+    )
+    return q_out
