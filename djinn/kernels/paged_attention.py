@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 
 CHUNK = 128  # key positions per program
+BLOCK_N = 32  # keys per inner iteration
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -119,8 +121,8 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         q, kv_layer, acc, ml, block_tables, token_row, token_pos,
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         block_tables.stride(0), scale, window, n_heads, n_chunks,
-        GROUP=group, GROUP_P=group_p, D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=32,
-        CHUNK_SIZE=CHUNK, num_warps=4,
+        GROUP=group, GROUP_P=group_p, D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=BLOCK_N,
+        CHUNK_SIZE=CHUNK, num_warps=NUM_WARPS,
     )
     _merge_kernel[(n, n_heads)](acc, ml, out, token_pos, out.stride(0), out.stride(1), window, n_heads, n_chunks,
                                 D=d_head, D_P=d_p, CHUNK_SIZE=CHUNK, num_warps=1)
