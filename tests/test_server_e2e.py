@@ -310,6 +310,26 @@ def test_disconnect_mid_pause_is_freed_by_the_ttl(stories_path):
         c.close()
 
 
+def test_connected_client_past_the_ttl(stories_path):
+    """A client that stays connected but never resumes: the engine frees the session at the TTL and the
+    client is told, the same way embedded and remote."""
+    with running_server(stories_path, pause_ttl=0.5) as srv:
+        for client in (djinn.Client(EmbeddedBackend(Engine(make_models(stories_path), pause_ttl=0.5))),
+                       djinn.connect(srv.url)):
+            s = client.session()
+            stream = s.stream(STORY, max_new_tokens=8, breakpoints=[djinn.Breakpoint(SITE, steps=[1])])
+            ev = next(e for e in stream if isinstance(e, djinn.Paused))
+            time.sleep(1.5)
+            with pytest.raises(djinn.UnknownSession):
+                ev.resume()
+            with pytest.raises(djinn.SessionExpired, match="time-to-live"):
+                next(stream)
+            with pytest.raises(djinn.UnknownSession):
+                s.info()
+            assert client.session().generate(STORY, max_new_tokens=2).token_ids
+            client.close()
+
+
 def test_asyncio_client(server):
     sync = djinn.connect(server.url)
     ref = sync.session().generate(STORY, max_new_tokens=10)

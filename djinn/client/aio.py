@@ -25,8 +25,8 @@ from ..errors import DjinnError, FrameTooLarge, ProtocolMismatch, error_from_cod
 from ..events import Done, Error, GenerateResult, ModelInfo, Paused
 from ..interventions import Breakpoint
 from ..server.protocol import MSGPACK, PROTOCOL_VERSION, decode_event, mismatch_message, pack, unpack
-from .remote import (API_KEY_ENV, _activation, _p, base_headers, check_hello, closed_error, decode_body,
-                     generate_frame, hello_frame, normalize_url, raise_for, result, route, ws_url)
+from .remote import (API_KEY_ENV, NODELAY, StreamClosed, _activation, _p, base_headers, check_hello, closed_error,
+                     decode_body, generate_frame, hello_frame, normalize_url, raise_for, result, route, ws_url)
 
 
 class AsyncPaused(Paused):
@@ -103,6 +103,7 @@ class AsyncRemoteBackend:
         self._headers = base_headers(self.api_key)
         self.connect_timeout = connect_timeout
         self.http = httpx.AsyncClient(base_url=self.url, headers=self._headers,
+                                      transport=httpx.AsyncHTTPTransport(socket_options=NODELAY),
                                       timeout=httpx.Timeout(timeout, connect=connect_timeout))
 
     async def check(self) -> None:
@@ -178,10 +179,13 @@ class AsyncRemoteBackend:
 
     async def _resume(self, s: _AsyncStream, sid: str, act: Any) -> None:
         act = _activation(act)
-        if s.closed:
-            await self.call("resume", sid, act)
-            return
-        await s.request({"type": "resume", "activation": act}, "resume")
+        if not s.closed:
+            try:
+                await s.request({"type": "resume", "activation": act}, "resume")
+                return
+            except StreamClosed:
+                pass
+        await self.call("resume", sid, act)  # the stream is gone: the engine answers, over REST
 
     async def close(self) -> None:
         await self.http.aclose()

@@ -128,10 +128,16 @@ def check_hello(msg: dict) -> int:
     return int(msg.get("max_frame_bytes") or 0)
 
 
+class StreamClosed(DjinnError):
+    """The stream's WebSocket closed (code "djinn_error": not one of the engine's errors)."""
+
+    code = DjinnError.code
+
+
 def closed_error(code: Optional[int], reason: str) -> DjinnError:
     if code == 1009:
         return FrameTooLarge(f"the server closed the stream: frame too large ({reason or 'message too big'})")
-    return DjinnError(f"the connection to the Djinn server closed (code {code}{': ' + reason if reason else ''})")
+    return StreamClosed(f"the connection to the Djinn server closed (code {code}{': ' + reason if reason else ''})")
 
 
 def open_socket(url: str, timeout: float) -> socket.socket:
@@ -316,10 +322,14 @@ class RemoteBackend:
 
     def _resume(self, s: _Stream, sid: str, act: Any) -> None:
         act = _activation(act)
-        if s.closed:  # the stream is gone (e.g. it ended): the engine decides, over REST
-            self.call("resume", sid, act)
-            return
-        s.request({"type": "resume", "activation": act}, "resume")
+        if not s.closed:
+            try:
+                s.request({"type": "resume", "activation": act}, "resume")
+                return
+            except StreamClosed:
+                pass
+        # the stream is gone (it ended, say by the pause TTL): the engine answers, over REST, as embedded
+        self.call("resume", sid, act)
 
     def close(self) -> None:
         self.http.close()

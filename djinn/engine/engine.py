@@ -128,7 +128,7 @@ class Engine:
         w = self._worker(model)
         if w.tokenizer is None:
             raise InvalidRequest(f"model {w.name} has no tokenizer")
-        return w.tokenizer.decode(list(ids))
+        return w.tokenizer.decode(self._check_ids(w.cfg.vocab_size, ids, "token id"))
 
     # ------------------------------------------------------------------ generation
 
@@ -227,7 +227,7 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints and forks
 
-    def checkpoint(self, sid: str, owner: str, cid: Optional[str] = None) -> str:
+    def checkpoint(self, sid: str, owner: str) -> str:
         s = self._session(sid, owner)
         self._idle(s, "checkpoint")
         w = self.workers[s.model]
@@ -244,7 +244,7 @@ class Engine:
             frozen = list(s.blocks)
             w.pool.device_blocks.incref(frozen)  # the session copies on write from now on
             job = w.pool.to_host(frozen, host)
-        cid = cid or secrets.token_urlsafe(16)
+        cid = secrets.token_urlsafe(16)
         rec = CheckpointRecord(cid, owner, s.model, list(s.history), s.kv_len, list(s.interventions), s.plan, host,
                                job, frozen, time.monotonic())
         self.checkpoints[cid] = rec

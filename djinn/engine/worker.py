@@ -24,6 +24,14 @@ from .stats import EngineStats
 log = logging.getLogger("djinn.engine")
 
 
+def _emit(req: Request, event: object) -> None:
+    """Hand an event to the request's caller; a failing sink must not disturb the other rows of the step."""
+    try:
+        req.sink(event)
+    except Exception:
+        log.exception("event sink failed")
+
+
 class ModelWorker:
     def __init__(self, loaded: LoadedModel, n_blocks: int, n_host_blocks: int, block_size: int,
                  max_step_tokens: int, stats: EngineStats, cuda_graphs: bool = True):
@@ -217,7 +225,7 @@ class ModelWorker:
             logits = host_logits[want.index(i)] if req.return_logits else None
             if logits is not None:
                 req.logits.append(logits)
-            req.sink(Token(tok, self._text_delta(req), req.step - 1, logits))
+            _emit(req, Token(tok, self._text_delta(req), req.step - 1, logits))
             if tok in req.stop_tokens:
                 self._complete(s, "stop")
             elif len(req.generated) >= req.max_new_tokens:
@@ -241,7 +249,7 @@ class ModelWorker:
             if not staged.ready():
                 still.append((s, p, staged))
                 continue
-            s.request.sink(Paused(p.site, p.row.step, p.row.positions, staged.result()))
+            _emit(s.request, Paused(p.site, p.row.step, p.row.positions, staged.result()))
         self._pending_pauses = still
 
     def _complete(self, s: Session, reason: str) -> None:
@@ -251,7 +259,7 @@ class ModelWorker:
         text = self.tokenizer.decode(req.generated) if self.tokenizer else ""
         s.request, s.state = None, SessionState.IDLE
         self.stats.requests_finished += 1
-        req.sink(Done(GenerateResult(text, list(req.generated), reason, captures, logits)))
+        _emit(req, Done(GenerateResult(text, list(req.generated), reason, captures, logits)))
 
     def fail(self, s: Session, error: DjinnError) -> None:
         """End the session's request with `error`; the session keeps every committed token."""
@@ -262,7 +270,7 @@ class ModelWorker:
             del s.history[req.history_len_before:]
         s.request, s.state = None, SessionState.IDLE
         self.trim(s)
-        req.sink(Error(error))
+        _emit(req, Error(error))
 
     def close(self, s: Session, error: Optional[DjinnError] = None) -> None:
         if s.request is not None and error is not None:

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 128  # key positions per program
-BLOCK_N = 32  # keys per inner iteration
+CHUNK = 256  # key positions per program
+BLOCK_N = 64  # keys per inner iteration
 NUM_WARPS = 4
 
 

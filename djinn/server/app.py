@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..engine.engine import Engine
 from ..engine.service import EngineService
-from ..errors import DjinnError, InvalidRequest
+from ..errors import InvalidRequest
 from ..events import Done, Error, Paused
 from . import openai as openai_routes
 from .auth import Auth, load_api_keys
@@ -264,4 +264,4 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
     return app
 
 
-__all__ = ["create_app", "DjinnError"]
+__all__ = ["create_app"]

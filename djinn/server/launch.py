@@ -7,6 +7,7 @@ import logging
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -104,12 +105,11 @@ class ServerThread:
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                         name="djinn-server", daemon=True)
         self._thread.start()
-        deadline = threading.Event()
-        for _ in range(int(startup_timeout * 100)):
-            if self.server.started or not self._thread.is_alive():
-                break
-            deadline.wait(0.01)
+        deadline = time.monotonic() + startup_timeout
+        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
         if not self.server.started:
+            self.stop()
             raise RuntimeError("the Djinn server did not start")
 
     def stop(self) -> None:

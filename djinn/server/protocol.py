@@ -104,9 +104,19 @@ def unpack_map(data: bytes, max_bytes: Optional[int] = None) -> dict:
     return obj
 
 
+def _finite_or_none(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_finite_or_none(v) for v in x]
+    return x if math.isfinite(x) else None
+
+
 def tensor_to_json(t: torch.Tensor) -> dict:
-    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-            "data": t.detach().to("cpu", torch.float64 if t.is_floating_point() else t.dtype).tolist()}
+    """{dtype, shape, data} for JSON replies (NaN and Inf, which JSON cannot carry, become null)."""
+    t = t.detach().to("cpu")
+    data = t.to(torch.float64 if t.is_floating_point() else t.dtype).tolist()
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        data = _finite_or_none(data)
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "data": data}
 
 
 def jsonable(obj: Any) -> Any:
@@ -406,6 +416,7 @@ def decode_model_info(d: dict) -> ModelInfo:
     return ModelInfo(**{k: v for k, v in d.items() if k in names})
 
 
-def mismatch_message(client: Any, server: int = PROTOCOL_VERSION) -> str:
-    return (f"protocol version mismatch: the client speaks Djinn wire protocol {client!r}, this server speaks "
-            f"{server}; upgrade the older side")
+def mismatch_message(client: Any, server: Any = PROTOCOL_VERSION) -> str:
+    c, s = repr(client)[:40], repr(server)[:40]
+    return (f"protocol version mismatch: the client speaks Djinn wire protocol {c}, the server speaks {s}; "
+            f"upgrade the older side")

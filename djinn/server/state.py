@@ -170,8 +170,3 @@ def threadsafe_sink(loop: asyncio.AbstractEventLoop, on_event: Callable[[object]
 
     return sink
 
-
-def plain_owner_error(e: Optional[BaseException]) -> DjinnError:
-    if isinstance(e, DjinnError):
-        return e
-    return InternalError(f"unexpected server error ({type(e).__name__})")

@@ -24,7 +24,6 @@ import logging
 from typing import Any
 
 from fastapi import WebSocket
-from starlette.websockets import WebSocketDisconnect
 
 from .. import __version__
 from ..errors import (DjinnError, FrameTooLarge, InternalError, InvalidRequest, MalformedFrame,
@@ -105,7 +104,7 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
         raise InvalidRequest(f"no hello frame within {HELLO_TIMEOUT:g} s") from None
     if hello.get("type") != "hello" or "protocol" not in hello:
         raise MalformedFrame("the first frame must be {'type': 'hello', 'protocol': %d}" % PROTOCOL_VERSION)
-    if hello["protocol"] != PROTOCOL_VERSION:
+    if type(hello["protocol"]) is not int or hello["protocol"] != PROTOCOL_VERSION:
         e = ProtocolMismatch(mismatch_message(hello["protocol"]))
         await conn.fatal(e, code=1002)
         return
@@ -150,6 +149,9 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
         release()
         raise
 
+    reader_idle = asyncio.Event()  # set while the reader is not in the middle of handling a frame
+    reader_idle.set()
+
     async def writer() -> str:
         while True:
             item = await events.get()
@@ -158,6 +160,15 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
                 continue
             await conn.send(encode_event(item))
             if isinstance(item, (Done, Error)):
+                # a frame being handled right now (say a resume racing the pause TTL) still gets its reply
+                try:
+                    await asyncio.wait_for(reader_idle.wait(), 5.0)
+                except asyncio.TimeoutError:
+                    pass
+                while not events.empty():
+                    item = events.get_nowait()
+                    if isinstance(item, dict):
+                        await conn.send(item)
                 return "finished"
 
     async def reader() -> str:
@@ -165,6 +176,7 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
             kind = None
             try:
                 frame = await conn.recv()
+                reader_idle.clear()
                 kind = frame.get("type")
                 await _client_frame(state, sid, owner, frame)
                 events.put_nowait({"type": "reply", "to": kind, "ok": True})
@@ -177,6 +189,8 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
                 state.metrics.error(e.code)
                 events.put_nowait({"type": "reply", "to": kind if isinstance(kind, str) else None, "ok": False,
                                    **encode_error(e)})
+            finally:
+                reader_idle.set()
 
     w, r = asyncio.ensure_future(writer()), asyncio.ensure_future(reader())
     try:
