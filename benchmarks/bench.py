@@ -4,7 +4,9 @@
     python3 benchmarks/bench.py --part mistral     # (b) the same on a Mistral-7B shape + HF eager
     python3 benchmarks/bench.py --part throughput  # (c) Mistral-7B shape, 1..128 sessions: plain, Steer, 25% pausing
 
-Each part fits one device call (< 10 minutes), prints a table last and writes JSON to $OUT (or ./).
+Each part fits one device call (< 10 minutes) and writes JSON to $OUT (or ./). The seed experiment runs
+embedded and over loopback WebSocket (the server's packages must be importable: on the device they travel
+as wheels, see benchmarks/results/README.md).
 All weights are random (seeded); every figure is a median over the stated trials, measured in this run.
 """
 from __future__ import annotations
@@ -75,10 +77,8 @@ def hf_model(shape: str):
             else:
                 for rows in p.split(4096):
                     rows.copy_(torch.randn(rows.shape, generator=gen, device=DEV) * 0.02)
-        for name, b in model.named_buffers():  # rope tables etc. were left uninitialised by to_empty
-            pass
     model.eval()
-    if hasattr(model, "model") and hasattr(model.model, "rotary_emb"):
+    if hasattr(model, "model") and hasattr(model.model, "rotary_emb"):  # to_empty left its tables uninitialised
         model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_cfg, device=DEV)
     state = _to_djinn_state(c, {k: v for k, v in model.state_dict().items()})
     djinn_model = _materialize(c, state, dtype, DEV)
@@ -284,9 +284,19 @@ def part_latency(shape: str) -> dict:
     ctx = 16 + 128  # mean context over the timed decode steps
     floor_bytes = wbytes + ctx * kv_bytes_per_token(spec["cfg"], spec["dtype"])
     out["floor_batch1_ms_per_token"] = floor_bytes / bw * 1000
+    hf_ms_per_token(hf, n_new=8, trials=1)  # warm-up
     out["hf_eager_ms_per_token"] = hf_ms_per_token(hf)
     out["hf_eager_with_pause_hook_ms_per_token"] = hf_ms_per_token(hf, hook_layer=spec["layers"][1])
-    out["seed_experiment"] = seed_experiment(client, shape)
+    out["seed_experiment"] = {"embedded": seed_experiment(client, shape)}
+    try:
+        from djinn.server.launch import ServerThread
+    except ImportError as e:  # the server's packages are not installed on this machine
+        out["seed_experiment"]["websocket"] = f"not run: {e}"
+    else:
+        with ServerThread(client._backend.service, api_keys=[]) as server:  # same engine, over loopback
+            remote = djinn.connect(server.url)
+            out["seed_experiment"]["websocket"] = seed_experiment(remote, shape)
+            remote.close()
     client.close()
     return out
 
