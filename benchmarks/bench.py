@@ -288,6 +288,7 @@ def part_latency(shape: str) -> dict:
     out["hf_eager_ms_per_token"] = hf_ms_per_token(hf)
     out["hf_eager_with_pause_hook_ms_per_token"] = hf_ms_per_token(hf, hook_layer=spec["layers"][1])
     out["seed_experiment"] = {"embedded": seed_experiment(client, shape)}
+    print(json.dumps(out, indent=2), flush=True)  # kept even if the server part below fails
     try:
         from djinn.server.launch import ServerThread
     except ImportError as e:  # the server's packages are not installed on this machine
