@@ -3,6 +3,8 @@
     python3 benchmarks/bench.py --part gpt2        # (a) seed experiment + batch-1 decode + HF eager, GPT-2-small shape
     python3 benchmarks/bench.py --part mistral     # (b) the same on a Mistral-7B shape + HF eager
     python3 benchmarks/bench.py --part throughput  # (c) Mistral-7B shape, 1..128 sessions: plain, Steer, 25% pausing
+                                                   #     (one client thread per session), and plain with no
+                                                   #     client threads (events to sinks on the engine thread)
 
 Each part fits one device call (< 10 minutes) and writes JSON to $OUT (or ./). The seed experiment runs
 embedded and over loopback WebSocket (the server's packages must be importable: on the device they travel
@@ -240,6 +242,34 @@ def seed_experiment(client, shape: str, n_new=128, trials=3) -> dict:
     return result
 
 
+def throughput_engine_sinks(client, n_sessions: int, n_prompt=128, n_new=256) -> float:
+    """The same load with no client threads: events go to sinks on the engine thread (the engine's own rate)."""
+    service = client._backend.service
+    owner = client._backend.owner
+    vocab = client.models()[0].vocab_size
+    g = torch.Generator().manual_seed(n_sessions)
+    done, count = threading.Event(), [0, 0]
+
+    def sink(ev):
+        if isinstance(ev, djinn.Token):
+            count[0] += 1
+        elif isinstance(ev, (djinn.Done, djinn.Error)):
+            count[1] += 1
+            if count[1] == n_sessions:
+                done.set()
+    sids = [service.call("create_session", owner) for _ in range(n_sessions)]
+    t = now()
+    for sid in sids:
+        service.call("generate", sid, owner, torch.randint(0, vocab, (n_prompt,), generator=g).tolist(), sink,
+                     max_new_tokens=n_new, stop_tokens=[])
+    done.wait()
+    dt = now() - t
+    for sid in sids:
+        service.call("close_session", sid, owner)
+    assert count[0] == n_sessions * n_new
+    return count[0] / dt
+
+
 def throughput(client, n_sessions: int, mode: str, n_prompt=128, n_new=256) -> float:
     vocab = client.models()[0].vocab_size
     g = torch.Generator().manual_seed(n_sessions)
@@ -310,7 +340,9 @@ def part_throughput() -> dict:
     client = djinn.connect(model=loaded, kv_memory=40 << 30)
     out = {"copy_bandwidth_GBps": bw / 1e9, "rows": []}
     for n in (1, 8, 32, 64, 128):
-        row = {"sessions": n}
+        for mode in ("plain", "steer", "pause25"):  # warm-up: graphs for this batch size, kernels compiled
+            throughput(client, n, mode, n_new=8)
+        row = {"sessions": n, "plain_engine_sinks": throughput_engine_sinks(client, n)}
         for mode in ("plain", "steer", "pause25"):
             row[mode] = throughput(client, n, mode)
         # floor: each step reads the weights once and every session's KV (mean context 128 + 128)
