@@ -258,10 +258,12 @@ def throughput_engine_sinks(client, n_sessions: int, n_prompt=128, n_new=256) ->
             if count[1] == n_sessions:
                 done.set()
     sids = [service.call("create_session", owner) for _ in range(n_sessions)]
+    prompts = [torch.randint(0, vocab, (n_prompt,), generator=g).tolist() for _ in sids]
     t = now()
-    for sid in sids:
-        service.call("generate", sid, owner, torch.randint(0, vocab, (n_prompt,), generator=g).tolist(), sink,
-                     max_new_tokens=n_new, stop_tokens=[])
+    submitted = [service.post("generate", sid, owner, p, sink, max_new_tokens=n_new, stop_tokens=[])
+                 for sid, p in zip(sids, prompts)]  # queued together: the engine takes them in one go
+    for f in submitted:
+        f.result()
     done.wait()
     dt = now() - t
     for sid in sids:
