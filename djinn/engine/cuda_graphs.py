@@ -37,6 +37,7 @@ class DecodeGraphs:
         self.tables = self._dev[4 * mb:].view(mb, w)
         self.token_row = torch.arange(mb, device=self.device)
         self._edit_bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._filled: dict[int, object] = {}  # what each site's buffers hold now
         self._graphs: dict[tuple[int, tuple[int, ...]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self.window = runner.window or 0
@@ -82,7 +83,13 @@ class DecodeGraphs:
         self._dev[:used].copy_(self._host[:used], non_blocking=True)
         signature = tuple(sorted(edits))
         for site in signature:
-            self._fill_edits(site, edits[site], [r.span.start for r in rows], bucket)
+            per_row = edits[site]
+            # Edits without positions or steps give the same buffers every step: refill only on change.
+            key = (bucket, tuple(tuple(id(e) for e in es) for es in per_row))
+            invariant = all(e.positions is None and e.steps is None for es in per_row for e in es)
+            if not (invariant and self._filled.get(site) == key):
+                self._fill_edits(site, per_row, [r.span.start for r in rows], bucket)
+                self._filled[site] = key if invariant else None
         key = (bucket, signature)
         if key not in self._graphs:
             self._graphs[key] = self._capture(bucket, signature)
