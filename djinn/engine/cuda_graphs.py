@@ -85,7 +85,7 @@ class DecodeGraphs:
         for site in signature:
             per_row = edits[site]
             # Edits without positions or steps give the same buffers every step: refill only on change.
-            key = (bucket, tuple(tuple(id(e) for e in es) for es in per_row))
+            key = (bucket, tuple(tuple(e.uid for e in es) for es in per_row))
             invariant = all(e.positions is None and e.steps is None for es in per_row for e in es)
             if not (invariant and self._filled.get(site) == key):
                 self._fill_edits(site, per_row, [r.span.start for r in rows], bucket)

@@ -2,6 +2,7 @@
 and convert tensors once, so that a step only looks up what applies to it."""
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ class Edit:
     mul: Optional[torch.Tensor] = None
     add: Optional[torch.Tensor] = None
     replace: Optional[torch.Tensor] = None
+    uid: int = field(default_factory=itertools.count().__next__)  # never reused, unlike id()
 
     def applies(self, step: int) -> bool:
         return self.steps is None or step in self.steps
