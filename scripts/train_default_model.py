@@ -90,10 +90,12 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[BOS, EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(docs, trainer=trainer)
+    # Encoding with special tokens (what transformers' tokenizers do by default) prepends <s>, as Llama's does.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
     return tok
 
 
@@ -267,6 +269,8 @@ def save(model: Llama, tok, cfg: dict, out: Path, dtype: torch.dtype) -> None:
         "model_max_length": cfg["max_position_embeddings"], "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,
     }, indent=2) + "\n")
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        os.chmod(out / f, 0o644)
 
 
 def main() -> None:
