@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu")
     d.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     d.add_argument("--max-new-tokens", type=int, default=40)
-    d.add_argument("--scale", type=float, default=6.0, help="steering strength")
+    d.add_argument("--scale", type=float, default=1.0, help="steering strength (multiples of the direction)")
     return p
 
 

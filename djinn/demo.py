@@ -60,7 +60,7 @@ def main(args: Optional[argparse.Namespace] = None) -> int:
                   f"to the uninterrupted run ({len(paused_run)} tokens)")
 
     vector = steering_vector(client.session, site)
-    scale = getattr(args, "scale", 6.0)
+    scale = getattr(args, "scale", 1.0)
     console.print(f"\n[bold]3. Steer[/]: pause at the same site and add {scale} x a 'files' direction "
                   f"(|v| = {vector.norm():.2f}) before resuming, at every step")
     steered_tokens: list[int] = []

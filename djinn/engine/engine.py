@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..errors import (CapacityError, ContextOverflow, Forbidden, InvalidRequest, NotPaused,
+from ..errors import (CapacityError, Cancelled, ContextOverflow, Forbidden, InvalidRequest, NotPaused,
                       SessionBusy, SessionExpired, TokenOutOfRange, UnknownCheckpoint, UnknownModel, UnknownSession)
 from ..events import ModelInfo
 from ..interventions import Breakpoint
@@ -109,7 +109,7 @@ class Engine:
 
     def close_session(self, sid: str, owner: str) -> None:
         s = self._session(sid, owner)
-        self.workers[s.model].close(s, SessionExpired("session closed"))
+        self.workers[s.model].close(s, Cancelled("the session was closed"))
         del self.sessions[sid]
 
     def set_interventions(self, sid: str, owner: str, items: Sequence) -> None:
@@ -223,7 +223,7 @@ class Engine:
     def cancel(self, sid: str, owner: str) -> None:
         s = self._session(sid, owner)
         if s.request is not None:
-            self.workers[s.model].fail(s, SessionExpired("request cancelled"))
+            self.workers[s.model].fail(s, Cancelled("request cancelled"))
 
     # ------------------------------------------------------------------ checkpoints and forks
 
