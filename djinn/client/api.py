@@ -5,10 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator, Optional, Protocol, Sequence, Union
 
-import torch
-
 from ..errors import DjinnError
-from ..events import Done, Error, GenerateResult, ModelInfo, Paused, Token
+from ..events import Done, Error, GenerateResult, ModelInfo, Paused
 from ..interventions import Breakpoint
 
 Prompt = Union[str, Sequence[int]]
@@ -132,5 +130,3 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-__all__ = ["Client", "Session", "Checkpoint", "Backend", "Token", "Paused", "Done", "Error", "torch"]

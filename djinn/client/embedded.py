@@ -18,16 +18,16 @@ class EmbeddedBackend:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if method in ("models", "tokenize", "detokenize"):
-            out = self.service.call(method, *args, **kwargs)
-        elif method == "create_session":
+            return self.service.call(method, *args, **kwargs)
+        if method in ("create_session", "list_sessions"):
             out = self.service.call(method, self.owner, *args, **kwargs)
-        elif method == "list_sessions":
-            out = self.service.call(method, self.owner)
         else:  # every other command takes (id, owner, ...)
             first, *rest = args
             out = self.service.call(method, first, self.owner, *rest, **kwargs)
-        return dataclasses.asdict(out) if dataclasses.is_dataclass(out) and method == "session_info" else (
-            [dataclasses.asdict(o) for o in out] if method == "list_sessions" else out)
+        # session infos reach users as plain dicts, as they do from a remote server
+        if method == "list_sessions":
+            return [dataclasses.asdict(o) for o in out]
+        return dataclasses.asdict(out) if method == "session_info" else out
 
     def stream(self, sid: str, prompt, params: dict) -> Iterator[object]:
         events: queue.Queue = queue.Queue()
