@@ -141,6 +141,16 @@ def scenario(client: djinn.Client) -> dict:
         elif isinstance(ev, djinn.Done):
             assert ev.result.captures[("hook_embed", 0)].dtype == torch.bfloat16
             R["bf16"] = (ev.result.token_ids, ev.result.captures, ev.result.logits, acts)
+    # ... unless the client asks for another dtype
+    for ev in t.stream([4, 5], max_new_tokens=2, activation_dtype="float32",
+                       breakpoints=[djinn.Breakpoint("blocks.0.hook_resid_post", steps=[0])],
+                       interventions=[djinn.Capture("hook_embed", steps=[0])]):
+        if isinstance(ev, djinn.Paused):
+            assert ev.activation.dtype == torch.float32
+            R["bf16_as_f32"] = ev.activation
+            ev.resume()
+        elif isinstance(ev, djinn.Done):
+            assert ev.result.captures[("hook_embed", 0)].dtype == torch.float32
 
     # typed errors, and the sessions carry on
     with pytest.raises(djinn.UnknownSite):

@@ -16,7 +16,7 @@ from ..errors import (CapacityError, Cancelled, ContextOverflow, Forbidden, Inva
                       SessionBusy, SessionExpired, TokenOutOfRange, UnknownCheckpoint, UnknownModel, UnknownSession)
 from ..events import ModelInfo
 from ..interventions import Breakpoint
-from ..models.loading import LoadedModel
+from ..models.loading import DTYPES, LoadedModel
 from ..sites import RESID
 from .kv_pool import KVPool
 from .sampling import SamplingParams
@@ -136,8 +136,9 @@ class Engine:
                  max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: Optional[int] = None, stop_tokens: Optional[Sequence[int]] = None,
                  return_logits: bool = False, interventions: Sequence = (),
-                 breakpoints: Sequence[Breakpoint] = ()) -> None:
-        """Start a request; events go to `sink` from the engine thread. Raises on bad input, changing nothing."""
+                 breakpoints: Sequence[Breakpoint] = (), activation_dtype: Optional[str] = None) -> None:
+        """Start a request; events go to `sink` from the engine thread. Raises on bad input, changing nothing.
+        Paused activations and captures arrive in the model's dtype, or in `activation_dtype` if given."""
         s = self._session(sid, owner)
         self._idle(s, "generate")
         w = self.workers[s.model]
@@ -159,8 +160,11 @@ class Engine:
             stop = frozenset([w.tokenizer.eos_id]) if w.tokenizer and w.tokenizer.eos_id is not None else frozenset()
         else:
             stop = frozenset(self._check_ids(cfg.vocab_size, stop_tokens, "stop token"))
+        if activation_dtype is not None and activation_dtype not in DTYPES:
+            raise InvalidRequest(f"activation_dtype must be one of {sorted(DTYPES)}, got {activation_dtype!r}")
         plan = s.plan.extend(w.compiler.compile(list(interventions), list(breakpoints)))
-        req = Request(max_new_tokens, sampling, stop, bool(return_logits), plan, sink, len(s.history))
+        req = Request(max_new_tokens, sampling, stop, bool(return_logits), plan, sink, len(s.history),
+                      DTYPES[activation_dtype] if activation_dtype else None)
         s.history.extend(tokens)
         s.request, s.state, s.last_used = req, SessionState.RUNNING, time.monotonic()
 

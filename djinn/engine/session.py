@@ -35,6 +35,7 @@ class Request:
     plan: Plan
     sink: Callable[[object], None]
     history_len_before: int
+    activation_dtype: Optional[torch.dtype] = None  # dtype of activations sent back (None: the model's)
     seq: int = field(default_factory=lambda: next(_arrival))
     step: int = 0
     generated: list[int] = field(default_factory=list)

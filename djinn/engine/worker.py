@@ -199,7 +199,10 @@ class ModelWorker:
             s.request.paused_row = p.row
             s.request.paused_since = time.monotonic()
             self.stats.pauses += 1
-            self._pending_pauses.append((s, p, self.runner.stager.stage(p.activation)))
+            act = p.activation
+            if s.request.activation_dtype is not None:
+                act = act.to(s.request.activation_dtype)
+            self._pending_pauses.append((s, p, self.runner.stager.stage(act)))
         self._emit_ready_pauses()
         if not out.finished:
             return
@@ -254,7 +257,8 @@ class ModelWorker:
 
     def _complete(self, s: Session, reason: str) -> None:
         req = s.request
-        captures = {k: v.result() for k, v in req.captures.items()}
+        dt = req.activation_dtype
+        captures = {k: v.result() if dt is None else v.result().to(dt) for k, v in req.captures.items()}
         logits = torch.stack(req.logits) if req.return_logits and req.logits else None
         text = self.tokenizer.decode(req.generated) if self.tokenizer else ""
         s.request, s.state = None, SessionState.IDLE

@@ -292,7 +292,7 @@ def decode_interventions(v: Any, what: str, max_items: int, *, breakpoints: bool
 # ---------------------------------------------------------------- generate parameters and prompts
 
 GENERATE_PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_tokens", "return_logits",
-                   "interventions", "breakpoints")
+                   "interventions", "breakpoints", "activation_dtype")
 
 
 def encode_prompt(prompt: Any) -> Any:
@@ -361,6 +361,9 @@ def decode_params(d: Any, max_items: int = 65536) -> dict:
         elif k == "return_logits":
             if not isinstance(v, bool):
                 raise _fail(k, "true or false", v)
+        elif k == "activation_dtype":
+            if v is not None and not isinstance(v, str):
+                raise _fail(k, "a dtype name or null", v)
         elif k == "interventions":
             v = decode_interventions(v, k, max_items)
         elif k == "breakpoints":
