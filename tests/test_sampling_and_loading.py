@@ -92,3 +92,22 @@ def test_load_by_repo_id_from_the_local_cache(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "hub")
     with pytest.raises(djinn.UnknownModel):
         djinn.connect(model="acme/tiny-gpt2")
+
+
+def test_token_texts_join_into_the_full_text(client, stories_path):
+    from djinn.models.tokenizer import IncrementalDecoder, load_tokenizer
+
+    deltas, full = [], None
+    for ev in client.session().stream("The", max_new_tokens=150, temperature=1.3, seed=5):
+        if isinstance(ev, djinn.Token):
+            deltas.append(ev.text)
+        elif isinstance(ev, djinn.Done):
+            full = ev.result.text
+    assert "".join(deltas) == full
+    # multi-byte characters arrive as several byte tokens: nothing is emitted until a character is whole
+    tok = load_tokenizer(stories_path, "llama")
+    text = "Once upon a time — café, naïve, 😀 ok"
+    ids = tok.encode(text)
+    dec = IncrementalDecoder(tok)
+    parts = [dec.push(i) for i in ids]
+    assert "".join(parts) == tok.decode(ids) and not any("\ufffd" in p for p in parts)

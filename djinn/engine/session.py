@@ -41,7 +41,7 @@ class Request:
     generated: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     captures: dict[tuple[str, int], Staged] = field(default_factory=dict)
-    text: str = ""
+    decoder: Optional[object] = None  # IncrementalDecoder of the generated text
     paused_row: Optional[Row] = None  # the row waiting at a breakpoint, state saved
     paused_since: float = 0.0
     resumed: bool = False  # paused_row re-enters at its site in the next step

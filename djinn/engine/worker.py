@@ -11,6 +11,7 @@ import torch
 from ..errors import CapacityError, DjinnError, InternalError
 from ..events import Done, Error, GenerateResult, Paused, Token
 from ..models.loading import LoadedModel
+from ..models.tokenizer import IncrementalDecoder
 from ..sites import SiteTable
 from .batch import RowSpan
 from .cuda_graphs import DecodeGraphs
@@ -239,10 +240,9 @@ class ModelWorker:
     def _text_delta(self, req: Request) -> str:
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(req.generated)
-        delta = text[len(req.text):] if text.startswith(req.text) else text
-        req.text = text
-        return delta
+        if req.decoder is None:
+            req.decoder = IncrementalDecoder(self.tokenizer)
+        return req.decoder.push(req.generated[-1])
 
     def _emit_ready_pauses(self) -> None:
         still = []

@@ -60,3 +60,24 @@ def load_tokenizer(folder: Path, family: str) -> Optional[Tokenizer]:
         return Tokenizer(backend, "sentencepiece", bos if bos >= 0 else None, eos if eos >= 0 else None,
                          add_bos=bos >= 0)
     return None
+
+
+class IncrementalDecoder:
+    """Text of a growing list of token ids, one delta per token, decoding only a short window each time (a
+    full decode per token would cost O(n) per token). Holds text back while it ends in an incomplete UTF-8
+    sequence, so that the deltas join into exactly the full decode."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0  # window start: one token of context keeps leading spaces right
+        self._read = 0  # ids before this are already in the emitted text
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        text = self.tokenizer.decode(self.ids[self._prefix:])
+        if text.endswith("\ufffd") or not text.startswith(before):
+            return ""  # wait for the rest of a multi-byte character
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(before):]
