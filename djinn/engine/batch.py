@@ -10,6 +10,14 @@ from ..models.attention import AttentionMetadata
 from ..models.context import ForwardContext
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync: a copy from pageable memory would wait for the GPU's
+    queue to drain, one from pinned memory is queued like any kernel."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class RowSpan:
     """Where one row's tokens sit in the cache: positions start .. start + n_tokens - 1."""
@@ -30,22 +38,24 @@ def build_context(spans: list[RowSpan], tokens: list[int], kv: torch.Tensor, blo
     lens = torch.tensor([s.n_tokens for s in spans])
     starts = torch.tensor([s.start for s in spans])
     n_tbl = max(len(s.block_table) for s in spans)
-    tables = torch.zeros(n_rows, n_tbl, dtype=torch.int32)
+    tables = torch.zeros(n_rows, n_tbl, dtype=torch.long)
     for r, s in enumerate(spans):
-        tables[r, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        tables[r, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
     row_of_token = torch.repeat_interleave(torch.arange(n_rows), lens)
     col_of_token = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
     positions = starts[row_of_token] + col_of_token
+    n, n_tables = positions.shape[0], tables.numel() if use_kernel else 0
+    # every integer input in one host buffer: one copy to the device
+    packed = torch.cat([torch.tensor(tokens, dtype=torch.long), positions, tables[row_of_token, positions // block_size]
+                        .long(), positions % block_size, row_of_token, tables.flatten().long()[:n_tables]])
+    dev = to_device(packed, device)
+    tok, pos, w_blocks, w_offsets, rows = dev[:5 * n].view(5, n)
     meta = AttentionMetadata(
-        write_blocks=tables[row_of_token, positions // block_size].long().to(device),
-        write_offsets=(positions % block_size).to(device),
-        block_tables=tables.to(device),
-        token_row=row_of_token.int().to(device),
-        token_pos=positions.int().to(device),
-        window=sliding_window or 0,
-        max_context=int((starts + lens).max()),
+        write_blocks=w_blocks, write_offsets=w_offsets,
+        block_tables=dev[5 * n:].view(n_rows, n_tbl) if use_kernel else tables,
+        token_row=rows, token_pos=pos, window=sliding_window or 0, max_context=int((starts + lens).max()),
     )
-    if not use_kernel:
+    if not use_kernel:  # the portable path runs where the host is (tests, CPU serving)
         ctx_lens = starts + lens
         max_q, max_ctx = int(lens.max()), int(ctx_lens.max())
         key_pos = torch.arange(max_ctx)
@@ -58,5 +68,4 @@ def build_context(spans: list[RowSpan], tokens: list[int], kv: torch.Tensor, blo
         meta.kv_blocks = tables[:, key_pos // block_size].long().to(device)
         meta.kv_offsets = (key_pos % block_size).expand(n_rows, -1).to(device)
         meta.mask, meta.max_query_len = mask[:, None].to(device), max_q
-    ctx = ForwardContext(positions=positions.to(device), attention=meta, kv=kv)
-    return ctx, torch.tensor(tokens, dtype=torch.long).to(device)
+    return ForwardContext(positions=pos, attention=meta, kv=kv), tok

@@ -14,6 +14,7 @@ import torch
 from ..models.attention import AttentionMetadata
 from ..models.context import ForwardContext
 from ..sites import RESID
+from .batch import to_device
 from .plan import Edit
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -127,9 +128,9 @@ class DecodeGraphs:
                 add_rows.append(i)
                 add_vals.append(a.expand(add.shape[1:]))
         if mul_rows:
-            mul.index_copy_(0, torch.tensor(mul_rows, device=self.device), torch.stack(mul_vals))
+            mul.index_copy_(0, to_device(torch.tensor(mul_rows), self.device), torch.stack(mul_vals))
         if add_rows:
-            add.index_copy_(0, torch.tensor(add_rows, device=self.device), torch.stack(add_vals))
+            add.index_copy_(0, to_device(torch.tensor(add_rows), self.device), torch.stack(add_vals))
 
     def _buffers(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
         if site not in self._edit_bufs:

@@ -15,7 +15,7 @@ import torch
 
 from ..models.context import ForwardContext
 from ..sites import RESID, Site
-from .batch import RowSpan, build_context
+from .batch import RowSpan, build_context, to_device
 from .plan import Edit, Plan
 from .staging import HostStager, Staged
 
@@ -93,7 +93,7 @@ class Runner:
                 live = live + new
                 ctx, _ = self._context(live)
         if live:
-            last = torch.tensor(self._offsets(live)[1:], device=self.device) - 1
+            last = to_device(torch.tensor(self._offsets(live)[1:]) - 1, self.device)
             out.logits = self.model.unembed(branch[last])
             out.finished = live
         return out
@@ -155,7 +155,7 @@ class Runner:
         live = [live[i] for i in keep]
         if not live:
             return [], None, None, None
-        idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in keep]).to(self.device)
+        idx = to_device(torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in keep]), self.device)
         resid = resid.index_select(0, idx)
         branch = branch.index_select(0, idx) if branch is not None else None
         ctx, _ = self._context(live)
@@ -188,8 +188,8 @@ class Runner:
                 is_rep.append(torch.full((n,), e.replace is not None, dtype=torch.bool))
             if not idx:
                 continue
-            index = torch.cat(idx).to(self.device)
-            mask = torch.cat(is_rep).to(self.device).view(-1, *([1] * len(shape)))
+            index = to_device(torch.cat(idx), self.device)
+            mask = to_device(torch.cat(is_rep), self.device).view(-1, *([1] * len(shape)))
             current = value.index_select(0, index)
             new = torch.where(mask, torch.cat(rep), current.float() * torch.cat(mul) + torch.cat(add))
             value.index_copy_(0, index, new.to(value.dtype))
@@ -200,5 +200,5 @@ class Runner:
         if t is None:
             return torch.full((n, *shape), default, dtype=torch.float32, device=like.device)
         if t.dim() == len(shape) + 1:  # one row per listed position
-            return t[torch.tensor(which, device=t.device)]
+            return t[to_device(torch.tensor(which), t.device)]
         return t.expand(n, *shape)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .batch import to_device
+
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 constants as signed int64
 _M2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -53,12 +55,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], counters: list[in
     if all(p.greedy for p in params):
         return greedy
     dev = logits.device
-    temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[1] for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev)
-    seeds = torch.tensor([p.seed for p in params], device=dev, dtype=torch.int64)
-    steps = torch.tensor(counters, device=dev, dtype=torch.int64)
-    is_greedy = torch.tensor([p.greedy for p in params], device=dev)
+    temp = to_device(torch.tensor([p.temperature if not p.greedy else 1.0 for p in params]), dev)
+    top_k = to_device(torch.tensor([p.top_k if p.top_k > 0 else logits.shape[1] for p in params]), dev)
+    top_p = to_device(torch.tensor([p.top_p for p in params]), dev)
+    seeds = to_device(torch.tensor([p.seed for p in params], dtype=torch.int64), dev)
+    steps = to_device(torch.tensor(counters, dtype=torch.int64), dev)
+    is_greedy = to_device(torch.tensor([p.greedy for p in params]), dev)
 
     scaled = logits.float() / temp[:, None]
     values, order = scaled.sort(dim=-1, descending=True)
