@@ -215,7 +215,7 @@ class ModelWorker:
             self._step_done.synchronize()
         tokens = sampled.tolist()
         want = [i for i, q in enumerate(reqs) if q.return_logits]
-        host_logits = out.logits[want].float().cpu() if want else None
+        host_logits = dict(zip(want, out.logits[want].float().cpu())) if want else {}
         for i, (row, req, tok) in enumerate(zip(rows, reqs, tokens)):
             s = row.session
             s.kv_len += row.span.n_tokens
@@ -226,7 +226,7 @@ class ModelWorker:
             s.history.append(tok)
             req.generated.append(tok)
             self.stats.tokens_generated += 1
-            logits = host_logits[want.index(i)] if req.return_logits else None
+            logits = host_logits.get(i)
             if logits is not None:
                 req.logits.append(logits)
             _emit(req, Token(tok, self._text_delta(req), req.step - 1, logits))
