@@ -111,3 +111,18 @@ def test_token_texts_join_into_the_full_text(client, stories_path):
     dec = IncrementalDecoder(tok)
     parts = [dec.push(i) for i in ids]
     assert "".join(parts) == tok.decode(ids) and not any("\ufffd" in p for p in parts)
+
+
+def test_one_engine_serves_several_models(stories_path):
+    from conftest import shared_model
+
+    with djinn.connect(model=[str(stories_path), str(shared_model("llama2xs"))]) as c:
+        names = [m.name for m in c.models()]
+        assert names == ["stories260K", "llama2xs"]
+        a, b = c.session("stories260K"), c.session("llama2xs")
+        default = c.session()  # no name: the first model
+        out_a = a.generate("", max_new_tokens=12, return_logits=True)
+        assert torch.equal(default.generate("", max_new_tokens=12, return_logits=True).logits, out_a.logits)
+        out_b = b.generate("", max_new_tokens=12, return_logits=True)  # both tell stories; their weights differ
+        assert (out_b.logits - out_a.logits).abs().max() > 0.1
+        assert {s["model"] for s in c.sessions()} == {"stories260K", "llama2xs"}
