@@ -6,9 +6,9 @@
                                                    #     (one client thread per session), and plain with no
                                                    #     client threads (events to sinks on the engine thread)
 
-Each part fits one device call (< 10 minutes) and writes JSON to $OUT (or ./). The seed experiment runs
-embedded and over loopback WebSocket (the server's packages must be importable: on the device they travel
-as wheels, see benchmarks/results/README.md).
+Each part runs in under 10 minutes on an H200 and writes JSON into the folder named by the OUT environment
+variable (default: the current folder). The seed experiment runs embedded and over loopback WebSocket (the
+server's packages must be importable on the GPU machine; see benchmarks/results/README.md).
 All weights are random (seeded); every figure is a median over the stated trials, measured in this run.
 """
 from __future__ import annotations

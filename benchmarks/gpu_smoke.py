@@ -1,5 +1,6 @@
 """On a GPU: a GPT-2-small-shaped random model (float16) generates with a breakpoint and a Steer, and an
-unmodified pause/resume is bit-identical to the uninterrupted run. Writes JSON to $OUT (or ./)."""
+unmodified pause/resume is bit-identical to the uninterrupted run. Writes JSON into the folder named by the OUT
+environment variable (default: the current folder)."""
 from __future__ import annotations
 
 import json
