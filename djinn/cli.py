@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds a session may stay paused at a breakpoint before it is freed")
     s.add_argument("--max-new-tokens", type=int, default=None, help="per-request cap")
     s.add_argument("--max-sessions-per-key", type=int, default=None)
+    s.add_argument("--max-checkpoints-per-key", type=int, default=None)
     s.add_argument("--max-frame-bytes", type=parse_size, default=None, help="largest frame or body, e.g. 64M")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -81,6 +82,7 @@ def serve(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     changes = {k: v for k, v in (("max_new_tokens", args.max_new_tokens),
                                  ("max_sessions_per_key", args.max_sessions_per_key),
+                                 ("max_checkpoints_per_key", args.max_checkpoints_per_key),
                                  ("max_frame_bytes", args.max_frame_bytes)) if v is not None}
     try:
         models = _load(args.model, dtype, device)

@@ -265,7 +265,7 @@ def test_rest_errors(server, client):
 
 def test_per_key_limits(stories_path):
     lim = Limits(max_sessions_per_key=3, max_paused_per_key=1, max_new_tokens=16, max_prompt_tokens=8,
-                 max_prompt_chars=40)
+                 max_prompt_chars=40, max_checkpoints_per_key=2)
     with running_server(stories_path, api_keys=["k1", "k2"], limits=lim) as srv:
         c1, c2 = djinn.connect(srv.url, api_key="k1"), djinn.connect(srv.url, api_key="k2")
         s = c1.session()
@@ -292,6 +292,12 @@ def test_per_key_limits(stories_path):
         s.close()
         s = c1.session()  # room again
         assert c2.session() and s.generate(STORY, max_new_tokens=3).token_ids
+        cks = [s.checkpoint() for _ in range(2)]
+        with pytest.raises(djinn.LimitExceeded, match="checkpoints"):
+            s.checkpoint()
+        assert c2.session().generate(STORY, max_new_tokens=1) and c2.sessions()  # k2 keeps its own quota
+        cks[0].delete()
+        s.checkpoint()  # room again
         c1.close()
         c2.close()
 

@@ -268,6 +268,9 @@ class Engine:
             raise Forbidden(f"checkpoint {cid!r} belongs to another user")
         return rec
 
+    def list_checkpoints(self, owner: str) -> list[str]:
+        return [cid for cid, rec in self.checkpoints.items() if rec.owner == owner]
+
     def checkpoint_status(self, cid: str, owner: str) -> dict:
         rec = self._checkpoint(cid, owner)
         self._poll_checkpoint(rec)

@@ -194,7 +194,7 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
     async def checkpoint(request: Request, sid: str):
         owner = state.identify(request)
         fields(await state.body(request), (), "checkpoint")
-        return state.reply(request, {"id": await state.call("checkpoint", sid, owner)})
+        return state.reply(request, {"id": await state.new_checkpoint(owner, sid)})
 
     @app.post("/api/sessions/{sid}/fork")
     @guard

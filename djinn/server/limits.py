@@ -19,6 +19,7 @@ class Limits:
     max_new_tokens: int = 4096  # per generate call
     max_sessions_per_key: int = 256  # sessions one key holds at once (create, fork, restore)
     max_paused_per_key: int = 32  # streams with breakpoints (paused or able to pause) one key runs at once
+    max_checkpoints_per_key: int = 64  # checkpoints one key keeps (they hold host memory shared by everyone)
     max_list_items: int = 65536  # entries in one list of steps, positions, stop tokens or interventions
 
     def replace(self, **changes) -> "Limits":
@@ -32,6 +33,11 @@ class Limits:
         if n_held >= self.max_sessions_per_key:
             raise LimitExceeded(f"this API key already holds {n_held} sessions, the limit is "
                                 f"{self.max_sessions_per_key}; close some first")
+
+    def check_checkpoints(self, n_held: int) -> None:
+        if n_held >= self.max_checkpoints_per_key:
+            raise LimitExceeded(f"this API key already keeps {n_held} checkpoints, the limit is "
+                                f"{self.max_checkpoints_per_key}; delete some first")
 
     def check_paused(self, n_active: int) -> None:
         if n_active >= self.max_paused_per_key:
