@@ -257,9 +257,21 @@ def load_llama2c(path: Union[str, Path], dtype: torch.dtype, device: torch.devic
                  name: Optional[str] = None) -> LoadedModel:
     path = Path(path)
     raw = path.read_bytes()
+    if len(raw) < 28:
+        raise UnknownModel(f"{path} is too short to be a llama2.c checkpoint")
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("7i", raw[:28])
     shared = vocab > 0
     vocab = abs(vocab)
+    sizes_ok = min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) > 0 and dim % n_heads == 0 \
+        and n_heads % n_kv == 0
+    if sizes_ok:
+        d_head = dim // n_heads
+        n_floats = (vocab * dim * (1 if shared else 2) + n_layers * (2 * dim + 2 * dim * dim + 2 * n_kv * d_head * dim
+                    + 3 * dim * hidden) + dim + seq_len * d_head)
+        sizes_ok = len(raw) - 28 == 4 * n_floats
+    if not sizes_ok:
+        raise UnknownModel(f"{path} is not a llama2.c checkpoint (its header and size do not agree); Hugging Face "
+                           f"checkpoints load from their folder")
     cfg = ModelConfig(family="llama", vocab_size=vocab, d_model=dim, n_layers=n_layers, n_heads=n_heads,
                       n_kv_heads=n_kv, d_mlp=hidden, max_seq_len=seq_len, norm_eps=1e-5, tie_embeddings=shared)
     data = torch.frombuffer(bytearray(raw[28:]), dtype=torch.float32)
