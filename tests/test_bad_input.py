@@ -102,6 +102,7 @@ def test_unknown_model_and_session(client, sessions):
         ghost.close()
     with pytest.raises(djinn.UnknownModel):
         djinn.connect(model="/no/such/path")
+    still_fine(a, b, expected)
 
 
 def test_a_file_that_is_not_a_llama2c_checkpoint(tmp_path):
@@ -109,7 +110,6 @@ def test_a_file_that_is_not_a_llama2c_checkpoint(tmp_path):
     junk.write_bytes(bytes(range(256)) * 8)
     with pytest.raises(djinn.UnknownModel, match="not a llama2.c checkpoint"):
         djinn.connect(model=str(junk))
-    still_fine(a, b, expected)
 
 
 def test_another_users_session_is_out_of_reach(stories_path):
