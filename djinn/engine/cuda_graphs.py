@@ -150,7 +150,7 @@ class DecodeGraphs:
         self.model.prepare(ctx)
         resid = branch = None
         for site in self.sites:
-            resid, branch = self.runner._compute(site, resid, branch, ctx, self.tokens[:bucket])
+            resid, branch = self.runner.compute_site(site, resid, branch, ctx, self.tokens[:bucket])
             if site.index in signature:
                 mul, add = self._edit_bufs[site.index]
                 value = resid if site.kind == RESID else branch

@@ -61,7 +61,6 @@ class Runner:
         self.stager = HostStager(device)
         self.graphs = None  # DecodeGraphs, set by the worker on a GPU
 
-
     @torch.inference_mode()
     def run(self, rows: list[Row]) -> StepOutput:
         if self.graphs is not None:
@@ -80,7 +79,7 @@ class Runner:
             ctx, tokens = self._context(live)
         for site in self.sites:
             if live:
-                resid, branch = self._compute(site, resid, branch, ctx, tokens)
+                resid, branch = self.compute_site(site, resid, branch, ctx, tokens)
                 live, resid, branch, ctx = self._at_site(site, live, resid, branch, ctx, out)
             if site.index in joining:
                 new = joining[site.index]
@@ -113,7 +112,8 @@ class Runner:
             offsets.append(offsets[-1] + r.span.n_tokens)
         return offsets
 
-    def _compute(self, site: Site, resid, branch, ctx: ForwardContext, tokens):
+    def compute_site(self, site: Site, resid, branch, ctx: ForwardContext, tokens):
+        """The (residual, branch) state at `site`, from the state at the site before it."""
         m = self.model
         if site.op == "embed":
             return m.embed_tokens(tokens, ctx.positions), None
