@@ -121,8 +121,11 @@ def test_another_users_session_is_out_of_reach(stories_path):
     for call in [lambda: engine.session_info(sid, "mallory"), lambda: engine.close_session(sid, "mallory"),
                  lambda: engine.fork(sid, "mallory"), lambda: engine.checkpoint(sid, "mallory"),
                  lambda: engine.resume(sid, "mallory"), lambda: engine.set_interventions(sid, "mallory", []),
-                 lambda: engine.generate(sid, "mallory", "x", lambda ev: None)]:
+                 lambda: engine.generate(sid, "mallory", "x", lambda ev: None),
+                 lambda: engine.attach(sid, "mallory", lambda ev: None)]:
         with pytest.raises(djinn.Forbidden):
             call()
     assert engine.list_sessions("mallory") == []
+    with pytest.raises(djinn.InvalidRequest, match="no call in progress"):
+        engine.attach(sid, "alice", lambda ev: None)
     assert engine.session_info(sid, "alice").n_tokens == 1 + 1 + 3  # BOS, "Once", three new tokens

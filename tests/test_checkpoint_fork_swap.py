@@ -76,17 +76,42 @@ def test_fork_shares_prefix_blocks_and_diverges_safely(client):
     assert [pool.device_blocks.refcount[b] for b in blocks[:2]] == [1, 1]
 
 
-def test_busy_sessions_refuse_checkpoint_and_fork(client):
+def test_busy_sessions_refuse_checkpoint_and_fork_pauses(client):
     s = client.session()
     stream = s.stream("Hi", max_new_tokens=4, breakpoints=[djinn.Breakpoint("hook_embed")])
     assert isinstance(next(stream), djinn.Paused)
     with pytest.raises(djinn.SessionBusy):
-        s.fork()
-    with pytest.raises(djinn.SessionBusy):
         s.checkpoint().wait()
+    paused_fork = s.fork()  # a fork made at a pause waits at the same point
+    assert paused_fork.info()["state"] == "paused"
+    paused_fork.close()
     stream.close()  # cancels the request; the session is idle again
     assert s.info()["state"] == "idle"
     s.fork().close()
+    s.checkpoint().delete()
+
+
+def test_fork_at_a_pause_shares_the_in_flight_blocks(client):
+    engine = engine_of(client)
+    pool = engine.workers["stories260K"].pool
+    s = client.session()
+    stream = s.stream("Once upon a time, there was", max_new_tokens=6,
+                      breakpoints=[djinn.Breakpoint("blocks.2.hook_resid_mid", steps=[0])])
+    ev = next(stream)
+    in_flight = list(engine.sessions[s.id].blocks)  # layers 0-1 of the prompt are written, 2-4 are not yet
+    used = pool.device_blocks.n_used
+    f = s.fork()
+    assert engine.sessions[f.id].blocks == in_flight and pool.device_blocks.n_used == used
+    ev.resume()
+    mine = [e for e in stream if isinstance(e, djinn.Done)][0].result.token_ids
+    assert engine.sessions[s.id].blocks[0] != in_flight[0], "the writer copied the shared block first"
+    theirs = None
+    for e in f.attach():
+        if isinstance(e, djinn.Paused):
+            e.resume()
+        elif isinstance(e, djinn.Done):
+            theirs = e.result.token_ids
+    assert mine == theirs == client.session().generate("Once upon a time, there was", max_new_tokens=6).token_ids
 
 
 def test_swap_lets_more_sessions_run_than_fit(stories_path):

@@ -1,6 +1,6 @@
-"""A seeded random mix of generate, pause, resume, fork, checkpoint, restore and close on a KV pool too
-small for everyone: every completed call equals a clean run of the same history, and once everything is
-closed no block is left allocated."""
+"""A seeded random mix of generate, pause, resume, fork (also mid-forward), checkpoint, restore and close on
+a KV pool too small for everyone: every completed call equals a clean run of the same history, and once
+everything is closed no block is left allocated."""
 import random
 
 import pytest
@@ -45,8 +45,14 @@ def test_random_operations_stay_correct_and_leak_nothing(stories_path, seed):
         s = engine.sessions[sid]
         op = rng.random()
         if s.state.value == "paused":
-            if s.request.paused_row is not None and not s.request.resumed and op < 0.7:
+            waiting = s.request.pause is not None and not s.request.resumed
+            if waiting and op < 0.6:
                 engine.resume(sid, owner)
+            elif waiting and op < 0.8 and len(sessions) < 20:  # fork mid-forward; the fork gets a listener
+                nid = engine.fork(sid, owner)
+                sessions.append(nid)
+                started[nid] = list(started[sid])
+                engine.attach(nid, owner, sink_for(nid))
         elif s.state.value == "idle":
             if op < 0.6:
                 prompt = rng.choice(PROMPTS) if s.history else "Once"
@@ -79,7 +85,7 @@ def test_random_operations_stay_correct_and_leak_nothing(stories_path, seed):
     for _ in range(2000):
         for sid in sessions:
             s = engine.sessions[sid]
-            if s.state.value == "paused" and s.request.paused_row is not None and not s.request.resumed:
+            if s.state.value == "paused" and s.request.pause is not None and not s.request.resumed:
                 engine.resume(sid, owner)
         if not engine.has_work():
             break

@@ -128,6 +128,26 @@ def scenario(client: djinn.Client) -> dict:
     assert a == b
     R["fork"] = a
 
+    # fork at a pause: the fork waits at the same site; each branch is resumed with its own edit
+    s9 = client.session()
+    plain = client.session().generate(STORY, max_new_tokens=8).token_ids
+    branch = s9.stream(STORY, max_new_tokens=8, breakpoints=[djinn.Breakpoint(SITE, steps=[2])])
+    ev = next(e for e in branch if isinstance(e, djinn.Paused))  # after the tokens of steps 0 and 1
+    f9 = s9.fork()
+    assert f9.info()["state"] == "paused"
+    ev.resume(ev.activation * -3.0)
+    edited = [e for e in branch if isinstance(e, djinn.Done)][0].result.token_ids
+    attached = f9.attach()
+    again = next(attached)
+    assert isinstance(again, djinn.Paused) and (again.site, again.step) == (SITE, 2)
+    assert torch.equal(again.activation, ev.activation)
+    again.resume()
+    unchanged = [e for e in attached if isinstance(e, djinn.Done)][0].result.token_ids
+    assert unchanged == plain and edited != plain and edited[:2] == plain[:2]
+    R["fork_at_pause"] = (edited, unchanged)
+    f9.close()
+    s9.close()
+
     # a bfloat16 model: activations and captures travel in bfloat16
     t = client.session("tiny-bf16")
     acts = []
@@ -314,6 +334,17 @@ def test_disconnect_mid_pause_is_freed_by_the_ttl(stories_path):
             with pytest.raises(djinn.UnknownSession):
                 s.info()
             assert srv.service.call("pool_usage") == base
+        # a client that reconnects in time attaches to its paused session and carries on
+        s = c.session()
+        stream = s.stream([1, 40, 50], max_new_tokens=12, breakpoints=[djinn.Breakpoint(SITE, steps=[3])])
+        next(e for e in stream if isinstance(e, djinn.Paused))  # (this stream is abandoned, still open)
+        events = s.attach()  # takes the call over; the abandoned stream is told it was cancelled
+        ev = next(events)
+        assert isinstance(ev, djinn.Paused) and ev.step == 3
+        ev.resume()
+        assert [e for e in events if isinstance(e, djinn.Done)][0].result.token_ids == expected
+        with pytest.raises(djinn.Cancelled):
+            list(stream)
         # the server and the other sessions carry on
         assert c.session().generate([1, 40, 50], max_new_tokens=12).token_ids == expected
         assert bystander.info()["state"] == "idle"
@@ -375,6 +406,19 @@ def test_asyncio_client(server):
             f = await s.fork()
             a = (await r.generate([], max_new_tokens=4)).token_ids
             assert a == (await f.generate([], max_new_tokens=4)).token_ids
+            # fork at a pause, then attach to the fork
+            p = await client.session()
+            async for ev in p.stream(STORY, max_new_tokens=10, breakpoints=[djinn.Breakpoint(SITE)]):
+                if isinstance(ev, djinn.Paused):
+                    fork = await p.fork()
+                    await ev.resume(ev.activation * 0)
+            fork_result = None
+            async for ev in fork.attach():
+                if isinstance(ev, djinn.Paused):
+                    await ev.resume()
+                elif isinstance(ev, djinn.Done):
+                    fork_result = ev.result.token_ids
+            assert fork_result == ref.token_ids
             with pytest.raises(djinn.UnknownSite):
                 async for _ in s.stream("x", breakpoints=[djinn.Breakpoint("nowhere")]):
                     pass

@@ -133,11 +133,17 @@ class AsyncRemoteBackend:
         body = {"prompt": encode_prompt(prompt), **encode_params(params)}
         return decode_result(await self._request("POST", f"/api/sessions/{_p(sid)}/generate", body))
 
-    async def stream(self, sid: str, prompt: Any, params: dict) -> AsyncIterator[object]:
+    def stream(self, sid: str, prompt: Any, params: dict) -> AsyncIterator[object]:
+        return self._events(sid, generate_frame(prompt, params))  # encoded first: bad input raises here
+
+    def attach(self, sid: str) -> AsyncIterator[object]:
+        return self._events(sid, pack({"type": "attach"}))
+
+    async def _events(self, sid: str, gen: bytes) -> AsyncIterator[object]:
         from websockets.asyncio.client import connect
         from websockets.exceptions import InvalidHandshake, InvalidStatus
 
-        hello, gen = hello_frame(), generate_frame(prompt, params)
+        hello = hello_frame()
         headers = {k: v for k, v in self._headers.items() if k != "Accept"}
         try:
             ws = await connect(ws_url(self.url) + f"/api/sessions/{_p(sid)}/stream", additional_headers=headers,
@@ -224,7 +230,16 @@ class AsyncSession:
                      **params: Any) -> AsyncIterator[object]:
         """Token and AsyncPaused events (then Done); an Error event is raised as its typed error."""
         params = dict(params, max_new_tokens=max_new_tokens, breakpoints=list(breakpoints))
-        agen = self._backend.stream(self.id, prompt, params)
+        async for ev in self._until_done(self._backend.stream(self.id, prompt, params)):
+            yield ev
+
+    async def attach(self) -> AsyncIterator[object]:
+        """The events of the call in progress (see `djinn.Session.attach`)."""
+        async for ev in self._until_done(self._backend.attach(self.id)):
+            yield ev
+
+    @staticmethod
+    async def _until_done(agen: AsyncIterator[object]) -> AsyncIterator[object]:
         try:
             async for ev in agen:
                 if isinstance(ev, Error):

@@ -17,6 +17,8 @@ class Backend(Protocol):
 
     def stream(self, sid: str, prompt: Prompt, params: dict) -> Iterator[object]: ...
 
+    def attach(self, sid: str) -> Iterator[object]: ...
+
     def close(self) -> None: ...
 
 
@@ -63,7 +65,16 @@ class Session:
 
         Leaving the loop early cancels the request; tokens already produced stay in the session."""
         params = dict(params, max_new_tokens=max_new_tokens, breakpoints=list(breakpoints))
-        for ev in self._backend.stream(self.id, prompt, params):
+        yield from self._until_done(self._backend.stream(self.id, prompt, params))
+
+    def attach(self) -> Iterator[object]:
+        """The events of the call in progress, from now on: after reconnecting to a paused session, or for a
+        fork made at a pause (`fork()` while paused). A paused session first repeats its Paused event."""
+        yield from self._until_done(self._backend.attach(self.id))
+
+    @staticmethod
+    def _until_done(events: Iterator[object]) -> Iterator[object]:
+        for ev in events:
             if isinstance(ev, Error):
                 raise ev.error
             yield ev
@@ -90,6 +101,9 @@ class Session:
         return Checkpoint(self._backend, self._backend.call("checkpoint", self.id))
 
     def fork(self) -> "Session":
+        """A new session with this one's history, sharing its KV cache copy-on-write. While this session is
+        paused at a breakpoint, the fork is paused at the same point: `attach()` to it and resume it with
+        its own edit."""
         return Session(self._backend, self._backend.call("fork", self.id))
 
     def close(self) -> None:

@@ -30,8 +30,14 @@ class EmbeddedBackend:
         return dataclasses.asdict(out) if method == "session_info" else out
 
     def stream(self, sid: str, prompt, params: dict) -> Iterator[object]:
+        return self._events(sid, lambda sink: self.service.call("generate", sid, self.owner, prompt, sink, **params))
+
+    def attach(self, sid: str) -> Iterator[object]:
+        return self._events(sid, lambda sink: self.service.call("attach", sid, self.owner, sink))
+
+    def _events(self, sid: str, start) -> Iterator[object]:
         events: queue.Queue = queue.Queue()
-        self.service.call("generate", sid, self.owner, prompt, events.put, **params)
+        start(events.put)
         finished = False
         try:
             while True:

@@ -293,7 +293,13 @@ class RemoteBackend:
                 from None
 
     def stream(self, sid: str, prompt: Any, params: dict) -> Iterator[object]:
-        hello, gen = hello_frame(), generate_frame(prompt, params)  # encode first: bad input raises here
+        return self._events(sid, generate_frame(prompt, params))  # encoded first: bad input raises here
+
+    def attach(self, sid: str) -> Iterator[object]:
+        return self._events(sid, pack({"type": "attach"}))
+
+    def _events(self, sid: str, gen: bytes) -> Iterator[object]:
+        hello = hello_frame()
         s = _Stream(self._connect(sid), 0)
         finished = False
         try:

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import (CapacityError, Cancelled, ContextOverflow, Forbidden, InvalidRequest, NotPaused,
                       SessionBusy, SessionExpired, TokenOutOfRange, UnknownCheckpoint, UnknownModel, UnknownSession)
-from ..events import ModelInfo
+from ..events import Error, ModelInfo
 from ..interventions import Breakpoint
 from ..models.loading import DTYPES, LoadedModel
 from ..sites import RESID
@@ -210,9 +210,9 @@ class Engine:
     def resume(self, sid: str, owner: str, activation: Optional[torch.Tensor] = None) -> None:
         s = self._session(sid, owner)
         req = s.request
-        if s.state != SessionState.PAUSED or req is None or req.paused_row is None or req.resumed:
+        if not self._waiting(s):
             raise NotPaused(f"session {sid} is not paused at a breakpoint")
-        row = req.paused_row
+        row = req.pause.row
         if activation is not None:
             w = self.workers[s.model]
             site = w.sites.sites[row.entry]
@@ -223,6 +223,27 @@ class Engine:
             else:
                 row.branch = new
         req.resumed = True
+
+    @staticmethod
+    def _waiting(s: Session) -> bool:
+        """Paused at a breakpoint and not yet resumed."""
+        r = s.request
+        return s.state == SessionState.PAUSED and r is not None and r.pause is not None and not r.resumed
+
+    def attach(self, sid: str, owner: str, sink: Callable[[object], None]) -> None:
+        """Send the events of the session's call in progress to `sink` from now on (a client reconnecting,
+        or the first client of a fork made at a pause). A paused session announces its pause again; the
+        stream that had the call before is told with a Cancelled error."""
+        s = self._session(sid, owner)
+        if s.request is None:
+            raise InvalidRequest(f"session {sid} has no call in progress to attach to")
+        previous, s.request.sink = s.request.sink, sink
+        try:
+            previous(Error(Cancelled("another stream attached to this session")))
+        except Exception:
+            pass
+        if self._waiting(s):
+            self.workers[s.model].announce_pause(s)
 
     def cancel(self, sid: str, owner: str) -> None:
         s = self._session(sid, owner)
@@ -304,9 +325,13 @@ class Engine:
         del self.checkpoints[cid]
 
     def fork(self, sid: str, owner: str) -> str:
-        """A new session sharing this one's KV blocks; whichever writes into a shared block copies it first."""
+        """A new session sharing this one's KV blocks; whichever writes into a shared block copies it first.
+        A session paused at a breakpoint forks mid-forward: the fork waits at the same site, with the same
+        activation and call, for its own resume (attach a stream to it to get its events)."""
         s = self._session(sid, owner)
-        self._idle(s, "fork")
+        waiting = self._waiting(s)
+        if not waiting:
+            self._idle(s, "fork")
         w = self.workers[s.model]
         nid = self.create_session(owner, s.model)
         t = self.sessions[nid]
@@ -318,6 +343,10 @@ class Engine:
             t.blocks = list(s.blocks)
         t.history, t.kv_len = list(s.history), s.kv_len
         t.interventions, t.plan = list(s.interventions), s.plan
+        if waiting:
+            t.request = s.request.fork_for(t)
+            t.request.paused_since = time.monotonic()
+            t.state = SessionState.PAUSED
         return nid
 
     # ------------------------------------------------------------------ the loop

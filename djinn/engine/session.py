@@ -2,8 +2,9 @@
 session is running, and checkpoints."""
 from __future__ import annotations
 
+import copy
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Callable, Optional
 
@@ -11,11 +12,16 @@ import torch
 
 from .kv_pool import CopyJob
 from .plan import Plan
-from .runner import Row
+from .batch import RowSpan
+from .runner import Pause, Row
 from .sampling import SamplingParams
 from .staging import Staged
 
 _arrival = itertools.count()
+
+
+def _no_listener(event: object) -> None:
+    """Where a forked call's events go until a stream attaches."""
 
 
 class SessionState(str, Enum):
@@ -42,9 +48,20 @@ class Request:
     logits: list[torch.Tensor] = field(default_factory=list)
     captures: dict[tuple[str, int], Staged] = field(default_factory=dict)
     decoder: Optional[object] = None  # IncrementalDecoder of the generated text
-    paused_row: Optional[Row] = None  # the row waiting at a breakpoint, state saved
+    pause: Optional[Pause] = None  # where the row waits at a breakpoint, its state saved
     paused_since: float = 0.0
-    resumed: bool = False  # paused_row re-enters at its site in the next step
+    resumed: bool = False  # the paused row re-enters at its site in the next step
+
+    def fork_for(self, session: "Session") -> "Request":
+        """This paused call, copied for `session` (a fork made at the pause); it has no listener until a
+        stream attaches. Tensors saved at the pause are cloned, so either copy may be resumed with edits."""
+        p, row = self.pause, self.pause.row
+        new_row = replace(row, session=session, span=RowSpan(row.span.start, row.span.n_tokens, session.blocks),
+                          tokens=list(row.tokens), resid=row.resid.clone(),
+                          branch=None if row.branch is None else row.branch.clone())
+        return replace(self, sink=_no_listener, seq=next(_arrival), generated=list(self.generated),
+                       logits=list(self.logits), captures=dict(self.captures), decoder=copy.deepcopy(self.decoder),
+                       pause=Pause(new_row, p.site, p.activation))
 
 
 @dataclass(eq=False)

@@ -140,7 +140,7 @@ class ModelWorker:
         for s in candidates:
             req = s.request
             if req.resumed:
-                row = req.paused_row
+                row = req.pause.row
                 n = row.span.n_tokens
                 end = row.span.start + n
             else:
@@ -156,7 +156,7 @@ class ModelWorker:
                 row = Row(s, RowSpan(s.kv_len, n, s.blocks), tokens, req.step, req.plan)
             else:
                 row.span.block_table = s.blocks  # blocks may have moved through a swap
-                req.paused_row, req.resumed = None, False
+                req.pause, req.resumed = None, False
                 s.state = SessionState.RUNNING
             s.last_used = time.monotonic()
             rows.append(row)
@@ -197,13 +197,10 @@ class ModelWorker:
         for p in out.paused:
             s = p.row.session
             s.state = SessionState.PAUSED
-            s.request.paused_row = p.row
+            s.request.pause = p
             s.request.paused_since = time.monotonic()
             self.stats.pauses += 1
-            act = p.activation
-            if s.request.activation_dtype is not None:
-                act = act.to(s.request.activation_dtype)
-            self._pending_pauses.append((s, p, self.runner.stager.stage(act)))
+            self.announce_pause(s)
         self._emit_ready_pauses()
         if not out.finished:
             return
@@ -244,10 +241,16 @@ class ModelWorker:
             req.decoder = IncrementalDecoder(self.tokenizer)
         return req.decoder.push(req.generated[-1])
 
+    def announce_pause(self, s: Session) -> None:
+        """Copy the paused activation towards the host; the Paused event goes out once it is there."""
+        p = s.request.pause
+        act = p.activation if s.request.activation_dtype is None else p.activation.to(s.request.activation_dtype)
+        self._pending_pauses.append((s, p, self.runner.stager.stage(act)))
+
     def _emit_ready_pauses(self) -> None:
         still = []
         for s, p, staged in self._pending_pauses:
-            if s.request is None or s.request.paused_row is not p.row:
+            if s.request is None or s.request.pause is not p:
                 continue  # cancelled meanwhile
             if not staged.ready():
                 still.append((s, p, staged))

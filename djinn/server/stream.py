@@ -7,6 +7,8 @@ Frames are binary msgpack maps (see protocol.py). The conversation:
               (or {"type": "error", code: "protocol_mismatch", message naming both versions}, then close)
     client -> {"type": "generate", "prompt": text | [ids], "params": {max_new_tokens, ..., interventions,
                breakpoints}}
+              or {"type": "attach"}: take over the events of the call in progress (a reconnect, or a fork
+              made at a pause); a paused session repeats its Paused event
     server -> {"type": "token", ...} | {"type": "paused", site, step, positions, activation} | ...
               until {"type": "done", "result": ...} or {"type": "error", code, message}; then close (1000)
     client -> {"type": "resume", "activation": tensor | null}   (while paused)
@@ -113,19 +115,23 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
                      "max_frame_bytes": state.limits.max_frame_bytes})
 
     req = await conn.recv()
-    if req.get("type") != "generate":
-        raise MalformedFrame(f"expected a 'generate' frame after hello, got type {req.get('type')!r}")
-    unknown = sorted(set(req) - {"type", "prompt", "params"})
+    kind = req.get("type")
+    if kind not in ("generate", "attach"):
+        raise MalformedFrame(f"expected a 'generate' or 'attach' frame after hello, got type {kind!r}")
+    fields = ("prompt", "params") if kind == "generate" else ()
+    unknown = sorted(set(req) - {"type", *fields})
     if unknown:
-        raise InvalidRequest(f"generate frame: unknown field(s) {unknown}; fields are ['prompt', 'params']")
+        raise InvalidRequest(f"{kind} frame: unknown field(s) {unknown}; fields are {list(fields)}")
     lim = state.limits
-    prompt = decode_prompt(req.get("prompt", []), lim.max_prompt_tokens, lim.max_prompt_chars)
-    params = decode_params(req.get("params"), lim.max_list_items)
-    lim.check_max_new_tokens(params.get("max_new_tokens"))
+    if kind == "generate":
+        prompt = decode_prompt(req.get("prompt", []), lim.max_prompt_tokens, lim.max_prompt_chars)
+        params = decode_params(req.get("params"), lim.max_list_items)
+        lim.check_max_new_tokens(params.get("max_new_tokens"))
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()  # engine events and replies to client frames, in order
-    counted = bool(params.get("breakpoints"))
+    # streams that can pause count against the per-key limit (an attached stream may be paused already)
+    counted = kind == "attach" or bool(params.get("breakpoints"))
     released = False
 
     def release() -> None:
@@ -144,7 +150,11 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
         lim.check_paused(state.breakpoint_streams[owner])
         state.breakpoint_streams[owner] += 1
     try:
-        await state.call("generate", sid, owner, prompt, threadsafe_sink(loop, on_event), **params)
+        sink = threadsafe_sink(loop, on_event)
+        if kind == "generate":
+            await state.call("generate", sid, owner, prompt, sink, **params)
+        else:
+            await state.call("attach", sid, owner, sink)
     except BaseException:
         release()
         raise
@@ -220,7 +230,7 @@ async def _client_frame(state: ServerState, sid: str, owner: str, frame: dict) -
         await state.call("resume", sid, owner, act)
     elif kind == "cancel":
         await state.call("cancel", sid, owner)
-    elif kind in ("hello", "generate"):
+    elif kind in ("hello", "generate", "attach"):
         raise InvalidRequest(f"a '{kind}' frame is only valid at the start of a stream; this one is running")
     else:
         raise MalformedFrame(f"unknown frame type {kind!r}; during a stream the client sends 'resume' or 'cancel'")
