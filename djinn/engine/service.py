@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 from concurrent.futures import Future
 from typing import Any
@@ -19,6 +20,9 @@ log = logging.getLogger("djinn.engine")
 
 class EngineService:
     def __init__(self, engine: Engine):
+        # The engine thread gives up the GIL while the GPU works; with many client threads taking turns, the
+        # default 5 ms switch interval would leave it waiting that long to launch the next step.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
