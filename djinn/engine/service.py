@@ -22,7 +22,8 @@ class EngineService:
     def __init__(self, engine: Engine):
         # The engine thread gives up the GIL while the GPU works; with many client threads taking turns, the
         # default 5 ms switch interval could leave it waiting that long to launch the next step. (Measured
-        # with 64 client threads: 5420 tok/s with it, 5407 without, within noise; the published runs have it.)
+        # with 64 client threads: 5420 tok/s with it, 5407 without, within noise; the final throughput and
+        # GPT-2 runs in benchmarks/results were made with it.)
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
