@@ -44,6 +44,7 @@ class Paused:
     step: int
     positions: list[int]
     activation: torch.Tensor
+    pause_id: int = -1  # which pause this is: resuming an earlier, finished pause is refused
     _resume: Optional[Callable[[Optional[torch.Tensor]], None]] = field(default=None, repr=False)
 
     def resume(self, activation: Optional[torch.Tensor] = None) -> None:

@@ -129,3 +129,48 @@ def test_another_users_session_is_out_of_reach(stories_path):
     with pytest.raises(djinn.InvalidRequest, match="no call in progress"):
         engine.attach(sid, "alice", lambda ev: None)
     assert engine.session_info(sid, "alice").n_tokens == 1 + 1 + 3  # BOS, "Once", three new tokens
+
+
+def test_a_late_resume_never_continues_a_later_pause(client):
+    ref = client.session().generate([1, 403, 9, 30, 55], max_new_tokens=6).token_ids
+    s = client.session()
+    first = None
+    for ev in s.stream([1, 403, 9, 30, 55], max_new_tokens=6,
+                       breakpoints=[djinn.Breakpoint("blocks.2.hook_mlp_out", steps=[1, 2])]):
+        if isinstance(ev, djinn.Paused) and ev.step == 1:
+            first = ev
+            ev.resume()
+        elif isinstance(ev, djinn.Paused):  # step 2: the step-1 event must not resume it
+            with pytest.raises(djinn.NotPaused, match="already resumed"):
+                first.resume(torch.full_like(first.activation, 100.0))
+            assert s.info()["state"] == "paused"
+            ev.resume()
+        elif isinstance(ev, djinn.Done):
+            assert ev.result.token_ids == ref
+
+
+def test_interventions_snapshot_the_callers_tensors(client):
+    vec = torch.zeros(64)
+    s = client.session()
+    s.set_interventions([djinn.Replace("blocks.2.hook_resid_post", vec)])
+    before = s.fork().generate("Once", max_new_tokens=6).token_ids
+    vec.fill_(7.0)  # changing the caller's tensor afterwards changes nothing
+    assert s.generate("Once", max_new_tokens=6).token_ids == before
+
+
+def test_attaching_twice_announces_a_pause_once(stories_path):
+    engine = Engine([load_model(str(stories_path))])
+    sid = engine.create_session("u")
+    engine.generate(sid, "u", [1, 403, 9], lambda ev: None, max_new_tokens=4,
+                    breakpoints=[djinn.Breakpoint("blocks.1.hook_resid_post", steps=[0, 1])])
+    for _ in range(3):
+        engine.step()
+    first, second = [], []
+    engine.attach(sid, "u", first.append)
+    engine.attach(sid, "u", second.append)
+    for _ in range(3):
+        engine.step()
+    assert [type(e).__name__ for e in first] == ["Error"]  # told that another stream took over
+    paused = [e for e in second if isinstance(e, djinn.Paused)]
+    assert len(paused) == 1 and paused[0].step == 0
+    engine.resume(sid, "u", None, paused[0].pause_id)

@@ -142,6 +142,8 @@ def scenario(client: djinn.Client) -> dict:
     assert isinstance(again, djinn.Paused) and (again.site, again.step) == (SITE, 2)
     assert torch.equal(again.activation, ev.activation)
     again.resume()
+    with pytest.raises(djinn.NotPaused):  # the original's pause is over: its event cannot resume anything
+        ev.resume()
     unchanged = [e for e in attached if isinstance(e, djinn.Done)][0].result.token_ids
     assert unchanged == plain and edited != plain and edited[:2] == plain[:2]
     R["fork_at_pause"] = (edited, unchanged)

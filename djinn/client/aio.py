@@ -170,7 +170,7 @@ class AsyncRemoteBackend:
             while True:
                 ev = decode_event(await s.next_event(), paused_cls=AsyncPaused)
                 if isinstance(ev, Paused):
-                    ev._resume = lambda act, _s=s, _sid=sid: self._resume(_s, _sid, act)
+                    ev._resume = lambda act, _s=s, _sid=sid, _pid=ev.pause_id: self._resume(_s, _sid, act, _pid)
                 finished = isinstance(ev, (Done, Error))
                 yield ev
                 if finished:
@@ -183,15 +183,15 @@ class AsyncRemoteBackend:
                     pass
             await s.close()
 
-    async def _resume(self, s: _AsyncStream, sid: str, act: Any) -> None:
+    async def _resume(self, s: _AsyncStream, sid: str, act: Any, pid: int) -> None:
         act = _activation(act)
         if not s.closed:
             try:
-                await s.request({"type": "resume", "activation": act}, "resume")
+                await s.request({"type": "resume", "activation": act, "pause": pid}, "resume")
                 return
             except StreamClosed:
                 pass
-        await self.call("resume", sid, act)  # the stream is gone: the engine answers, over REST
+        await self.call("resume", sid, act, pid)  # the stream is gone: the engine answers, over REST
 
     async def close(self) -> None:
         await self.http.aclose()

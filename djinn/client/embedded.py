@@ -43,7 +43,8 @@ class EmbeddedBackend:
             while True:
                 ev = events.get()
                 if isinstance(ev, Paused):
-                    ev._resume = lambda act, _sid=sid: self.service.call("resume", _sid, self.owner, act)
+                    ev._resume = lambda act, _sid=sid, _pid=ev.pause_id: self.service.call(
+                        "resume", _sid, self.owner, act, _pid)
                 finished = isinstance(ev, (Done, Error))
                 yield ev
                 if finished:

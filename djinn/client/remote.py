@@ -48,7 +48,8 @@ def route(method: str, args: Sequence[Any]) -> tuple[str, str, Optional[dict]]:
         "close_session": lambda: ("DELETE", f"/api/sessions/{_p(arg(0))}", None),
         "set_interventions": lambda: ("PUT", f"/api/sessions/{_p(arg(0))}/interventions",
                                       {"interventions": [encode_intervention(x) for x in _items(arg(1, []))]}),
-        "resume": lambda: ("POST", f"/api/sessions/{_p(arg(0))}/resume", {"activation": _activation(arg(1))}),
+        "resume": lambda: ("POST", f"/api/sessions/{_p(arg(0))}/resume",
+                           {"activation": _activation(arg(1)), "pause": arg(2)}),
         "cancel": lambda: ("POST", f"/api/sessions/{_p(arg(0))}/cancel", None),
         "checkpoint": lambda: ("POST", f"/api/sessions/{_p(arg(0))}/checkpoint", None),
         "fork": lambda: ("POST", f"/api/sessions/{_p(arg(0))}/fork", None),
@@ -313,7 +314,7 @@ class RemoteBackend:
             while True:
                 ev = decode_event(s.next_event())
                 if isinstance(ev, Paused):
-                    ev._resume = lambda act, _s=s, _sid=sid: self._resume(_s, _sid, act)
+                    ev._resume = lambda act, _s=s, _sid=sid, _pid=ev.pause_id: self._resume(_s, _sid, act, _pid)
                 finished = isinstance(ev, (Done, Error))
                 yield ev
                 if finished:
@@ -326,16 +327,16 @@ class RemoteBackend:
                     pass
             s.close()
 
-    def _resume(self, s: _Stream, sid: str, act: Any) -> None:
+    def _resume(self, s: _Stream, sid: str, act: Any, pid: int) -> None:
         act = _activation(act)
         if not s.closed:
             try:
-                s.request({"type": "resume", "activation": act}, "resume")
+                s.request({"type": "resume", "activation": act, "pause": pid}, "resume")
                 return
             except StreamClosed:
                 pass
         # the stream is gone (it ended, say by the pause TTL): the engine answers, over REST, as embedded
-        self.call("resume", sid, act)
+        self.call("resume", sid, act, pid)
 
     def close(self) -> None:
         self.http.close()

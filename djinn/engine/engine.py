@@ -207,11 +207,17 @@ class Engine:
             raise InvalidRequest(f"seed must be an integer, got {seed!r}")
         return SamplingParams(float(temperature), top_k, float(top_p), seed % (1 << 62))
 
-    def resume(self, sid: str, owner: str, activation: Optional[torch.Tensor] = None) -> None:
+    def resume(self, sid: str, owner: str, activation: Optional[torch.Tensor] = None,
+               pause_id: Optional[int] = None) -> None:
+        """Continue a paused session, with `activation` in place of the paused one if given. With `pause_id`
+        (from the Paused event) only that pause is resumed, never a later one."""
         s = self._session(sid, owner)
         req = s.request
         if not self._waiting(s):
             raise NotPaused(f"session {sid} is not paused at a breakpoint")
+        if pause_id is not None and pause_id != req.pause.id:
+            raise NotPaused(f"that pause of session {sid} was already resumed; it is now paused at "
+                            f"{req.pause.site}, step {req.pause.row.step}")
         row = req.pause.row
         if activation is not None:
             w = self.workers[s.model]
@@ -262,6 +268,7 @@ class Engine:
         host = w.pool.host_blocks.allocate(n)
         frozen: list[int] = []
         if s.swapped:
+            w.pool.settle()  # a copy into or out of these host blocks may still be queued on the GPU
             for src, dst in zip(s.host_blocks, host):
                 w.pool.host[dst].copy_(w.pool.host[src])
             job = None

@@ -114,6 +114,12 @@ class KVPool:
             torch.cuda.current_stream(self.device).wait_event(event)
         return CopyJob(n_bytes, start, event)
 
+    def settle(self) -> None:
+        """Wait for every queued copy between the pools, before the host touches host blocks itself (swap-outs
+        are fenced into the compute stream, so waiting for it covers them too)."""
+        if self._side is not None:
+            torch.cuda.current_stream(self.device).synchronize()
+
     def to_device(self, host_ids: list[int], device_ids: list[int]) -> None:
         """Copy host blocks into device blocks, ordered before any later work on the compute stream."""
         for h, d in zip(host_ids, device_ids):

@@ -87,7 +87,9 @@ class Compiler:
             raise InvalidTensor(f"{what} has shape {list(t.shape)}, expected {want}")
         if not torch.isfinite(t).all():
             raise InvalidTensor(f"{what} contains NaN or Inf")
-        return t.detach().to(device=self.device, dtype=dtype or self.dtype)
+        out = t.detach().to(device=self.device, dtype=dtype or self.dtype)
+        # a snapshot: the caller may change their tensor later (and another thread reads ours)
+        return out.clone() if out.data_ptr() == t.data_ptr() else out
 
     def compile(self, items: Sequence, breakpoints: Sequence[Breakpoint] = ()) -> Plan:
         plan = Plan()

@@ -7,6 +7,7 @@ their state saved. No layer runs twice and no row waits for another.
 """
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -38,11 +39,12 @@ class Row:
         return list(range(self.span.start, self.span.start + self.span.n_tokens))
 
 
-@dataclass
+@dataclass(eq=False)
 class Pause:
     row: Row
     site: str  # the public name the breakpoint used
     activation: torch.Tensor  # on the device, [n_tokens, ...]
+    id: int = field(default_factory=itertools.count().__next__)
 
 
 @dataclass

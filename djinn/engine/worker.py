@@ -245,6 +245,8 @@ class ModelWorker:
         """Copy the paused activation towards the host; the Paused event goes out once it is there."""
         p = s.request.pause
         act = p.activation if s.request.activation_dtype is None else p.activation.to(s.request.activation_dtype)
+        # an attach while an announcement is still on its way replaces it: one Paused event per listener
+        self._pending_pauses = [e for e in self._pending_pauses if e[1] is not p]
         self._pending_pauses.append((s, p, self.runner.stager.stage(act)))
 
     def _emit_ready_pauses(self) -> None:
@@ -255,7 +257,7 @@ class ModelWorker:
             if not staged.ready():
                 still.append((s, p, staged))
                 continue
-            _emit(s.request, Paused(p.site, p.row.step, p.row.positions, staged.result()))
+            _emit(s.request, Paused(p.site, p.row.step, p.row.positions, staged.result(), pause_id=p.id))
         self._pending_pauses = still
 
     def _complete(self, s: Session, reason: str) -> None:

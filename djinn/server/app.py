@@ -45,7 +45,7 @@ from .auth import Auth, load_api_keys
 from .limits import Limits
 from .metrics import CONTENT_TYPE
 from .protocol import (PROTOCOL_VERSION, decode_interventions, decode_params, decode_prompt, decode_tensor,
-                       encode_result, int_list)
+                       encode_result, int_list, pause_id)
 from .state import ServerState, as_plain, error_body, fields, guarded, threadsafe_sink
 from .stream import stream_endpoint
 
@@ -177,9 +177,10 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
     async def resume(request: Request, sid: str):
         owner = state.identify(request)
         body = await state.body(request)
-        fields(body, ("activation",), "resume")
+        fields(body, ("activation", "pause"), "resume")
         act = body.get("activation")
-        await state.call("resume", sid, owner, None if act is None else decode_tensor(act, "the resume activation"))
+        await state.call("resume", sid, owner, None if act is None else decode_tensor(act, "the resume activation"),
+                         pause_id(body.get("pause")))
         return state.reply(request, {"ok": True})
 
     @app.post("/api/sessions/{sid}/cancel")

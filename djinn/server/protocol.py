@@ -180,6 +180,15 @@ def decode_tensor(v: Any, what: str) -> torch.Tensor:
     raise InvalidTensor(f"{what} must be a tensor, got {type(v).__name__}")
 
 
+def pause_id(v: Any) -> Optional[int]:
+    """The pause a resume names (None: whichever pause the session is at)."""
+    if v is None:
+        return None
+    if not is_int(v):
+        raise _fail("pause", "an integer or null", v)
+    return v
+
+
 def decode_steps(v: Any, what: str, max_items: int) -> Any:
     if v is None or v == "all":
         return v
@@ -393,7 +402,7 @@ def encode_event(ev: Any) -> dict:
         return {"type": "token", "token_id": ev.token_id, "text": ev.text, "step": ev.step, "logits": ev.logits}
     if isinstance(ev, Paused):
         return {"type": "paused", "site": ev.site, "step": ev.step, "positions": list(ev.positions),
-                "activation": ev.activation}
+                "activation": ev.activation, "pause": ev.pause_id}
     if isinstance(ev, Done):
         return {"type": "done", "result": encode_result(ev.result)}
     if isinstance(ev, Error):
@@ -406,7 +415,7 @@ def decode_event(d: dict, paused_cls: Callable[..., Paused] = Paused) -> Any:
     if kind == "token":
         return Token(d["token_id"], d["text"], d["step"], d.get("logits"))
     if kind == "paused":
-        return paused_cls(d["site"], d["step"], list(d["positions"]), d["activation"])
+        return paused_cls(d["site"], d["step"], list(d["positions"]), d["activation"], d.get("pause", -1))
     if kind == "done":
         return Done(decode_result(d["result"]))
     if kind == "error":

@@ -11,7 +11,8 @@ Frames are binary msgpack maps (see protocol.py). The conversation:
               made at a pause); a paused session repeats its Paused event
     server -> {"type": "token", ...} | {"type": "paused", site, step, positions, activation} | ...
               until {"type": "done", "result": ...} or {"type": "error", code, message}; then close (1000)
-    client -> {"type": "resume", "activation": tensor | null}   (while paused)
+    client -> {"type": "resume", "activation": tensor | null, "pause": id}   (while paused; the id from
+              the paused event, so that a late resume never continues a later pause)
     server -> {"type": "reply", "to": "resume", "ok": true}  or  ok: false with code and message
     client -> {"type": "cancel"}  ->  {"type": "reply", "to": "cancel", "ok": true}, then the stream's error
 
@@ -32,7 +33,7 @@ from ..errors import (DjinnError, FrameTooLarge, InternalError, InvalidRequest, 
                       ProtocolMismatch)
 from ..events import Done, Error
 from .protocol import (PROTOCOL_VERSION, decode_params, decode_prompt, decode_tensor, encode_error, encode_event,
-                       mismatch_message, pack, unpack_map)
+                       mismatch_message, pack, pause_id, unpack_map)
 from .state import ServerState, threadsafe_sink
 
 log = logging.getLogger("djinn.server")
@@ -221,13 +222,13 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
 async def _client_frame(state: ServerState, sid: str, owner: str, frame: dict) -> None:
     kind = frame.get("type")
     if kind == "resume":
-        unknown = sorted(set(frame) - {"type", "activation"})
+        unknown = sorted(set(frame) - {"type", "activation", "pause"})
         if unknown:
-            raise InvalidRequest(f"resume frame: unknown field(s) {unknown}; fields are ['activation']")
+            raise InvalidRequest(f"resume frame: unknown field(s) {unknown}; fields are ['activation', 'pause']")
         act: Any = frame.get("activation")
         if act is not None:
             act = decode_tensor(act, "the resume activation")
-        await state.call("resume", sid, owner, act)
+        await state.call("resume", sid, owner, act, pause_id(frame.get("pause")))
     elif kind == "cancel":
         await state.call("cancel", sid, owner)
     elif kind in ("hello", "generate", "attach"):
