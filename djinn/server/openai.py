@@ -352,11 +352,14 @@ def register(app: FastAPI, state: ServerState, guard: Callable) -> None:
         if req["stream"]:
             return StreamingResponse(_sse(state, choices, head, req), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        try:
-            results = await asyncio.gather(*[_collect(c) for c in choices])
+        try:  # every choice runs to its end; the first failure, if any, is the answer
+            results = await asyncio.gather(*[_collect(c) for c in choices], return_exceptions=True)
         finally:  # (normally each choice has closed its session already; not when one failed or we were cancelled)
             for c in choices:
                 c.close_nowait()
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
         return {**head, "choices": [
             {"text": text, "index": c.index, "logprobs": lp, "finish_reason": c.finish_reason}
             for c, (text, lp) in zip(choices, results)], "usage": _usage(choices)}
