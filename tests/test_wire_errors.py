@@ -277,6 +277,8 @@ def test_per_key_limits(stories_path):
             s.generate("x" * 41)
         stream = s.stream(STORY, max_new_tokens=4, breakpoints=[djinn.Breakpoint(SITE)])
         ev = next(stream)
+        with pytest.raises(djinn.LimitExceeded, match="breakpoints"):
+            s.fork()  # a fork made at the pause would be a second paused session
         other = c1.session()
         with pytest.raises(djinn.LimitExceeded, match="breakpoints"):
             next(other.stream(STORY, breakpoints=[djinn.Breakpoint(SITE)]))

@@ -41,5 +41,5 @@ class Limits:
 
     def check_paused(self, n_active: int) -> None:
         if n_active >= self.max_paused_per_key:
-            raise LimitExceeded(f"this API key already runs {n_active} streams with breakpoints, the limit is "
-                                f"{self.max_paused_per_key}; resume or cancel some first")
+            raise LimitExceeded(f"this API key already has {n_active} streams with breakpoints or paused sessions, "
+                                f"the limit is {self.max_paused_per_key}; resume or cancel some first")

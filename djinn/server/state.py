@@ -57,6 +57,9 @@ class ServerState:
         async with self.owner_lock(owner):
             held = await self.call("list_sessions", owner)
             self.limits.check_sessions(len(held))
+            if method == "fork" and any(h.id == args[0] and h.state == "paused" for h in held):
+                # a fork made at a pause is one more paused session of this key
+                self.limits.check_paused(sum(h.state == "paused" for h in held))
             if method == "create_session":
                 return await self.call(method, owner, *args)
             return await self.call(method, args[0], owner, *args[1:])
