@@ -165,42 +165,45 @@ class Runner:
 
     def _apply_edits(self, value: torch.Tensor, live: list[Row], offsets: list[int],
                      edits: list[tuple[int, list[Edit]]]) -> None:
-        """Each round applies the j-th edit of every row that has one, as one batched op in float32:
-        value[idx] = where(replace_mask, replacement, value[idx] * mul + add)."""
+        """Each row's edits at this site fold, in order, into one per-token `act * mul + add` in float32 (a
+        replacement is mul 0, add the new value), applied to all edited rows in one batched op and rounded
+        to the model's dtype once: the same arithmetic as the CUDA graphs, so both paths agree bit for bit."""
         shape = value.shape[1:]
-        for j in range(max(len(es) for _, es in edits)):
-            idx, mul, add, rep, is_rep = [], [], [], [], []
-            for i, es in edits:
-                if j >= len(es):
-                    continue
-                e, span = es[j], live[i].span
+        index, muls, adds = [], [], []
+        for i, es in edits:
+            span = live[i].span
+            mul = torch.ones((span.n_tokens, *shape), device=value.device)
+            add = torch.zeros((span.n_tokens, *shape), device=value.device)
+            for e in es:
                 if e.positions is None:
-                    local, which = list(range(span.n_tokens)), None
+                    local, which = slice(None), None
                 else:
                     hits = [(p - span.start, k) for k, p in enumerate(e.positions)
                             if span.start <= p < span.start + span.n_tokens]
                     if not hits:
                         continue
-                    local, which = [h[0] for h in hits], [h[1] for h in hits]
-                n = len(local)
-                idx.append(torch.tensor(local) + offsets[i])
-                mul.append(self._per_token(e.mul, which, n, shape, 1.0, value))
-                add.append(self._per_token(e.add, which, n, shape, 0.0, value))
-                rep.append(self._per_token(e.replace, which, n, shape, 0.0, value))
-                is_rep.append(torch.full((n,), e.replace is not None, dtype=torch.bool))
-            if not idx:
-                continue
-            index = to_device(torch.cat(idx), self.device)
-            mask = to_device(torch.cat(is_rep), self.device).view(-1, *([1] * len(shape)))
-            current = value.index_select(0, index)
-            new = torch.where(mask, torch.cat(rep), current.float() * torch.cat(mul) + torch.cat(add))
-            value.index_copy_(0, index, new.to(value.dtype))
+                    local = to_device(torch.tensor([h[0] for h in hits]), value.device)
+                    which = [h[1] for h in hits]
+                if e.replace is not None:
+                    mul[local] = 0.0
+                    add[local] = self._rows(e.replace, which, shape)
+                    continue
+                if e.mul is not None:
+                    m = self._rows(e.mul, which, shape)
+                    mul[local] = mul[local] * m
+                    add[local] = add[local] * m
+                if e.add is not None:
+                    add[local] = add[local] + self._rows(e.add, which, shape)
+            index.append(torch.arange(offsets[i], offsets[i + 1]))
+            muls.append(mul)
+            adds.append(add)
+        index = to_device(torch.cat(index), self.device)
+        new = value.index_select(0, index).float() * torch.cat(muls) + torch.cat(adds)
+        value.index_copy_(0, index, new.to(value.dtype))
 
     @staticmethod
-    def _per_token(t: Optional[torch.Tensor], which: Optional[list[int]], n: int, shape, default: float,
-                   like: torch.Tensor) -> torch.Tensor:
-        if t is None:
-            return torch.full((n, *shape), default, dtype=torch.float32, device=like.device)
-        if t.dim() == len(shape) + 1:  # one row per listed position
+    def _rows(t: torch.Tensor, which: Optional[list[int]], shape) -> torch.Tensor:
+        """An edit's values for the selected tokens: its row per listed position, or the one per-token value."""
+        if which is not None and t.dim() == len(shape) + 1:
             return t[to_device(torch.tensor(which), t.device)]
-        return t.expand(n, *shape)
+        return t
