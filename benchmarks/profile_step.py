@@ -10,7 +10,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.bench import SHAPES, hf_model  # noqa: E402
+from benchmarks.bench import SHAPES  # noqa: E402
 from djinn.engine.engine import Engine  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
 

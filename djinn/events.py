@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -71,5 +71,3 @@ class Done:
 class Error:
     error: DjinnError
 
-
-Event = Any  # Token | Paused | Done | Error

@@ -28,10 +28,6 @@ def normalize_steps(steps: StepsSpec) -> Optional[frozenset[int]]:
     return out
 
 
-def _positions(positions: Optional[Sequence[int]]) -> Optional[tuple[int, ...]]:
-    return None if positions is None else tuple(int(p) for p in positions)
-
-
 @dataclass(frozen=True)
 class Steer:
     """Add `scale * vector` to the activation. `vector` is one per-token activation ([d_model], or
@@ -90,5 +86,4 @@ class Breakpoint:
     steps: StepsSpec = 0
 
 
-Intervention = Union[Steer, Scale, Replace, Ablate, Capture]
 EDIT_TYPES = (Steer, Scale, Replace, Ablate)

@@ -57,10 +57,6 @@ class Plan:
                 dst[key].extend(items)
         return out
 
-    @property
-    def empty(self) -> bool:
-        return not (self.edits or self.captures or self.breakpoints)
-
 
 class Compiler:
     """Validates client data against one model (sites, shapes, dtypes, finiteness)."""

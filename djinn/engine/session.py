@@ -13,7 +13,7 @@ import torch
 from .kv_pool import CopyJob
 from .plan import Plan
 from .batch import RowSpan
-from .runner import Pause, Row
+from .runner import Pause
 from .sampling import SamplingParams
 from .staging import Staged
 

@@ -136,6 +136,7 @@ class ModelWorker:
     def _schedule(self) -> list[Row]:
         candidates = sorted((s for s in self.sessions.values() if self._runnable(s)), key=lambda s: s.request.seq)
         rows: list[Row] = []
+        in_step: set[int] = set()  # ids of the sessions already in this step: they stay put
         used = 0
         for s in candidates:
             req = s.request
@@ -149,8 +150,8 @@ class ModelWorker:
                 row = None
             if rows and used + n > self.max_step_tokens:
                 continue
-            # sessions already in this step stay put; any other may be swapped out to make room
-            if not self._make_resident(s, end, {id(x.session) for x in rows} | {id(s)}):
+            # any session not in this step may be swapped out to make room
+            if not self._make_resident(s, end, in_step | {id(s)}):
                 continue
             if row is None:
                 row = Row(s, RowSpan(s.kv_len, n, s.blocks), tokens, req.step, req.plan)
@@ -160,6 +161,7 @@ class ModelWorker:
                 s.state = SessionState.RUNNING
             s.last_used = time.monotonic()
             rows.append(row)
+            in_step.add(id(s))
             used += n
         if not rows and candidates:
             s = candidates[0]

@@ -35,11 +35,3 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    def n_params(self) -> int:
-        d, f, v = self.d_model, self.d_mlp, self.vocab_size
-        attn = d * self.d_head * (self.n_heads * 2 + self.n_kv_heads * 2)
-        mlp = (3 if self.family == "llama" else 2) * d * f
-        head = 0 if self.tie_embeddings else v * d
-        pos = self.max_seq_len * d if self.family == "gpt2" else 0
-        return self.n_layers * (attn + mlp) + v * d + head + pos
