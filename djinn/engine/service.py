@@ -21,9 +21,9 @@ log = logging.getLogger("djinn.engine")
 class EngineService:
     def __init__(self, engine: Engine):
         # The engine thread gives up the GIL while the GPU works; with many client threads taking turns, the
-        # default 5 ms switch interval could leave it waiting that long to launch the next step. (Measured
-        # with 64 client threads: 5420 tok/s with it, 5407 without, within noise; the final throughput and
-        # GPT-2 runs in benchmarks/results were made with it.)
+        # default 5 ms switch interval could leave it waiting that long to launch the next step. (With 64 client
+        # threads it measured within noise of the default; the final throughput and GPT-2 runs in
+        # benchmarks/results were made with it, earlier runs in that file's history without.)
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
