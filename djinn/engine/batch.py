@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -28,10 +28,12 @@ class RowSpan:
 
 
 def build_context(spans: list[RowSpan], tokens: list[int], kv: torch.Tensor, block_size: int,
-                  sliding_window: Optional[int], device: torch.device,
+                  sliding_window: Optional[int], device: torch.device, feed: Sequence[tuple[int, int]] = (),
+                  sampled: Optional[torch.Tensor] = None,
                   use_kernel: Optional[bool] = None) -> tuple[ForwardContext, torch.Tensor]:
-    """The forward context of a step over `spans`, and the flat token ids on the device. The padded layout
-    of the portable attention path is built only when the Triton kernel does not run."""
+    """The forward context of a step over `spans`, and the flat token ids on the device. `feed` lists
+    (token index, index into `sampled`) for tokens the previous step sampled and the host has not seen yet.
+    The padded layout of the portable attention path is built only when the Triton kernel does not run."""
     if use_kernel is None:
         use_kernel = device.type == "cuda"
     n_rows = len(spans)
@@ -46,13 +48,17 @@ def build_context(spans: list[RowSpan], tokens: list[int], kv: torch.Tensor, blo
     positions = starts[row_of_token] + col_of_token
     n, n_tables = positions.shape[0], tables.numel() if use_kernel else 0
     # every integer input in one host buffer: one copy to the device
+    feed_pairs = torch.tensor(feed, dtype=torch.long).view(-1, 2).T.flatten()
     packed = torch.cat([torch.tensor(tokens, dtype=torch.long), positions, tables[row_of_token, positions // block_size]
-                        .long(), positions % block_size, row_of_token, tables.flatten().long()[:n_tables]])
+                        .long(), positions % block_size, row_of_token, tables.flatten().long()[:n_tables], feed_pairs])
     dev = to_device(packed, device)
     tok, pos, w_blocks, w_offsets, rows = dev[:5 * n].view(5, n)
+    if feed:
+        dst, src = dev[len(packed) - 2 * len(feed):].view(2, -1)
+        tok = tok.index_copy(0, dst, sampled.index_select(0, src))
     meta = AttentionMetadata(
         write_blocks=w_blocks, write_offsets=w_offsets,
-        block_tables=dev[5 * n:].view(n_rows, n_tbl) if use_kernel else tables,
+        block_tables=dev[5 * n:5 * n + n_tables].view(n_rows, n_tbl) if use_kernel else tables,
         token_row=rows, token_pos=pos, window=sliding_window or 0, max_context=int((starts + lens).max()),
     )
     if not use_kernel:  # the portable path runs where the host is (tests, CPU serving)

@@ -30,12 +30,13 @@ class DecodeGraphs:
         self.width = -(-max_context // self.block_size)  # block-table columns a graph can read
         mb, w = self.max_batch, self.width
         # One host buffer and one device buffer hold every integer input, so a step is one copy.
-        self._host = torch.zeros(4 * mb + mb * w, dtype=torch.long, pin_memory=True)
+        self._host = torch.zeros(5 * mb + mb * w, dtype=torch.long, pin_memory=True)
         self._host_np = self._host.numpy()
         self._dev = torch.zeros_like(self._host, device=self.device)
         self.tokens, self.positions = self._dev[:mb], self._dev[mb:2 * mb]
         self.write_blocks, self.write_offsets = self._dev[2 * mb:3 * mb], self._dev[3 * mb:4 * mb]
-        self.tables = self._dev[4 * mb:].view(mb, w)
+        self.feed_from = self._dev[4 * mb:5 * mb]  # index into the previous step's sampled ids, -1: use `tokens`
+        self.tables = self._dev[5 * mb:].view(mb, w)
         self.token_row = torch.arange(mb, device=self.device)
         self._edit_bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._filled: dict[int, object] = {}  # what each site's buffers hold now
@@ -73,14 +74,17 @@ class DecodeGraphs:
         host = self._host_np  # numpy view: per-row Python writes here cost far less than tensor ops
         host[: 4 * mb] = 0
         host[2 * mb:3 * mb] = self.scratch_block  # padding rows write into the scratch block
-        tables = host[4 * mb:].reshape(mb, w)
+        host[4 * mb:5 * mb] = -1
+        tables = host[5 * mb:].reshape(mb, w)
         tables[:bucket] = self.scratch_block
         for i, r in enumerate(rows):
             pos, bt = r.span.start, r.span.block_table
             host[i], host[mb + i] = r.tokens[0], pos
             host[2 * mb + i], host[3 * mb + i] = bt[pos // bs], pos % bs
+            if r.feed_from is not None:
+                host[4 * mb + i] = r.feed_from
             tables[i, : len(bt)] = bt
-        used = 4 * mb + bucket * w
+        used = 5 * mb + bucket * w
         self._dev[:used].copy_(self._host[:used], non_blocking=True)
         signature = tuple(sorted(edits))
         for site in signature:
@@ -148,9 +152,11 @@ class DecodeGraphs:
             token_pos=self.positions[:bucket], window=self.window, max_context=self.width * self.block_size)
         ctx = ForwardContext(positions=self.positions[:bucket], attention=meta, kv=self.kv)
         self.model.prepare(ctx)
+        src = self.feed_from[:bucket]
+        tokens = torch.where(src < 0, self.tokens[:bucket], self.runner.sampled[src.clamp(min=0)])
         resid = branch = None
         for site in self.sites:
-            resid, branch = self.runner.compute_site(site, resid, branch, ctx, self.tokens[:bucket])
+            resid, branch = self.runner.compute_site(site, resid, branch, ctx, tokens)
             if site.index in signature:
                 mul, add = self._edit_bufs[site.index]
                 value = resid if site.kind == RESID else branch

@@ -366,6 +366,11 @@ class Engine:
             if w.has_work():
                 w.step()
 
+    def drain(self) -> None:
+        """Finish reading the steps in flight, so that commands see every session settled."""
+        for w in self.workers.values():
+            w.drain()
+
     def housekeeping(self) -> None:
         """Between steps: expire paused sessions past their time-to-live, finish background copies."""
         now = time.monotonic()

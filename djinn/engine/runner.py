@@ -26,10 +26,12 @@ class Row:
     """One session's work in a step."""
 
     session: object
+    request: object  # the call this row computes for; a row whose call ended meanwhile is dropped
     span: RowSpan
     tokens: list[int]
     step: int
     plan: Plan
+    feed_from: Optional[int] = None  # the token is still on the device: this index of the sampled ids
     entry: int = -1  # site index the row already passed (resumed rows); -1: starts at the embedding
     resid: Optional[torch.Tensor] = None
     branch: Optional[torch.Tensor] = None
@@ -57,8 +59,9 @@ class StepOutput:
 
 class Runner:
     def __init__(self, model: torch.nn.Module, kv: torch.Tensor, sites: list[Site], block_size: int,
-                 sliding_window: Optional[int], device: torch.device):
+                 sliding_window: Optional[int], device: torch.device, sampled: torch.Tensor):
         self.model, self.kv, self.sites = model, kv, sites
+        self.sampled = sampled  # the previous step's sampled ids, on the device (rows with feed_from read them)
         self.block_size, self.window, self.device = block_size, sliding_window, device
         self.stager = HostStager(device)
         self.graphs = None  # DecodeGraphs, set by the worker on a GPU
@@ -103,7 +106,10 @@ class Runner:
 
     def _context(self, rows: list[Row]) -> tuple[ForwardContext, torch.Tensor]:
         tokens = [t for r in rows for t in r.tokens]
-        ctx, tok = build_context([r.span for r in rows], tokens, self.kv, self.block_size, self.window, self.device)
+        offsets = self._offsets(rows)
+        feed = [(offsets[i], r.feed_from) for i, r in enumerate(rows) if r.feed_from is not None]
+        ctx, tok = build_context([r.span for r in rows], tokens, self.kv, self.block_size, self.window, self.device,
+                                 feed=feed, sampled=self.sampled)
         self.model.prepare(ctx)
         return ctx, tok
 

@@ -58,14 +58,21 @@ class EngineService:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                self._run(self._commands.get(timeout=0 if self.engine.has_work() else 0.02))
-                while True:
-                    self._run(self._commands.get_nowait())
+                item = self._commands.get(timeout=0 if self.engine.has_work() else 0.02)
             except queue.Empty:
-                pass
-            try:
-                self.engine.housekeeping()
-                if self.engine.has_work():
-                    self.engine.step()
-            except Exception:  # keep serving everyone else
-                log.exception("engine loop error")
+                item = None
+            if item is not None:
+                self._guarded(self.engine.drain)  # commands see every session settled
+                self._run(item)
+                while not self._commands.empty():
+                    self._run(self._commands.get_nowait())
+            self._guarded(self.engine.housekeeping)
+            if self.engine.has_work():
+                self._guarded(self.engine.step)
+
+    @staticmethod
+    def _guarded(fn) -> None:
+        try:
+            fn()
+        except Exception:  # keep serving everyone else
+            log.exception("engine loop error")

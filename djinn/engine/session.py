@@ -51,6 +51,8 @@ class Request:
     pause: Optional[Pause] = None  # where the row waits at a breakpoint, its state saved
     paused_since: float = 0.0
     resumed: bool = False  # the paused row re-enters at its site in the next step
+    # (index among the sampled ids, its position) of this call's next token while a step in flight samples it
+    pending: Optional[tuple[int, int]] = None
 
     def fork_for(self, session: "Session") -> "Request":
         """This paused call, copied for `session` (a fork made at the pause); it has no listener until a
@@ -59,9 +61,11 @@ class Request:
         new_row = replace(row, session=session, span=RowSpan(row.span.start, row.span.n_tokens, session.blocks),
                           tokens=list(row.tokens), resid=row.resid.clone(),
                           branch=None if row.branch is None else row.branch.clone())
-        return replace(self, sink=_no_listener, seq=next(_arrival), generated=list(self.generated),
+        fork = replace(self, sink=_no_listener, seq=next(_arrival), generated=list(self.generated),
                        logits=list(self.logits), captures=dict(self.captures), decoder=copy.deepcopy(self.decoder),
                        pause=Pause(new_row, p.site, p.activation))
+        new_row.request = fork
+        return fork
 
 
 @dataclass(eq=False)

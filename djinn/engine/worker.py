@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -13,13 +14,14 @@ from ..events import Done, Error, GenerateResult, Paused, Token
 from ..models.loading import LoadedModel
 from ..models.tokenizer import IncrementalDecoder
 from ..sites import SiteTable
-from .batch import RowSpan
-from .cuda_graphs import DecodeGraphs
+from .batch import RowSpan, to_device
+from .cuda_graphs import BUCKETS, DecodeGraphs
 from .kv_pool import KVPool
 from .plan import Compiler
-from .runner import Pause, Row, Runner
+from .runner import Pause, Row, Runner, StepOutput
 from .sampling import sample
 from .session import Request, Session, SessionState
+from .staging import Staged
 from .stats import EngineStats
 
 log = logging.getLogger("djinn.engine")
@@ -33,6 +35,17 @@ def _emit(req: Request, event: object) -> None:
         log.exception("event sink failed")
 
 
+@dataclass(eq=False)
+class InFlight:
+    """A step whose GPU work is queued and whose sampled ids the host has not read yet."""
+
+    rows: list[Row]  # the rows that finished the forward, in the order of `tokens`
+    tokens: torch.Tensor  # host tensor the sampled ids arrive in
+    done: Optional[torch.cuda.Event]  # recorded after the copy (None on the CPU: already there)
+    logits: Optional[Staged]  # float32 logits of the rows at `logit_rows`
+    logit_rows: list[int]
+
+
 class ModelWorker:
     def __init__(self, loaded: LoadedModel, n_blocks: int, n_host_blocks: int, block_size: int,
                  max_step_tokens: int, stats: EngineStats, cuda_graphs: bool = True):
@@ -44,11 +57,16 @@ class ModelWorker:
         self.sites = SiteTable(self.cfg.n_layers)
         self.compiler = Compiler(self.sites, self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head, self.dtype,
                                  self.device)
-        self.runner = Runner(self.model, self.pool.kv, self.sites.sites, block_size, self.cfg.sliding_window,
-                             self.device)
         self.max_step_tokens = max_step_tokens
+        # A step's sampled ids stay on the device, where the next step reads them (see step()); the host gets
+        # them through alternating pinned buffers.
+        self.sampled = torch.zeros(max(max_step_tokens, BUCKETS[-1]), dtype=torch.long, device=self.device)
+        self.runner = Runner(self.model, self.pool.kv, self.sites.sites, block_size, self.cfg.sliding_window,
+                             self.device, self.sampled)
+        on_gpu = self.device.type == "cuda"
+        self._host_tokens = [torch.zeros(len(self.sampled), dtype=torch.long, pin_memory=on_gpu) for _ in range(2)]
+        self._inflight: Optional[InFlight] = None
         self.reserved_blocks = 0
-        self._step_done = torch.cuda.Event() if self.device.type == "cuda" else None
         if self.device.type == "cuda" and cuda_graphs:
             (scratch,) = self.pool.device_blocks.allocate(1)  # padding rows of a graph write here
             self.reserved_blocks = 1
@@ -126,17 +144,22 @@ class ModelWorker:
     # ------------------------------------------------------------------ scheduling
 
     def has_work(self) -> bool:
-        return any(self._runnable(s) for s in self.sessions.values()) or bool(self._pending_pauses)
+        return (any(self._runnable(s) for s in self.sessions.values()) or bool(self._pending_pauses)
+                or self._inflight is not None)
 
-    @staticmethod
-    def _runnable(s: Session) -> bool:
+    def _runnable(self, s: Session) -> bool:
         r = s.request
-        return r is not None and (s.state == SessionState.RUNNING or (s.state == SessionState.PAUSED and r.resumed))
+        if r is None:
+            return False
+        if r.pending is not None:  # its next token is in flight; schedule past it unless that one is the last
+            return len(r.generated) + 1 < r.max_new_tokens and r.pending[1] < self.cfg.max_seq_len
+        return s.state == SessionState.RUNNING or (s.state == SessionState.PAUSED and r.resumed)
 
     def _schedule(self) -> list[Row]:
         candidates = sorted((s for s in self.sessions.values() if self._runnable(s)), key=lambda s: s.request.seq)
         rows: list[Row] = []
-        in_step: set[int] = set()  # ids of the sessions already in this step: they stay put
+        # sessions already in this step or still computing in the last one stay on the device
+        in_step: set[int] = {id(r.session) for r in self._inflight.rows} if self._inflight else set()
         used = 0
         for s in candidates:
             req = s.request
@@ -144,6 +167,9 @@ class ModelWorker:
                 row = req.pause.row
                 n = row.span.n_tokens
                 end = row.span.start + n
+            elif req.pending is not None:  # feed the token the step in flight samples, after its tokens
+                n, end = 1, req.pending[1] + 1
+                row = None
             else:
                 tokens = s.history[s.kv_len:]
                 n, end = len(tokens), s.kv_len + len(tokens)
@@ -153,17 +179,20 @@ class ModelWorker:
             # any session not in this step may be swapped out to make room
             if not self._make_resident(s, end, in_step | {id(s)}):
                 continue
-            if row is None:
-                row = Row(s, RowSpan(s.kv_len, n, s.blocks), tokens, req.step, req.plan)
-            else:
+            if req.resumed:
                 row.span.block_table = s.blocks  # blocks may have moved through a swap
                 req.pause, req.resumed = None, False
                 s.state = SessionState.RUNNING
+            elif req.pending is not None:
+                index, position = req.pending
+                row = Row(s, req, RowSpan(position, 1, s.blocks), [0], req.step + 1, req.plan, feed_from=index)
+            else:
+                row = Row(s, req, RowSpan(s.kv_len, n, s.blocks), tokens, req.step, req.plan)
             s.last_used = time.monotonic()
             rows.append(row)
             in_step.add(id(s))
             used += n
-        if not rows and candidates:
+        if not rows and candidates and self._inflight is None:
             s = candidates[0]
             self.fail(s, CapacityError("not enough KV memory to run this request, even after swapping out "
                                        "every other session (host pool full)"))
@@ -172,51 +201,89 @@ class ModelWorker:
     # ------------------------------------------------------------------ the step
 
     def step(self) -> None:
+        """Run one step. Its GPU work is queued, then the host reads and hands out the previous step's tokens
+        while the GPU computes: rows whose token is still on the device were scheduled with `feed_from`,
+        and a row whose call turns out to have ended (a stop token) is dropped when its step is read."""
         self._emit_ready_pauses()
         rows = self._schedule()
         if not rows:
+            self.drain()
             return
         started = time.perf_counter()
         try:
             out = self.runner.run(rows)
-            self._finish_step(out)
+            self.drain()
+            self._settle(out)
+            self._inflight = self._launch_sampling(out)
         except DjinnError as e:
-            for r in rows:
-                self.fail(r.session, e)
+            self._fail_rows(rows, e)
         except Exception as e:  # a bug must not take down other users' sessions
             log.exception("engine step failed")
-            for r in rows:
-                if r.session.request is not None:
-                    self.fail(r.session, InternalError(f"engine step failed: {type(e).__name__}: {e}"))
+            self._fail_rows(rows, InternalError(f"engine step failed: {type(e).__name__}: {e}"))
         elapsed = time.perf_counter() - started
         st = self.stats
         st.steps, st.step_seconds, st.last_step_seconds = st.steps + 1, st.step_seconds + elapsed, elapsed
         st.tokens_processed += sum(r.span.n_tokens for r in rows)
 
-    def _finish_step(self, out) -> None:
+    def _fail_rows(self, rows: list[Row], error: DjinnError) -> None:
+        self.drain()  # the step before is fine: hand out its tokens first
+        for r in rows:
+            if r.session.request is r.request:
+                self.fail(r.session, error)
+
+    def _settle(self, out: StepOutput) -> None:
+        """Record the step's captures and pauses (after the previous step's tokens went out, to keep order)."""
         for row, name, staged in out.captures:
-            row.session.request.captures[(name, row.step)] = staged
+            if row.session.request is row.request:
+                row.request.captures[(name, row.step)] = staged
         for p in out.paused:
             s = p.row.session
+            if s.request is not p.row.request:
+                continue
             s.state = SessionState.PAUSED
             s.request.pause = p
             s.request.paused_since = time.monotonic()
             self.stats.pauses += 1
             self.announce_pause(s)
         self._emit_ready_pauses()
-        if not out.finished:
+
+    def _launch_sampling(self, out: StepOutput) -> Optional[InFlight]:
+        """Queue sampling of the finished rows and the copy of their ids to the host; nothing waits here."""
+        rows = [r for r in out.finished if r.session.request is r.request]
+        if not rows:
+            return None
+        if len(rows) < len(out.finished):
+            keep = [i for i, r in enumerate(out.finished) if r.session.request is r.request]
+            out.logits = out.logits[to_device(torch.tensor(keep), self.device)]
+        n = len(rows)
+        self.sampled[:n] = sample(out.logits, [r.request.sampling for r in rows], [r.step for r in rows])
+        for i, r in enumerate(rows):
+            r.request.pending = (i, r.span.start + r.span.n_tokens)
+        logit_rows = [i for i, r in enumerate(rows) if r.request.return_logits]
+        logits = self.runner.stager.stage(out.logits[logit_rows].float()) if logit_rows else None
+        host = self._host_tokens[0][:n]
+        self._host_tokens.reverse()  # the other buffer may still be read for the step before
+        host.copy_(self.sampled[:n], non_blocking=True)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return InFlight(rows, host, done, logits, logit_rows)
+
+    def drain(self) -> None:
+        """Read the step in flight, if any, and hand out its tokens: afterwards every session is settled."""
+        f, self._inflight = self._inflight, None
+        if f is None:
             return
-        rows = out.finished
-        reqs = [r.session.request for r in rows]
-        sampled = sample(out.logits, [q.sampling for q in reqs], [q.step for q in reqs])
-        if self.device.type == "cuda":  # wait for the GPU with the GIL released, so client threads run meanwhile
-            self._step_done.record()
-            self._step_done.synchronize()
-        tokens = sampled.tolist()
-        want = [i for i, q in enumerate(reqs) if q.return_logits]
-        host_logits = dict(zip(want, out.logits[want].float().cpu())) if want else {}
-        for i, (row, req, tok) in enumerate(zip(rows, reqs, tokens)):
-            s = row.session
+        if f.done is not None:  # waits with the GIL released, so client threads run meanwhile
+            f.done.synchronize()
+        tokens = f.tokens.tolist()
+        host_logits = dict(zip(f.logit_rows, f.logits.result())) if f.logits is not None else {}
+        for i, (row, tok) in enumerate(zip(f.rows, tokens)):
+            s, req = row.session, row.request
+            if s.request is not req:
+                continue  # the call ended while this step ran
+            req.pending = None
             s.kv_len += row.span.n_tokens
             req.step += 1
             if req.max_new_tokens == 0:
@@ -269,6 +336,7 @@ class ModelWorker:
         logits = torch.stack(req.logits) if req.return_logits and req.logits else None
         text = self.tokenizer.decode(req.generated) if self.tokenizer else ""
         s.request, s.state = None, SessionState.IDLE
+        self.trim(s)  # a step already queued past the end may have taken a block
         self.stats.requests_finished += 1
         _emit(req, Done(GenerateResult(text, list(req.generated), reason, captures, logits)))
 
