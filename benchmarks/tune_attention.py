@@ -1,4 +1,7 @@
-"""Times the Triton paged attention for a few tile shapes (Mistral-7B decode, 64 rows) to pick the defaults."""
+"""Times the Triton paged attention over its tile settings for the shapes the benchmarks run (decode at batch
+1 and 64, a 512-token prefill), to pick the defaults in djinn/kernels/paged_attention.py. Prints one line per
+setting and shape, then the settings ranked by their total over all shapes."""
+import itertools
 import os
 import sys
 
@@ -8,22 +11,41 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn.kernels.paged_attention as pa  # noqa: E402
 
-n, h, kvh, d, bs, ctx = 64, 32, 8, 128, 16, 320
-blocks = n * (ctx // bs)
-kv = torch.randn(blocks, 2, bs, kvh, d, device="cuda", dtype=torch.bfloat16)
-tables = torch.randperm(blocks, device="cuda").view(n, ctx // bs).int()
-q = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16)
-rows = torch.arange(n, device="cuda", dtype=torch.int32)
-pos = torch.full((n,), ctx - 1, device="cuda", dtype=torch.int32)
-ref = None
-for chunk in (128, 256):
-    for block_n in (32, 64, 128):
-        for warps in (4, 8):
-            pa.CHUNK, pa.BLOCK_N, pa.NUM_WARPS = chunk, block_n, warps
-            f = lambda: pa.paged_attention_triton(q, kv, tables, rows, pos, d ** -0.5, 0, 4096)
-            out = f()
-            ref = out if ref is None else ref
-            ms = triton.testing.do_bench(f, warmup=50, rep=200, return_mode="median")
-            kv_bytes = n * ctx * kvh * d * 2 * 2
-            print(f"chunk {chunk} block_n {block_n} warps {warps}: {ms * 1000:.1f} us "
-                  f"({kv_bytes / ms / 1e6:.0f} GB/s) maxdiff {(out.float() - ref.float()).abs().max().item():.2e}")
+BS = 16
+# name: (n_heads, n_kv_heads, d_head, dtype, query positions per row, rows, max_context as the caller passes it)
+SHAPES = {
+    "mistral decode 1 x 330": (32, 8, 128, torch.bfloat16, [329], 1, 4096),
+    "mistral decode 64 x 320": (32, 8, 128, torch.bfloat16, [319], 64, 4096),
+    "gpt2 decode 1 x 600": (12, 12, 64, torch.float16, [599], 1, 1024),
+    "mistral prefill 512": (32, 8, 128, torch.bfloat16, list(range(512)), 1, 512),
+}
+
+
+def case(h, kvh, d, dtype, qpos, n_rows, max_context):
+    ctx = max(qpos) + 1
+    per_row = -(-ctx // BS)
+    kv = torch.randn(n_rows * per_row, 2, BS, kvh, d, device="cuda", dtype=dtype)
+    tables = torch.randperm(n_rows * per_row, device="cuda").view(n_rows, per_row).int()
+    n = n_rows * len(qpos)
+    q = torch.randn(n, h, d, device="cuda", dtype=dtype)
+    rows = torch.arange(n_rows, device="cuda", dtype=torch.int32).repeat_interleave(len(qpos))
+    pos = torch.tensor(qpos * n_rows, device="cuda", dtype=torch.int32)
+    return lambda: pa.paged_attention_triton(q, kv, tables, rows, pos, d ** -0.5, 0, max_context)
+
+
+def main() -> None:
+    cases = {name: case(*shape) for name, shape in SHAPES.items()}
+    totals = {}
+    for chunk, block_n, warps, stages in itertools.product((128, 256), (32, 64), (4, 8), (1, 2, 3)):
+        pa.CHUNK, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES = chunk, block_n, warps, stages
+        key = f"chunk {chunk} block_n {block_n} warps {warps} stages {stages}"
+        times = [triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") * 1000 for f in cases.values()]
+        totals[key] = times
+        print(key + ": " + ", ".join(f"{n} {t:.1f} us" for n, t in zip(cases, times)), flush=True)
+    print("\nranked by the sum over the shapes:")
+    for key, times in sorted(totals.items(), key=lambda kv: sum(kv[1]))[:8]:
+        print(f"{sum(times):8.1f} us  {key}  ({', '.join(f'{t:.1f}' for t in times)})")
+
+
+if __name__ == "__main__":
+    main()

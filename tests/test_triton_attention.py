@@ -1,5 +1,6 @@
-"""The Triton kernels (paged attention, rotary + KV write, RMSNorm, SwiGLU) compute what the portable
-PyTorch path computes. Runs through Triton's CPU interpreter here; on GPUs they run compiled."""
+"""The Triton kernels (paged attention, rotary + KV write, RMSNorm and LayerNorm with a fused residual add,
+SwiGLU) compute what the portable PyTorch path computes. Runs through Triton's CPU interpreter here; on GPUs
+they run compiled."""
 import os
 import subprocess
 import sys
@@ -13,14 +14,21 @@ SCRIPT = textwrap.dedent("""
     import torch
     import torch.nn.functional as F
     from djinn.engine.batch import RowSpan, build_context
-    from djinn.kernels.fused import rms_norm, silu_mul
+    from djinn.kernels.fused import norm, silu_mul
     from djinn.models.attention import paged_attention
-    from djinn.models.layers import RMSNorm, Rotary
+    from djinn.models.layers import LayerNorm, RMSNorm, Rotary
     torch.manual_seed(0)
-    x, w = torch.randn(5, 48), torch.randn(48)
-    ref = RMSNorm(48, 1e-5)
-    ref.weight.data = w
-    assert (rms_norm(x, w, 1e-5) - ref(x)).abs().max() < 1e-5
+    for ref in (RMSNorm(48, 1e-5), LayerNorm(48, 1e-5)):
+        ref.weight.data, bias = torch.randn(48), None
+        if ref.bias is not None:
+            ref.bias.data = bias = torch.randn(48)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-2)):
+            x, r = torch.randn(5, 48, dtype=dtype), torch.randn(5, 48, dtype=dtype)
+            same, normed = norm(x, None, ref.weight, bias, 1e-5, ref.rms)
+            assert same is x and (normed.float() - ref.reference(x.float())).abs().max() < tol
+            total, fused = norm(x, r, ref.weight, bias, 1e-5, ref.rms)
+            assert torch.equal(total, x + r)  # the add rounds as a separate add does
+            assert torch.equal(fused, norm(x + r, None, ref.weight, bias, 1e-5, ref.rms)[1])
     gu = torch.randn(6, 2 * 40)
     assert (silu_mul(gu) - F.silu(gu[:, :40]) * gu[:, 40:]).abs().max() < 1e-5
     for n_heads, n_kv, d_head, window, bs, starts in [(4, 2, 16, None, 4, (0, 5, 9, 2)), (8, 8, 8, None, 4, (0, 5, 9, 2)), (8, 2, 32, 5, 4, (0, 5, 9, 2)), (6, 3, 12, None, 4, (0, 5, 9, 2)), (4, 1, 16, None, 16, (130, 250, 3, 120)), (4, 2, 16, 40, 16, (200, 140, 7, 66))]:

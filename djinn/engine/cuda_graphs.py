@@ -156,7 +156,7 @@ class DecodeGraphs:
         tokens = torch.where(src < 0, self.tokens[:bucket], self.runner.sampled[src.clamp(min=0)])
         resid = branch = None
         for site in self.sites:
-            resid, branch = self.runner.compute_site(site, resid, branch, ctx, tokens)
+            resid, branch = self.runner.compute_site(site, resid, branch, ctx, tokens, site.index not in signature)
             if site.index in signature:
                 mul, add = self._edit_bufs[site.index]
                 value = resid if site.kind == RESID else branch

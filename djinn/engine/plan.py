@@ -49,6 +49,10 @@ class Plan:
     captures: dict[int, list[Probe]] = field(default_factory=lambda: defaultdict(list))
     breakpoints: dict[int, list[Probe]] = field(default_factory=lambda: defaultdict(list))
 
+    def sites(self) -> set[int]:
+        """Every site something is declared at, whatever its steps."""
+        return {k for d in (self.edits, self.captures, self.breakpoints) for k, items in d.items() if items}
+
     def extend(self, other: "Plan") -> "Plan":
         out = Plan()
         for mine, theirs, dst in [(self.edits, other.edits, out.edits), (self.captures, other.captures, out.captures),

@@ -82,9 +82,10 @@ class Runner:
         ctx = None
         if live:
             ctx, tokens = self._context(live)
+        touched = set().union(*(r.plan.sites() for r in rows)) | set(joining)  # sites where adds stay explicit
         for site in self.sites:
             if live:
-                resid, branch = self.compute_site(site, resid, branch, ctx, tokens)
+                resid, branch = self.compute_site(site, resid, branch, ctx, tokens, site.index not in touched)
                 live, resid, branch, ctx = self._at_site(site, live, resid, branch, ctx, out)
             if site.index in joining:
                 new = joining[site.index]
@@ -120,21 +121,23 @@ class Runner:
             offsets.append(offsets[-1] + r.span.n_tokens)
         return offsets
 
-    def compute_site(self, site: Site, resid, branch, ctx: ForwardContext, tokens):
-        """The (residual, branch) state at `site`, from the state at the site before it."""
+    def compute_site(self, site: Site, resid, branch, ctx: ForwardContext, tokens, defer_add: bool = False):
+        """The (residual, branch) state at `site`, from the state at the site before it. With `defer_add` a
+        residual add leaves the state as (resid, branch): the next site's norm does the add in its kernel.
+        Only a site where nothing reads or edits the residual may be deferred."""
         m = self.model
         if site.op == "embed":
             return m.embed_tokens(tokens, ctx.positions), None
         if site.op == "attn_z":
-            return resid, m.blocks[site.layer].attn_z(resid, ctx)
+            return m.blocks[site.layer].attn_z(resid, ctx, branch)
         if site.op == "attn_out":
             return resid, m.blocks[site.layer].attn_out(branch)
         if site.op == "add":
-            return resid + branch, None
+            return (resid, branch) if defer_add else (resid + branch, None)
         if site.op == "mlp_out":
-            return resid, m.blocks[site.layer].mlp_out(resid)
+            return m.blocks[site.layer].mlp_out(resid, branch)
         if site.op == "final_norm":
-            return resid, m.ln_final(resid)
+            return m.ln_final.add_and_norm(resid, branch)
         raise AssertionError(site.op)
 
     def _at_site(self, site: Site, live: list[Row], resid, branch, ctx, out: StepOutput):

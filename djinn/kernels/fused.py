@@ -1,6 +1,6 @@
-"""Fused elementwise kernels for the GPU path: RMSNorm, SwiGLU's silu(gate) * up, and rotary embedding
-fused with the KV-cache write. Each replaces several PyTorch kernels with one; each computes in float32 and
-rounds once."""
+"""Fused elementwise kernels for the GPU path: RMSNorm and LayerNorm (each with the residual add before it),
+SwiGLU's silu(gate) * up, and rotary embedding fused with the KV-cache write. Each replaces several PyTorch
+kernels with one; each computes in float32 and rounds once."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,28 +11,51 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, n_cols, eps, BLOCK: tl.constexpr):
+def _norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, b_ptr, out_ptr, stride_x, stride_r, stride_s, stride_o, n_cols, eps,
+                 BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    dtype = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    normed = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    if HAS_RESIDUAL:  # the residual add, rounded as a separate add would be, then normalised from there
+        x = (x + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+        tl.store(sum_ptr + row * stride_s + cols, x, mask=mask)
+        x = x.to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    # like the reference: normalise in float32, round to the input dtype, then scale by the weight
-    out = w * normed.to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if RMS:
+        normed = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        # like the reference: normalise in float32, round to the input dtype, then scale by the weight
+        out = w * normed.to(dtype).to(tl.float32)
+    else:
+        centred = tl.where(mask, x - tl.sum(x, axis=0) / n_cols, 0.0)
+        out = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / n_cols + eps) * w
+        if HAS_BIAS:
+            out += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, out.to(dtype), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+         eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm (`rms`) or LayerNorm of x + residual (of x alone when residual is None), in one kernel.
+    Returns (x + residual, or x itself; the normalised rows). A fused add gives the same bits as the add
+    followed by the norm."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    total = x2
+    if residual is not None:
+        residual = residual.reshape(x2.shape).contiguous()
+        total = torch.empty_like(out)
     if x2.shape[0]:
         block = triton.next_power_of_2(x2.shape[1])
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), x2.shape[1], eps,
-                                         BLOCK=block, num_warps=min(16, max(1, block // 256)))
-    return out.view(x.shape)
+        r = residual if residual is not None else x2
+        _norm_kernel[(x2.shape[0],)](x2, r, total, weight, bias if bias is not None else weight, out, x2.stride(0),
+                                     r.stride(0), total.stride(0), out.stride(0), x2.shape[1], eps, BLOCK=block,
+                                     RMS=rms, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+                                     num_warps=min(16, max(1, block // 256)))
+    return (total.view(x.shape) if residual is not None else x), out.view(x.shape)
 
 
 @triton.jit

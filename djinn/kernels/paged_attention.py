@@ -15,6 +15,7 @@ import triton.language as tl
 CHUNK = 256  # key positions per program
 BLOCK_N = 64  # keys per inner iteration
 NUM_WARPS = 4
+NUM_STAGES = 2  # tiles in flight per program
 
 
 @triton.jit
@@ -23,7 +24,7 @@ def _chunk_kernel(
     stride_qn, stride_qh, stride_blk, stride_kv, stride_tok, stride_head, stride_table,
     scale, window, n_heads, n_chunks,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -44,9 +45,10 @@ def _chunk_kernel(
         m = tl.full([GROUP_P], float("-inf"), tl.float32)
         denom = tl.zeros([GROUP_P], tl.float32)
         acc = tl.zeros([GROUP_P, D_P], tl.float32)
-        start = lo + (tl.maximum(first - lo, 0) // BLOCK_N) * BLOCK_N  # every tile holds a valid key
-        while start < hi:  # a while loop: Triton's CPU interpreter cannot take a tensor bound in range()
-            kp = start + tl.arange(0, BLOCK_N)
+        # A fixed trip count lets Triton prefetch the next tile while this one computes. Tiles outside
+        # [first, hi) are masked: they load nothing and leave m, denom and acc exactly as they were.
+        for t in tl.range(0, CHUNK_SIZE // BLOCK_N, num_stages=NUM_STAGES):
+            kp = lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = (kp < hi) & (kp >= first)
             block = tl.load(tables_ptr + row * stride_table + kp // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
             base = block * stride_blk + (kp % BLOCK_SIZE) * stride_tok + kv_head * stride_head
@@ -55,13 +57,13 @@ def _chunk_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep everything at 0
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
             denom = denom * alpha + tl.sum(p, axis=1)
             v = tl.load(kv_ptr + base[:, None] + stride_kv + d[None, :], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m = m_new
-            start += BLOCK_N
         slot = (tok * n_heads + heads) * n_chunks + chunk  # [GROUP_P]
         tl.store(acc_ptr + slot[:, None] * D_P + d[None, :], acc, mask=(g < GROUP)[:, None])
         tl.store(ml_ptr + slot * 2, m, mask=g < GROUP)
@@ -122,7 +124,7 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         block_tables.stride(0), scale, window, n_heads, n_chunks,
         GROUP=group, GROUP_P=group_p, D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=BLOCK_N,
-        CHUNK_SIZE=CHUNK, num_warps=NUM_WARPS,
+        CHUNK_SIZE=CHUNK, NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS,
     )
     _merge_kernel[(n, n_heads)](acc, ml, out, token_pos, out.stride(0), out.stride(1), window, n_heads, n_chunks,
                                 D=d_head, D_P=d_p, CHUNK_SIZE=CHUNK, num_warps=1)

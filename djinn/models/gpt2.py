@@ -5,6 +5,8 @@ Blocks expose the same halves as the Llama family, so the engine treats both ali
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from .attention import paged_attention
 from .config import ModelConfig
 from .context import ForwardContext
+from .layers import LayerNorm
 
 
 class GPT2Attention(nn.Module):
@@ -39,19 +42,24 @@ class GPT2MLP(nn.Module):
 class GPT2Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ln1 = LayerNorm(cfg.d_model, cfg.norm_eps)
         self.attn = GPT2Attention(cfg, layer)
-        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = GPT2MLP(cfg)
 
-    def attn_z(self, resid: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.attn(self.ln1(resid), ctx)
+    def attn_z(self, resid: torch.Tensor, ctx: ForwardContext,
+               pending: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(resid + pending, z): a residual add still pending is done together with the norm."""
+        resid, x = self.ln1.add_and_norm(resid, pending)
+        return resid, self.attn(x, ctx)
 
     def attn_out(self, z: torch.Tensor) -> torch.Tensor:
         return self.attn.proj(z.flatten(1))
 
-    def mlp_out(self, resid: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.ln2(resid))
+    def mlp_out(self, resid: torch.Tensor,
+                pending: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        resid, x = self.ln2.add_and_norm(resid, pending)
+        return resid, self.mlp(x)
 
 
 class GPT2Model(nn.Module):
@@ -61,7 +69,7 @@ class GPT2Model(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.n_layers))
-        self.ln_final = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ln_final = LayerNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight

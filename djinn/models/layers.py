@@ -1,4 +1,4 @@
-"""Small building blocks shared by the families: RMSNorm and rotary embeddings."""
+"""Small building blocks shared by the families: RMSNorm, LayerNorm, rotary embeddings, SwiGLU."""
 from __future__ import annotations
 
 import math
@@ -9,21 +9,60 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+class _Norm(nn.Module):
+    """A norm that can also take the residual add before it: add_and_norm(resid, branch) returns
+    (resid + branch, norm(resid + branch)), in one kernel on the GPU (branch None: nothing to add)."""
+
+    rms: bool
+
+    def __init__(self, dim: int, eps: float, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from ..kernels.fused import rms_norm
+            from ..kernels.fused import norm
 
-            return rms_norm(x, self.weight, self.eps)
+            return norm(x, None, self.weight, self.bias, self.eps, self.rms)[1]
+        return self.reference(x)
+
+    def add_and_norm(self, resid: torch.Tensor, branch: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if branch is None:
+            return resid, self(resid)
+        if resid.is_cuda:
+            from ..kernels.fused import norm
+
+            return norm(resid, branch, self.weight, self.bias, self.eps, self.rms)
+        resid = resid + branch
+        return resid, self.reference(resid)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RMSNorm(_Norm):
+    rms = True
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__(dim, eps, bias=False)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and scale in the input dtype, as the reference Llama does.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+class LayerNorm(_Norm):
+    rms = False
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__(dim, eps, bias=True)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
 
 
 def rope_inv_freq(d_head: int, theta: float, scaling: Optional[dict[str, Any]]) -> torch.Tensor:

@@ -6,8 +6,12 @@ Each block is split into the halves the engine runs between hook sites:
     resid    = resid + attn_out                  -> blocks.i.hook_resid_mid
     mlp_out  = mlp(norm(resid))                  -> blocks.i.hook_mlp_out
     resid    = resid + mlp_out                   -> blocks.i.hook_resid_post
+Where no hook reads a residual add, the engine hands it to the next norm, which adds and normalises in one
+kernel (`pending` below).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -50,14 +54,19 @@ class LlamaBlock(nn.Module):
         self.ln2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def attn_z(self, resid: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.attn(self.ln1(resid), ctx)
+    def attn_z(self, resid: torch.Tensor, ctx: ForwardContext,
+               pending: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(resid + pending, z): a residual add still pending is done together with the norm."""
+        resid, x = self.ln1.add_and_norm(resid, pending)
+        return resid, self.attn(x, ctx)
 
     def attn_out(self, z: torch.Tensor) -> torch.Tensor:
         return self.attn.o_proj(z.flatten(1))
 
-    def mlp_out(self, resid: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.ln2(resid))
+    def mlp_out(self, resid: torch.Tensor,
+                pending: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        resid, x = self.ln2.add_and_norm(resid, pending)
+        return resid, self.mlp(x)
 
 
 class LlamaModel(nn.Module):
