@@ -11,8 +11,10 @@ import pytest
 pytest.importorskip("triton", reason="Triton is not installed (the kernel is only used on GPUs)")
 
 SCRIPT = textwrap.dedent("""
+    import itertools
     import torch
     import torch.nn.functional as F
+    import djinn.kernels.paged_attention as pa
     from djinn.engine.batch import RowSpan, build_context
     from djinn.kernels.fused import norm, silu_mul
     from djinn.models.attention import paged_attention
@@ -31,8 +33,11 @@ SCRIPT = textwrap.dedent("""
             assert torch.equal(fused, norm(x + r, None, ref.weight, bias, 1e-5, ref.rms)[1])
     gu = torch.randn(6, 2 * 40)
     assert (silu_mul(gu) - F.silu(gu[:, :40]) * gu[:, 40:]).abs().max() < 1e-5
-    for n_heads, n_kv, d_head, window, bs, starts in [(4, 2, 16, None, 4, (0, 5, 9, 2)), (8, 8, 8, None, 4, (0, 5, 9, 2)), (8, 2, 32, 5, 4, (0, 5, 9, 2)), (6, 3, 12, None, 4, (0, 5, 9, 2)), (4, 1, 16, None, 16, (130, 250, 3, 120)), (4, 2, 16, 40, 16, (200, 140, 7, 66))]:
-        lens = (7, 1, 4, 3)  # chunks of 128 positions: the longer rows cross chunk boundaries
+    cases = [(4, 2, 16, None, 4, (0, 5, 9, 2)), (8, 8, 8, None, 4, (0, 5, 9, 2)), (8, 2, 32, 5, 4, (0, 5, 9, 2)), (6, 3, 12, None, 4, (0, 5, 9, 2)), (4, 1, 16, None, 16, (130, 250, 3, 120)), (4, 2, 16, 40, 16, (200, 140, 7, 66))]
+    # the defaults, then small chunks shared out over 2 programs and merged 2 at a time: rows span many chunks
+    settings = [(pa.CHUNK, pa.PROGRAMS, pa.MERGE, pa.BLOCK_N), (16, 2, 2, 16)]
+    for (pa.CHUNK, pa.PROGRAMS, pa.MERGE, pa.BLOCK_N), (n_heads, n_kv, d_head, window, bs, starts) in itertools.product(settings, cases):
+        lens = (7, 1, 4, 3)
         n_blocks = sum(-(-(s + n) // bs) for s, n in zip(starts, lens)) + 1
         kv = torch.randn(n_blocks, 1, 2, bs, n_kv, d_head)
         perm = torch.randperm(n_blocks - 1).tolist()
@@ -51,7 +56,7 @@ SCRIPT = textwrap.dedent("""
                 outs.append(paged_attention(q, k, v, cache[:, 0], ctx.attention, d_head ** -0.5, rope=rope))
                 caches.append(cache)
             err = (outs[0] - outs[1]).abs().max().item()
-            assert err < 1e-5, (n_heads, n_kv, d_head, window, rope is not None, err)
+            assert err < 1e-5, (pa.CHUNK, n_heads, n_kv, d_head, window, rope is not None, err)
             assert (caches[0] - caches[1]).abs().max().item() < 1e-5
     print("ok")
 """)

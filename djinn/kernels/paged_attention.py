@@ -1,10 +1,11 @@
 """Paged attention for a flat varlen batch, in Triton.
 
-Keys are split into fixed chunks of absolute positions (CHUNK). One program per (query token, KV head,
-chunk) computes all the query heads that share that KV head (GQA) over its chunk with an online softmax;
-a second kernel merges the chunks of each token in order. The chunking depends only on positions, never
-on the batch or the grid, so a token's result is the same bits whether it runs eagerly or inside a CUDA
-graph, alone or with others. All metadata lives in device tensors, so both kernels can be captured.
+Keys are split into fixed chunks of absolute positions (CHUNK). For each (query token, KV head) up to
+PROGRAMS programs share out the token's chunks; each chunk gets all the query heads that share the KV head
+(GQA) over its keys with an online softmax, and a second kernel merges the chunks of each token, MERGE at a
+time, in order. The arithmetic depends only on positions, never on the batch or the grid, so a token's
+result is the same bits whether it runs eagerly or inside a CUDA graph, alone or with others. All metadata
+lives in device tensors, so both kernels can be captured.
 """
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 256  # key positions per program
+CHUNK = 256  # key positions per partial result
 BLOCK_N = 64  # keys per inner iteration
 NUM_WARPS = 4
 NUM_STAGES = 2  # tiles in flight per program
+PROGRAMS = 16  # programs per (token, KV head): more spread short contexts wider, fewer idle on long grids
+MERGE = 8  # partial results merged per iteration
+MERGE_WARPS = 1
 
 
 @triton.jit
@@ -28,20 +32,21 @@ def _chunk_kernel(
 ):
     tok = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
-    chunk = tl.program_id(2)
     pos = tl.load(pos_ptr + tok).to(tl.int32)
     first = pos * 0
     if window > 0:
         first = tl.maximum(pos - window + 1, 0)
-    lo = chunk * CHUNK_SIZE
-    hi = tl.minimum(lo + CHUNK_SIZE, pos + 1)
-    if (lo < hi) & (lo + CHUNK_SIZE > first):
-        row = tl.load(rows_ptr + tok).to(tl.int64)
-        g = tl.arange(0, GROUP_P)
-        d = tl.arange(0, D_P)
-        heads = kv_head * GROUP + g
-        qd_mask = (g < GROUP)[:, None] & (d < D)[None, :]
-        q = tl.load(q_ptr + tok * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=qd_mask, other=0.0)
+    row = tl.load(rows_ptr + tok).to(tl.int64)
+    g = tl.arange(0, GROUP_P)
+    d = tl.arange(0, D_P)
+    heads = kv_head * GROUP + g
+    qd_mask = (g < GROUP)[:, None] & (d < D)[None, :]
+    q = tl.load(q_ptr + tok * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=qd_mask, other=0.0)
+    # Program p of a token takes its chunks p, p + P, ...: each chunk's result is the same whatever P is.
+    chunk = first // CHUNK_SIZE + tl.program_id(2)
+    while chunk <= pos // CHUNK_SIZE:
+        lo = chunk * CHUNK_SIZE
+        hi = tl.minimum(lo + CHUNK_SIZE, pos + 1)
         m = tl.full([GROUP_P], float("-inf"), tl.float32)
         denom = tl.zeros([GROUP_P], tl.float32)
         acc = tl.zeros([GROUP_P, D_P], tl.float32)
@@ -68,12 +73,13 @@ def _chunk_kernel(
         tl.store(acc_ptr + slot[:, None] * D_P + d[None, :], acc, mask=(g < GROUP)[:, None])
         tl.store(ml_ptr + slot * 2, m, mask=g < GROUP)
         tl.store(ml_ptr + slot * 2 + 1, denom, mask=g < GROUP)
+        chunk += tl.num_programs(2)
 
 
 @triton.jit
 def _merge_kernel(
     acc_ptr, ml_ptr, out_ptr, pos_ptr, stride_on, stride_oh, window, n_heads, n_chunks,
-    D: tl.constexpr, D_P: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+    D: tl.constexpr, D_P: tl.constexpr, CHUNK_SIZE: tl.constexpr, MERGE: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -82,22 +88,25 @@ def _merge_kernel(
     if window > 0:
         first = tl.maximum(pos - window + 1, 0)
     d = tl.arange(0, D_P)
+    m_all = tl.full([1], float("-inf"), tl.float32)
+    denom = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D_P], tl.float32)
+    # MERGE chunks at a time, groups aligned to the token's first chunk and taken in order: the same
+    # arithmetic for a token wherever and however it runs
     c = first // CHUNK_SIZE
-    slot = (tok * n_heads + head) * n_chunks + c
-    m_all, denom = tl.load(ml_ptr + slot * 2), tl.load(ml_ptr + slot * 2 + 1)
-    acc = tl.load(acc_ptr + slot * D_P + d)
-    c += 1
     while c <= pos // CHUNK_SIZE:
-        slot = (tok * n_heads + head) * n_chunks + c
-        m = tl.load(ml_ptr + slot * 2)
-        l = tl.load(ml_ptr + slot * 2 + 1)
-        part = tl.load(acc_ptr + slot * D_P + d)
-        m_new = tl.maximum(m_all, m)
-        a, b = tl.exp(m_all - m_new), tl.exp(m - m_new)
-        denom = denom * a + l * b
-        acc = acc * a + part * b
+        cs = c + tl.arange(0, MERGE)
+        valid = cs <= pos // CHUNK_SIZE
+        slot = (tok * n_heads + head) * n_chunks + cs
+        m = tl.load(ml_ptr + slot * 2, mask=valid, other=float("-inf"))
+        l = tl.load(ml_ptr + slot * 2 + 1, mask=valid, other=0.0)
+        part = tl.load(acc_ptr + slot[:, None] * D_P + d[None, :], mask=valid[:, None], other=0.0)
+        m_new = tl.maximum(m_all, tl.max(m, axis=0))  # every valid chunk holds a key: finite
+        a, w = tl.exp(m_all - m_new), tl.exp(m - m_new)
+        denom = denom * a + tl.sum(l * w, axis=0)
+        acc = acc * a + tl.sum(part * w[:, None], axis=0)
         m_all = m_new
-        c += 1
+        c += MERGE
     out = acc / denom
     tl.store(out_ptr + tok * stride_on + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
@@ -119,7 +128,7 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     n_chunks = max(1, -(-max_context // CHUNK))
     acc = torch.empty((n, n_heads, n_chunks, d_p), dtype=torch.float32, device=q.device)
     ml = torch.empty((n, n_heads, n_chunks, 2), dtype=torch.float32, device=q.device)
-    _chunk_kernel[(n, n_kv, n_chunks)](
+    _chunk_kernel[(n, n_kv, min(n_chunks, PROGRAMS))](
         q, kv_layer, acc, ml, block_tables, token_row, token_pos,
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         block_tables.stride(0), scale, window, n_heads, n_chunks,
@@ -127,5 +136,5 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         CHUNK_SIZE=CHUNK, NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS,
     )
     _merge_kernel[(n, n_heads)](acc, ml, out, token_pos, out.stride(0), out.stride(1), window, n_heads, n_chunks,
-                                D=d_head, D_P=d_p, CHUNK_SIZE=CHUNK, num_warps=1)
+                                D=d_head, D_P=d_p, CHUNK_SIZE=CHUNK, MERGE=MERGE, num_warps=MERGE_WARPS)
     return out
