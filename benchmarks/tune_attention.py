@@ -58,7 +58,8 @@ def main() -> None:
     for chunk, block_n, stages, programs in itertools.product((64, 128, 256), (32, 64), (1, 2, 3), (8, 16, 32)):
         if block_n > chunk:
             continue
-        pa.CHUNK, pa.BLOCK_N, pa.NUM_STAGES, pa.PROGRAMS = chunk, block_n, stages, programs
+        pa.CHUNK, pa.BLOCK_N, pa.NUM_STAGES = chunk, block_n, stages
+        pa.PROGRAMS = pa.PROGRAMS_SMALL = programs
         key = f"chunk {chunk} block_n {block_n} stages {stages} programs {programs}"
         results[key] = [gpu_us(f) for f in cases.values()]
         print(key + ": " + ", ".join(f"{n} {t:.1f} us" for n, t in zip(cases, results[key])), flush=True)

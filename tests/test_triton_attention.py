@@ -35,8 +35,8 @@ SCRIPT = textwrap.dedent("""
     assert (silu_mul(gu) - F.silu(gu[:, :40]) * gu[:, 40:]).abs().max() < 1e-5
     cases = [(4, 2, 16, None, 4, (0, 5, 9, 2)), (8, 8, 8, None, 4, (0, 5, 9, 2)), (8, 2, 32, 5, 4, (0, 5, 9, 2)), (6, 3, 12, None, 4, (0, 5, 9, 2)), (4, 1, 16, None, 16, (130, 250, 3, 120)), (4, 2, 16, 40, 16, (200, 140, 7, 66))]
     # the defaults, then small chunks shared out over 2 programs and merged 2 at a time: rows span many chunks
-    settings = [(pa.CHUNK, pa.PROGRAMS, pa.MERGE, pa.BLOCK_N), (16, 2, 2, 16)]
-    for (pa.CHUNK, pa.PROGRAMS, pa.MERGE, pa.BLOCK_N), (n_heads, n_kv, d_head, window, bs, starts) in itertools.product(settings, cases):
+    settings = [(pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N), (16, 2, 2, 16)]
+    for (pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N), (n_heads, n_kv, d_head, window, bs, starts) in itertools.product(settings, cases):
         lens = (7, 1, 4, 3)
         n_blocks = sum(-(-(s + n) // bs) for s, n in zip(starts, lens)) + 1
         kv = torch.randn(n_blocks, 1, 2, bs, n_kv, d_head)

@@ -13,11 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 256  # key positions per partial result
+# Defaults from benchmarks/tune_attention.py on an H200 (timed inside CUDA graphs; see benchmarks/results).
+CHUNK = 64  # key positions per partial result
 BLOCK_N = 64  # keys per inner iteration
 NUM_WARPS = 4
-NUM_STAGES = 2  # tiles in flight per program
-PROGRAMS = 16  # programs per (token, KV head): more spread short contexts wider, fewer idle on long grids
+NUM_STAGES = 1  # tiles in flight per program
+PROGRAMS = 8  # programs per (token, KV head) for big batches; small ones spread wider (bits are the same)
+PROGRAMS_SMALL = 16
+SMALL = 256  # (token, KV head) pairs up to which a batch counts as small
 MERGE = 8  # partial results merged per iteration
 MERGE_WARPS = 1
 
@@ -128,7 +131,8 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     n_chunks = max(1, -(-max_context // CHUNK))
     acc = torch.empty((n, n_heads, n_chunks, d_p), dtype=torch.float32, device=q.device)
     ml = torch.empty((n, n_heads, n_chunks, 2), dtype=torch.float32, device=q.device)
-    _chunk_kernel[(n, n_kv, min(n_chunks, PROGRAMS))](
+    programs = PROGRAMS_SMALL if n * n_kv <= SMALL else PROGRAMS
+    _chunk_kernel[(n, n_kv, min(n_chunks, programs))](
         q, kv_layer, acc, ml, block_tables, token_row, token_pos,
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         block_tables.stride(0), scale, window, n_heads, n_chunks,
