@@ -96,6 +96,13 @@ def weight_bytes(m: torch.nn.Module) -> int:
     return total
 
 
+def step_weight_bytes(m: torch.nn.Module) -> int:
+    """Weight bytes a decode step must read: every parameter but the embedding tables, of which a step reads
+    one row per token (a table tied to the output head is read whole there, so it stays)."""
+    lookups = [e.weight for e in m.modules() if isinstance(e, torch.nn.Embedding) and e.weight is not m.lm_head.weight]
+    return weight_bytes(m) - sum(w.numel() * w.element_size() for w in lookups)
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (median of 20 after warm-up)."""
     x = torch.randn(1 << 30, device=DEV, dtype=torch.float16)  # 2 GiB
@@ -185,20 +192,25 @@ def run_stream(session, prompt, n_new, site=None, steps=(0,), edit=None, **kw):
     return tokens, pauses
 
 
-def seed_experiment(client, shape: str, n_new=128, trials=3) -> dict:
+def seed_experiment(client, shape: str, n_new=128, trials=3, rt_trials=15) -> dict:
     layers = SHAPES[shape]["layers"]
     prompt = torch.randint(0, SHAPES[shape]["cfg"].vocab_size, (512,), generator=torch.Generator().manual_seed(1)).tolist()
     base, _ = run_stream(client.session(), prompt, n_new)
-    result = {"prompt_tokens": 512, "new_tokens": n_new, "layers": {}}
+    result = {"prompt_tokens": 512, "new_tokens": n_new, "trials": trials, "round_trip_trials": rt_trials,
+              "layers": {}}
     for layer in layers:
         site = f"blocks.{layer}.hook_resid_post"
         agree, added, resume_lat, ck_dispatch, ck_copy, ck_gbps, restore_t, restore_agree = [], [], [], [], [], [], [], []
-        for _ in range(trials):
+        for _ in range(rt_trials):
             # round trip: prefill alone, uninterrupted vs paused at the site and resumed unchanged at once
-            t0 = now(); run_stream(client.session(), prompt, 1); t1 = now()
-            _, p = run_stream(client.session(), prompt, 1, site=site); t2 = now()
+            plain, paused = client.session(), client.session()
+            t0 = now(); run_stream(plain, prompt, 1); t1 = now()
+            _, p = run_stream(paused, prompt, 1, site=site); t2 = now()
             added.append(((t2 - t1) - (t1 - t0)) * 1000)
             resume_lat.append((p[0][2] - p[0][1]) * 1000)
+            plain.close()
+            paused.close()
+        for _ in range(trials):
             s = client.session()
             toks, _ = run_stream(s, prompt, n_new, site=site, steps=(0, 64))
             agree.append(sum(a == b for a, b in zip(toks, base)) / len(base))
@@ -309,9 +321,10 @@ def part_latency(shape: str) -> dict:
     spec = SHAPES[shape]
     bw = copy_bandwidth()
     hf, loaded = hf_model(shape)
-    wbytes = weight_bytes(loaded.model)
+    wbytes = step_weight_bytes(loaded.model)
     client = djinn.connect(model=loaded, kv_memory=16 << 30)
-    out = {"shape": shape, "dtype": str(spec["dtype"]), "copy_bandwidth_GBps": bw / 1e9, "weight_bytes": wbytes}
+    out = {"shape": shape, "dtype": str(spec["dtype"]), "copy_bandwidth_GBps": bw / 1e9,
+           "weight_bytes": weight_bytes(loaded.model), "weight_bytes_read_per_step": wbytes}
     out["djinn_batch1_ms_per_token"] = batch1_ms_per_token(client)
     ctx = 16 + 128  # mean context over the timed decode steps
     floor_bytes = wbytes + ctx * kv_bytes_per_token(spec["cfg"], spec["dtype"])
@@ -338,7 +351,7 @@ def part_throughput() -> dict:
     spec = SHAPES["mistral"]
     bw = copy_bandwidth()
     _, loaded = hf_model("mistral")
-    wbytes = weight_bytes(loaded.model)
+    wbytes = step_weight_bytes(loaded.model)
     client = djinn.connect(model=loaded, kv_memory=40 << 30)
     out = {"copy_bandwidth_GBps": bw / 1e9, "rows": []}
     for n in (1, 8, 32, 64, 128):

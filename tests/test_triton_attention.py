@@ -1,6 +1,6 @@
 """The Triton kernels (paged attention, rotary + KV write, RMSNorm and LayerNorm with a fused residual add,
-SwiGLU) compute what the portable PyTorch path computes. Runs through Triton's CPU interpreter here; on GPUs
-they run compiled."""
+SwiGLU, one-row GEMV) compute what the portable PyTorch path computes. Runs through Triton's CPU interpreter
+here; on GPUs they run compiled."""
 import os
 import subprocess
 import sys
@@ -31,6 +31,10 @@ SCRIPT = textwrap.dedent("""
             total, fused = norm(x, r, ref.weight, bias, 1e-5, ref.rms)
             assert torch.equal(total, x + r)  # the add rounds as a separate add does
             assert torch.equal(fused, norm(x + r, None, ref.weight, bias, 1e-5, ref.rms)[1])
+    from djinn.kernels.gemv import gemv
+    for n_out, n_in, bias in ((37, 600, torch.randn(37)), (64, 1024, None)):  # a ragged and an even shape
+        w, x = torch.randn(n_out, n_in), torch.randn(1, n_in)
+        assert (gemv(x, w, bias) - F.linear(x, w, bias)).abs().max() < 1e-4
     gu = torch.randn(6, 2 * 40)
     assert (silu_mul(gu) - F.silu(gu[:, :40]) * gu[:, 40:]).abs().max() < 1e-5
     cases = [(4, 2, 16, None, 4, (0, 5, 9, 2)), (8, 8, 8, None, 4, (0, 5, 9, 2)), (8, 2, 32, 5, 4, (0, 5, 9, 2)), (6, 3, 12, None, 4, (0, 5, 9, 2)), (4, 1, 16, None, 16, (130, 250, 3, 120)), (4, 2, 16, 40, 16, (200, 140, 7, 66))]

@@ -14,15 +14,15 @@ import torch.nn.functional as F
 from .attention import paged_attention
 from .config import ModelConfig
 from .context import ForwardContext
-from .layers import LayerNorm
+from .layers import LayerNorm, Linear
 
 
 class GPT2Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.d_head = layer, cfg.n_heads, cfg.d_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.n_heads * cfg.d_head)
-        self.proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model)
+        self.qkv = Linear(cfg.d_model, 3 * cfg.n_heads * cfg.d_head)
+        self.proj = Linear(cfg.n_heads * cfg.d_head, cfg.d_model)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q, k, v = self.qkv(x).view(x.shape[0], 3 * self.n_heads, self.d_head).split(self.n_heads, dim=1)
@@ -32,8 +32,8 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.d_mlp)
-        self.proj = nn.Linear(cfg.d_mlp, cfg.d_model)
+        self.fc = Linear(cfg.d_model, cfg.d_mlp)
+        self.proj = Linear(cfg.d_mlp, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
@@ -70,7 +70,7 @@ class GPT2Model(nn.Module):
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = LayerNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

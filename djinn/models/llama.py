@@ -19,7 +19,7 @@ import torch.nn as nn
 from .attention import paged_attention
 from .config import ModelConfig
 from .context import ForwardContext
-from .layers import RMSNorm, Rotary, silu_mul
+from .layers import Linear, RMSNorm, Rotary, silu_mul
 
 
 class LlamaAttention(nn.Module):
@@ -27,8 +27,8 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads, self.d_head = layer, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
         # q, k and v in one matrix product (rows: q heads, then k heads, then v heads)
-        self.qkv_proj = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=cfg.o_bias)
+        self.qkv_proj = Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h, kv, dh = self.n_heads, self.n_kv_heads, self.d_head
@@ -39,8 +39,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.d_mlp, bias=cfg.mlp_bias)  # gate rows, then up rows
-        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(cfg.d_model, 2 * cfg.d_mlp, bias=cfg.mlp_bias)  # gate rows, then up rows
+        self.down_proj = Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_mul(self.gate_up_proj(x)))
@@ -76,7 +76,7 @@ class LlamaModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(LlamaBlock(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = Rotary(cfg.d_head, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
