@@ -208,6 +208,11 @@ class ModelWorker:
         rows = self._schedule()
         if not rows:
             self.drain()
+            if self._pending_pauses and not any(self._runnable(s) for s in self.sessions.values()):
+                # nothing to run but an activation on its way to the host: wait for it with the GIL released
+                # (a poll loop would hold the GIL against the client thread about to receive it)
+                self._pending_pauses[0][2].result()
+                self._emit_ready_pauses()
             return
         started = time.perf_counter()
         try:
