@@ -29,10 +29,12 @@ class DecodeGraphs:
         self.max_batch = BUCKETS[-1]
         self.width = -(-max_context // self.block_size)  # block-table columns a graph can read
         mb, w = self.max_batch, self.width
-        # One host buffer and one device buffer hold every integer input, so a step is one copy.
-        self._host = torch.zeros(5 * mb + mb * w, dtype=torch.long, pin_memory=True)
-        self._host_np = self._host.numpy()
-        self._dev = torch.zeros_like(self._host, device=self.device)
+        # One host buffer and one device buffer hold every integer input, so a step is one copy. The host
+        # runs a step ahead of the GPU, so two host buffers take turns, each reused only once its last copy
+        # has left (the event recorded after it).
+        self._hosts = [torch.zeros(5 * mb + mb * w, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._copied: list[Optional[torch.cuda.Event]] = [None, None]
+        self._dev = torch.zeros_like(self._hosts[0], device=self.device)
         self.tokens, self.positions = self._dev[:mb], self._dev[mb:2 * mb]
         self.write_blocks, self.write_offsets = self._dev[2 * mb:3 * mb], self._dev[3 * mb:4 * mb]
         self.feed_from = self._dev[4 * mb:5 * mb]  # index into the previous step's sampled ids, -1: use `tokens`
@@ -71,7 +73,11 @@ class DecodeGraphs:
         n = len(rows)
         bucket = next(b for b in BUCKETS if b >= n)
         mb, w, bs = self.max_batch, self.width, self.block_size
-        host = self._host_np  # numpy view: per-row Python writes here cost far less than tensor ops
+        self._hosts.reverse()
+        self._copied.reverse()
+        if self._copied[0] is not None:
+            self._copied[0].synchronize()
+        host = self._hosts[0].numpy()  # numpy view: per-row Python writes here cost far less than tensor ops
         host[: 4 * mb] = 0
         host[2 * mb:3 * mb] = self.scratch_block  # padding rows write into the scratch block
         host[4 * mb:5 * mb] = -1
@@ -85,7 +91,9 @@ class DecodeGraphs:
                 host[4 * mb + i] = r.feed_from
             tables[i, : len(bt)] = bt
         used = 5 * mb + bucket * w
-        self._dev[:used].copy_(self._host[:used], non_blocking=True)
+        self._dev[:used].copy_(self._hosts[0][:used], non_blocking=True)
+        self._copied[0] = torch.cuda.Event()
+        self._copied[0].record()
         signature = tuple(sorted(edits))
         for site in signature:
             per_row = edits[site]
