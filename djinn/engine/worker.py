@@ -254,11 +254,11 @@ class ModelWorker:
 
     def _launch_sampling(self, out: StepOutput) -> Optional[InFlight]:
         """Queue sampling of the finished rows and the copy of their ids to the host; nothing waits here."""
-        rows = [r for r in out.finished if r.session.request is r.request]
-        if not rows:
+        keep = [i for i, r in enumerate(out.finished) if r.session.request is r.request]
+        if not keep:
             return None
+        rows = [out.finished[i] for i in keep]
         if len(rows) < len(out.finished):
-            keep = [i for i, r in enumerate(out.finished) if r.session.request is r.request]
             out.logits = out.logits[to_device(torch.tensor(keep), self.device)]
         n = len(rows)
         self.sampled[:n] = sample(out.logits, [r.request.sampling for r in rows], [r.step for r in rows])

@@ -26,6 +26,15 @@ MERGE_WARPS = 1
 
 
 @triton.jit
+def _first_key(pos, window):
+    """The first position a query at `pos` attends to (sliding window; 0 without one)."""
+    first = pos * 0
+    if window > 0:
+        first = tl.maximum(pos - window + 1, 0)
+    return first
+
+
+@triton.jit
 def _chunk_kernel(
     q_ptr, kv_ptr, acc_ptr, ml_ptr, tables_ptr, rows_ptr, pos_ptr,
     stride_qn, stride_qh, stride_blk, stride_kv, stride_tok, stride_head, stride_table,
@@ -36,9 +45,7 @@ def _chunk_kernel(
     tok = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     pos = tl.load(pos_ptr + tok).to(tl.int32)
-    first = pos * 0
-    if window > 0:
-        first = tl.maximum(pos - window + 1, 0)
+    first = _first_key(pos, window)
     row = tl.load(rows_ptr + tok).to(tl.int64)
     g = tl.arange(0, GROUP_P)
     d = tl.arange(0, D_P)
@@ -87,9 +94,7 @@ def _merge_kernel(
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     pos = tl.load(pos_ptr + tok).to(tl.int32)
-    first = pos * 0
-    if window > 0:
-        first = tl.maximum(pos - window + 1, 0)
+    first = _first_key(pos, window)
     d = tl.arange(0, D_P)
     m_all = tl.full([1], float("-inf"), tl.float32)
     denom = tl.zeros([1], tl.float32)
