@@ -62,16 +62,26 @@ def build_context(spans: list[RowSpan], tokens: list[int], kv: torch.Tensor, blo
         token_row=rows, token_pos=pos, window=sliding_window or 0, max_context=int((starts + lens).max()),
     )
     if not use_kernel:  # the portable path runs where the host is (tests, CPU serving)
-        ctx_lens = starts + lens
-        max_q, max_ctx = int(lens.max()), int(ctx_lens.max())
-        key_pos = torch.arange(max_ctx)
-        query_pos = starts[:, None] + torch.arange(max_q)[None, :]  # [B, T]
-        mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < ctx_lens[:, None, None])
-        if sliding_window is not None:
-            mask &= query_pos[:, :, None] - key_pos[None, None, :] < sliding_window
-        mask[:, :, 0] |= torch.arange(max_q)[None, :] >= lens[:, None]  # padding queries: keep softmax finite
-        meta.query_row, meta.query_col = row_of_token.to(device), col_of_token.to(device)
-        meta.kv_blocks = tables[:, key_pos // block_size].long().to(device)
-        meta.kv_offsets = (key_pos % block_size).expand(n_rows, -1).to(device)
-        meta.mask, meta.max_query_len = mask[:, None].to(device), max_q
+        portable_layout(meta, starts, lens, tables, block_size, sliding_window, device)
     return ForwardContext(positions=pos, attention=meta, kv=kv), tok
+
+
+def portable_layout(meta: AttentionMetadata, starts: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor,
+                    block_size: int, sliding_window: Optional[int], device: torch.device) -> None:
+    """Fill in the padded layout the portable attention path reads: each row's queries and context keys
+    side by side, with a causal (and sliding-window) mask. `starts`, `lens` and `tables` are host tensors."""
+    n_rows = len(starts)
+    row_of_token = torch.repeat_interleave(torch.arange(n_rows), lens)
+    col_of_token = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+    ctx_lens = starts + lens
+    max_q, max_ctx = int(lens.max()), int(ctx_lens.max())
+    key_pos = torch.arange(max_ctx)
+    query_pos = starts[:, None] + torch.arange(max_q)[None, :]  # [B, T]
+    mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < ctx_lens[:, None, None])
+    if sliding_window is not None:
+        mask &= query_pos[:, :, None] - key_pos[None, None, :] < sliding_window
+    mask[:, :, 0] |= torch.arange(max_q)[None, :] >= lens[:, None]  # padding queries: keep softmax finite
+    meta.query_row, meta.query_col = row_of_token.to(device), col_of_token.to(device)
+    meta.kv_blocks = tables[:, key_pos // block_size].long().to(device)
+    meta.kv_offsets = (key_pos % block_size).expand(n_rows, -1).to(device)
+    meta.mask, meta.max_query_len = mask[:, None].to(device), max_q

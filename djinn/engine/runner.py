@@ -64,15 +64,16 @@ class Runner:
         self.sampled = sampled  # the previous step's sampled ids, on the device (rows with feed_from read them)
         self.block_size, self.window, self.device = block_size, sliding_window, device
         self.stager = HostStager(device)
-        self.graphs = None  # DecodeGraphs, set by the worker on a GPU
+        self.graphs = None  # StepGraphs, set by the worker
 
     @torch.inference_mode()
     def run(self, rows: list[Row]) -> StepOutput:
-        if self.graphs is not None:
-            edits = self.graphs.plan_step(rows)
-            if edits is not None:
-                return StepOutput(finished=rows, logits=self.graphs.run(rows, edits))
         out = StepOutput()
+        if self.graphs is not None:
+            plan = self.graphs.plan_step(rows)
+            if plan is not None:
+                self.graphs.run(plan, out)
+                return out
         joining: dict[int, list[Row]] = defaultdict(list)
         live = [r for r in rows if r.entry < 0]
         for r in rows:

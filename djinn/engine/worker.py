@@ -15,7 +15,7 @@ from ..models.loading import LoadedModel
 from ..models.tokenizer import IncrementalDecoder
 from ..sites import SiteTable
 from .batch import RowSpan, to_device
-from .cuda_graphs import BUCKETS, DecodeGraphs
+from .cuda_graphs import BUCKETS, StepGraphs
 from .kv_pool import KVPool
 from .plan import Compiler
 from .runner import Pause, Row, Runner, StepOutput
@@ -48,7 +48,7 @@ class InFlight:
 
 class ModelWorker:
     def __init__(self, loaded: LoadedModel, n_blocks: int, n_host_blocks: int, block_size: int,
-                 max_step_tokens: int, stats: EngineStats, cuda_graphs: bool = True):
+                 max_step_tokens: int, stats: EngineStats, cuda_graphs: Optional[bool] = None):
         self.stats = stats
         self.name, self.cfg, self.model, self.tokenizer = loaded.name, loaded.config, loaded.model, loaded.tokenizer
         p = next(self.model.parameters())
@@ -67,10 +67,11 @@ class ModelWorker:
         self._host_tokens = [torch.zeros(len(self.sampled), dtype=torch.long, pin_memory=on_gpu) for _ in range(2)]
         self._inflight: Optional[InFlight] = None
         self.reserved_blocks = 0
-        if self.device.type == "cuda" and cuda_graphs:
+        if on_gpu if cuda_graphs is None else cuda_graphs:
             (scratch,) = self.pool.device_blocks.allocate(1)  # padding rows of a graph write here
             self.reserved_blocks = 1
-            self.runner.graphs = DecodeGraphs(self.runner, scratch)
+            self.runner.graphs = StepGraphs(self.runner, scratch, min(self.cfg.max_seq_len, 4096),
+                                            capture=on_gpu)
         self.sessions: dict[str, Session] = {}
         self._pending_pauses: list[tuple[Session, Pause, object]] = []
 

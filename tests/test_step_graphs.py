@@ -1,0 +1,103 @@
+"""The CUDA graphs' path, run on the CPU with nothing captured: decode steps cut into segments at pauses,
+captures and re-entering rows give exactly what the eager runner gives."""
+import threading
+
+import pytest
+import torch
+
+import djinn
+
+PROMPT = "Once upon a time, there was a dog"
+SITES = ["blocks.1.hook_resid_pre", "blocks.2.attn.hook_z", "blocks.2.hook_attn_out", "blocks.3.hook_resid_mid",
+         "blocks.3.hook_mlp_out", "ln_final.hook_normalized"]
+
+
+@pytest.fixture(scope="module")
+def clients(stories_path):
+    graphs = djinn.connect(model=str(stories_path), cuda_graphs=True)
+    eager = djinn.connect(model=str(stories_path), cuda_graphs=False)
+    yield graphs, eager
+    graphs.close()
+    eager.close()
+
+
+def segments(client) -> list[tuple]:
+    worker = next(iter(client._backend.service.engine.workers.values()))
+    return list(worker.runner.graphs._graphs)
+
+
+def run(session, site=None, steps="all", edit=None, n=10, **kw):
+    bps = [djinn.Breakpoint(site, steps=steps)] if site else []
+    pauses = []
+    for ev in session.stream(PROMPT, max_new_tokens=n, return_logits=True, breakpoints=bps, **kw):
+        if isinstance(ev, djinn.Paused):
+            pauses.append((ev.step, ev.activation.clone()))
+            ev.resume(edit(ev.activation) if edit else None)
+        elif isinstance(ev, djinn.Done):
+            return ev.result, pauses
+    raise AssertionError("no Done event")
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_decode_pauses_on_segments_are_bit_identical(clients, site):
+    graphs, eager = clients
+    ref, _ = run(graphs.session())
+    out, pauses = run(graphs.session(), site, steps=[2, 3, 9])
+    assert [p[0] for p in pauses] == [2, 3, 9]
+    assert out.token_ids == ref.token_ids
+    assert torch.equal(out.logits, ref.logits)
+    # the same activations as the eager runner shows at those pauses
+    _, eager_pauses = run(eager.session(), site, steps=[2, 3, 9])
+    for (_, a), (_, b) in zip(pauses, eager_pauses):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # the step really was cut: a segment starting after the pause site exists
+    index = {s.name: s.index for s in next(iter(graphs._backend.service.engine.workers.values())).sites.sites}
+    canonical = index.get(site, index["blocks.0.hook_resid_post"] if site == "blocks.1.hook_resid_pre" else None)
+    assert any(key[1] == canonical + 1 for key in segments(graphs))
+
+
+def test_edited_resume_captures_and_edits_match_eager(clients):
+    graphs, eager = clients
+    d = graphs.models()[0].d_model
+    vec = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    items = [djinn.Steer("blocks.2.hook_resid_post", vec, scale=0.5, steps=[1, 2, 3, 4]),
+             djinn.Scale("blocks.1.hook_mlp_out", 0.5),
+             djinn.Capture("blocks.*.hook_resid_post", steps=[3, 4]),
+             djinn.Capture("ln_final.hook_normalized", steps=[4])]
+    results = []
+    for c in (graphs, eager):
+        out, pauses = run(c.session(), "blocks.3.hook_resid_mid", steps=[2, 4], edit=lambda a: a * 0.5,
+                          interventions=items)
+        results.append((out, pauses))
+    (g, gp), (e, ep) = results
+    assert g.token_ids == e.token_ids
+    torch.testing.assert_close(g.logits, e.logits, rtol=0, atol=1e-4)
+    n_layers = graphs.models()[0].n_layers
+    assert sorted(g.captures) == sorted(e.captures) and len(g.captures) == n_layers * 2 + 1
+    for k in g.captures:
+        torch.testing.assert_close(g.captures[k], e.captures[k], rtol=0, atol=1e-4)
+    plain, _ = run(graphs.session(), interventions=items)
+    assert g.token_ids != plain.token_ids or not torch.equal(g.logits, plain.logits)  # the edit at the pause counted
+
+
+def test_neighbours_of_a_paused_row_are_unaffected(clients):
+    """Three sessions decode together; one pauses at every step. The others get their solo tokens."""
+    graphs, _ = clients
+    solo = {p: graphs.session().generate(p, max_new_tokens=12).token_ids for p in ("The cat", "A bird")}
+    results, ready = {}, threading.Barrier(3)
+
+    def other(prompt):
+        ready.wait()
+        results[prompt] = graphs.session().generate(prompt, max_new_tokens=12).token_ids
+
+    threads = [threading.Thread(target=other, args=(p,)) for p in solo]
+    for t in threads:
+        t.start()
+    ready.wait()
+    out, pauses = run(graphs.session(), "blocks.2.hook_resid_post", steps="all", n=12)
+    for t in threads:
+        t.join(timeout=60)
+    assert len(pauses) == 12  # the prefill and 11 decode steps
+    assert results == solo
+    ref, _ = run(graphs.session(), n=12)
+    assert out.token_ids == ref.token_ids
