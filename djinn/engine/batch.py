@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..models.attention import AttentionMetadata
@@ -36,33 +37,36 @@ def build_context(spans: list[RowSpan], tokens: list[int], kv: torch.Tensor, blo
     The padded layout of the portable attention path is built only when the Triton kernel does not run."""
     if use_kernel is None:
         use_kernel = device.type == "cuda"
+    # index arithmetic in numpy: a prefill's step pays for it before its first kernel (torch's per-op cost on
+    # the host is several times numpy's for arrays this small)
     n_rows = len(spans)
-    lens = torch.tensor([s.n_tokens for s in spans])
-    starts = torch.tensor([s.start for s in spans])
+    lens = np.array([s.n_tokens for s in spans], dtype=np.int64)
+    starts = np.array([s.start for s in spans], dtype=np.int64)
     n_tbl = max(len(s.block_table) for s in spans)
-    tables = torch.zeros(n_rows, n_tbl, dtype=torch.long)
+    tables = np.zeros((n_rows, n_tbl), dtype=np.int64)
     for r, s in enumerate(spans):
-        tables[r, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
-    row_of_token = torch.repeat_interleave(torch.arange(n_rows), lens)
-    col_of_token = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
-    positions = starts[row_of_token] + col_of_token
-    n, n_tables = positions.shape[0], tables.numel() if use_kernel else 0
+        tables[r, : len(s.block_table)] = s.block_table
+    row_of_token = np.repeat(np.arange(n_rows), lens)
+    positions = starts[row_of_token] + np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    n = len(positions)
     # every integer input in one host buffer: one copy to the device
-    feed_pairs = torch.tensor(feed, dtype=torch.long).view(-1, 2).T.flatten()
-    packed = torch.cat([torch.tensor(tokens, dtype=torch.long), positions, tables[row_of_token, positions // block_size]
-                        .long(), positions % block_size, row_of_token, tables.flatten().long()[:n_tables], feed_pairs])
-    dev = to_device(packed, device)
+    packed = np.concatenate([np.asarray(tokens, dtype=np.int64), positions, tables[row_of_token, positions // block_size],
+                             positions % block_size, row_of_token, tables.ravel() if use_kernel else [],
+                             np.asarray(feed, dtype=np.int64).reshape(-1, 2).T.ravel()]).astype(np.int64)
+    dev = to_device(torch.from_numpy(packed), device)
     tok, pos, w_blocks, w_offsets, rows = dev[:5 * n].view(5, n)
     if feed:
         dst, src = dev[len(packed) - 2 * len(feed):].view(2, -1)
         tok = tok.index_copy(0, dst, sampled.index_select(0, src))
+    n_tables = tables.size if use_kernel else 0
     meta = AttentionMetadata(
         write_blocks=w_blocks, write_offsets=w_offsets,
-        block_tables=dev[5 * n:5 * n + n_tables].view(n_rows, n_tbl) if use_kernel else tables,
+        block_tables=dev[5 * n:5 * n + n_tables].view(n_rows, n_tbl) if use_kernel else torch.from_numpy(tables),
         token_row=rows, token_pos=pos, window=sliding_window or 0, max_context=int((starts + lens).max()),
     )
     if not use_kernel:  # the portable path runs where the host is (tests, CPU serving)
-        portable_layout(meta, starts, lens, tables, block_size, sliding_window, device)
+        portable_layout(meta, torch.from_numpy(starts), torch.from_numpy(lens), torch.from_numpy(tables), block_size,
+                        sliding_window, device)
     return ForwardContext(positions=pos, attention=meta, kv=kv), tok
 
 
