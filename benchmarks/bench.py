@@ -7,16 +7,20 @@
                                                    #     client threads (events to sinks on the engine thread)
 
 Each part runs in under 10 minutes on an H200 and writes JSON into the folder named by the OUT environment
-variable (default: the current folder). The seed experiment runs embedded and over loopback WebSocket (the
-server's packages must be importable on the GPU machine; see benchmarks/results/README.md).
+variable (default: the current folder). The seed experiment runs embedded and over loopback WebSocket to a
+server process of its own (the server's packages must be importable on the GPU machine; see
+benchmarks/results/README.md).
 All weights are random (seeded); every figure is a median over the stated trials, measured in this run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -334,17 +338,56 @@ def part_latency(shape: str) -> dict:
     out["hf_eager_with_pause_hook_ms_per_token"] = hf_ms_per_token(hf, hook_layer=spec["layers"][1])
     out["seed_experiment"] = {"embedded": seed_experiment(client, shape)}
     print(json.dumps(out, indent=2), flush=True)  # kept even if the server part below fails
+    client.close()
+    del hf, loaded
+    torch.cuda.empty_cache()
     try:
-        from djinn.server.launch import ServerThread
-    except ImportError as e:  # the server's packages are not installed on this machine
-        out["seed_experiment"]["websocket"] = f"not run: {e}"
-    else:
-        with ServerThread(client._backend.service, api_keys=[]) as server:  # same engine, over loopback
-            remote = djinn.connect(server.url)
+        with served(shape) as url:
+            remote = djinn.connect(url)
             out["seed_experiment"]["websocket"] = seed_experiment(remote, shape)
             remote.close()
-    client.close()
+    except (ImportError, RuntimeError) as e:  # the server's packages are missing here, or it did not start
+        out["seed_experiment"]["websocket"] = f"not run: {e}"
     return out
+
+
+@contextlib.contextmanager
+def served(shape: str):
+    """The same weights (same seed) behind `djinn serve`'s code in another process, as a user reaches a server:
+    over loopback WebSocket and HTTP, with client and server each holding their own interpreter lock."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", shape, "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server process exited with {proc.returncode}")
+            try:
+                if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server process did not start in 300 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def serve(shape: str, port: int) -> None:
+    from djinn.server.launch import run
+
+    hf, loaded = hf_model(shape)
+    del hf
+    torch.cuda.empty_cache()
+    run([loaded], port=port, api_keys=[], kv_memory=16 << 30, log_level="warning")
 
 
 def part_throughput() -> dict:
@@ -371,8 +414,14 @@ def part_throughput() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["gpt2", "mistral", "throughput"], required=True)
+    ap.add_argument("--part", choices=["gpt2", "mistral", "throughput"])
+    ap.add_argument("--serve", choices=sorted(SHAPES), help="(internal) serve this shape for the WebSocket half")
+    ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args()
+    if args.serve:
+        return serve(args.serve, args.port)
+    if not args.part:
+        ap.error("--part is required")
     info = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "command": "python3 benchmarks/bench.py --part " + args.part}
     result = part_throughput() if args.part == "throughput" else part_latency(args.part)

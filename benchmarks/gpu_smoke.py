@@ -81,13 +81,21 @@ def main() -> None:
     edits = [djinn.Steer("blocks.6.hook_resid_post", vec, scale=2.0), djinn.Scale("blocks.2.hook_mlp_out", 0.5),
              djinn.Replace("blocks.4.hook_resid_post", torch.randn(2, 768), positions=[515, 530]),
              djinn.Ablate("blocks.8.attn.hook_z")]
-    edited = {}
+    edited, interactive = {}, {}
     for name, graphs in [("graphs", True), ("eager", False)]:
         c = client if graphs else djinn.connect(model=loaded, kv_memory=2 << 30, cuda_graphs=False)
         out = c.session().generate(prompt, max_new_tokens=64, return_logits=True)
         report[f"{name}_tokens_equal_reference"] = out.token_ids == ref.token_ids
         report[f"{name}_logits_bit_identical_reference"] = bool(torch.equal(out.logits, ref.logits))
         edited[name] = c.session().generate(prompt, max_new_tokens=64, return_logits=True, interventions=edits)
+        # decode-step pauses resumed with an edit, plus captures: graph segments against the eager runner
+        for ev in c.session().stream(prompt, max_new_tokens=32, return_logits=True, interventions=edits + [
+                djinn.Capture("blocks.*.hook_resid_post", steps=[10, 11])],
+                breakpoints=[djinn.Breakpoint("blocks.5.hook_resid_mid", steps=[3, 10])]):
+            if isinstance(ev, djinn.Paused):
+                ev.resume(ev.activation * 0.5)
+            elif isinstance(ev, djinn.Done):
+                interactive[name] = ev.result
         times = []
         for _ in range(3):
             torch.cuda.synchronize()
@@ -98,10 +106,16 @@ def main() -> None:
         if not graphs:
             c.close()
     report["edited_graphs_equal_eager_bitwise"] = bool(torch.equal(edited["graphs"].logits, edited["eager"].logits))
+    g, e = interactive["graphs"], interactive["eager"]
+    report["edited_pauses_and_captures_graphs_equal_eager_bitwise"] = bool(
+        torch.equal(g.logits, e.logits) and sorted(g.captures) == sorted(e.captures) and len(g.captures) == 24
+        and all(torch.equal(g.captures[k], e.captures[k]) for k in g.captures))
     ok = all(c["tokens_equal"] and c["logits_bit_identical"] for c in report["checks"].values())
     client.close()
     report["mistral_shape_reused_blocks"] = reused_blocks_check()
     ok = ok and all(report["mistral_shape_reused_blocks"].values())
+    ok = ok and report["edited_graphs_equal_eager_bitwise"]
+    ok = ok and report["edited_pauses_and_captures_graphs_equal_eager_bitwise"]
     report["all_bit_identical"] = ok
     text = json.dumps(report, indent=2)
     print(text)
