@@ -1,5 +1,5 @@
-"""The CUDA graphs' path, run on the CPU with nothing captured: decode steps cut into segments at pauses,
-captures and re-entering rows give exactly what the eager runner gives."""
+"""The CUDA graphs' path, run on the CPU with nothing captured: steps (prompts and decode) cut into segments
+at pauses, captures and re-entering rows give exactly what the eager runner gives."""
 import threading
 
 import pytest
@@ -39,41 +39,42 @@ def run(session, site=None, steps="all", edit=None, n=10, **kw):
 
 
 @pytest.mark.parametrize("site", SITES)
-def test_decode_pauses_on_segments_are_bit_identical(clients, site):
+def test_pauses_on_segments_are_bit_identical(clients, site):
     graphs, eager = clients
     ref, _ = run(graphs.session())
-    out, pauses = run(graphs.session(), site, steps=[2, 3, 9])
-    assert [p[0] for p in pauses] == [2, 3, 9]
+    out, pauses = run(graphs.session(), site, steps=[0, 2, 3, 9])
+    assert [p[0] for p in pauses] == [0, 2, 3, 9]
     assert out.token_ids == ref.token_ids
     assert torch.equal(out.logits, ref.logits)
     # the same activations as the eager runner shows at those pauses
-    _, eager_pauses = run(eager.session(), site, steps=[2, 3, 9])
+    _, eager_pauses = run(eager.session(), site, steps=[0, 2, 3, 9])
     for (_, a), (_, b) in zip(pauses, eager_pauses):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     # the step really was cut: a segment starting after the pause site exists
     index = {s.name: s.index for s in next(iter(graphs._backend.service.engine.workers.values())).sites.sites}
     canonical = index.get(site, index["blocks.0.hook_resid_post"] if site == "blocks.1.hook_resid_pre" else None)
-    assert any(key[1] == canonical + 1 for key in segments(graphs))
+    assert any(key[2] == canonical + 1 for key in segments(graphs))  # (tokens, rows, first site, ...)
 
 
 def test_edited_resume_captures_and_edits_match_eager(clients):
     graphs, eager = clients
     d = graphs.models()[0].d_model
     vec = torch.randn(d, generator=torch.Generator().manual_seed(0))
-    items = [djinn.Steer("blocks.2.hook_resid_post", vec, scale=0.5, steps=[1, 2, 3, 4]),
+    items = [djinn.Steer("blocks.2.hook_resid_post", vec, scale=0.5, steps=[0, 1, 2, 3, 4]),
              djinn.Scale("blocks.1.hook_mlp_out", 0.5),
-             djinn.Capture("blocks.*.hook_resid_post", steps=[3, 4]),
+             djinn.Replace("blocks.0.hook_resid_post", torch.randn(3, d), positions=[2, 5, 13]),
+             djinn.Capture("blocks.*.hook_resid_post", steps=[0, 3, 4]),
              djinn.Capture("ln_final.hook_normalized", steps=[4])]
     results = []
     for c in (graphs, eager):
-        out, pauses = run(c.session(), "blocks.3.hook_resid_mid", steps=[2, 4], edit=lambda a: a * 0.5,
+        out, pauses = run(c.session(), "blocks.3.hook_resid_mid", steps=[0, 2, 4], edit=lambda a: a * 0.5,
                           interventions=items)
         results.append((out, pauses))
     (g, gp), (e, ep) = results
     assert g.token_ids == e.token_ids
     torch.testing.assert_close(g.logits, e.logits, rtol=0, atol=1e-4)
     n_layers = graphs.models()[0].n_layers
-    assert sorted(g.captures) == sorted(e.captures) and len(g.captures) == n_layers * 2 + 1
+    assert sorted(g.captures) == sorted(e.captures) and len(g.captures) == n_layers * 3 + 1
     for k in g.captures:
         torch.testing.assert_close(g.captures[k], e.captures[k], rtol=0, atol=1e-4)
     plain, _ = run(graphs.session(), interventions=items)
@@ -101,3 +102,43 @@ def test_neighbours_of_a_paused_row_are_unaffected(clients):
     assert results == solo
     ref, _ = run(graphs.session(), n=12)
     assert out.token_ids == ref.token_ids
+
+
+def test_prompts_of_several_sessions_share_a_step(clients):
+    """Sessions submitted together prefill in one step (several rows of many tokens, padded); one pauses in
+    its prompt and is resumed with an edit. Each gets what it gets alone on the eager runner."""
+    graphs, eager = clients
+    prompts = ["The cat sat", "Once upon a time, there was a little", "A bird"]
+    service = graphs._backend.service
+    owner = graphs._backend.owner
+    results: dict[int, list] = {}
+    done = threading.Event()
+
+    def sink_for(k):
+        def sink(ev):
+            if isinstance(ev, djinn.Paused):  # the engine thread: resume through the queue, edited
+                service.post("resume", sids[k], owner, ev.activation * 0.5, ev.pause_id)
+            elif isinstance(ev, djinn.Done):
+                results[k] = ev.result.token_ids
+                if len(results) == len(prompts):
+                    done.set()
+        return sink
+    sids = [service.call("create_session", owner) for _ in prompts]
+    futures = [service.post("generate", sid, owner, graphs.tokenize(p), sink_for(k), max_new_tokens=6,
+                            stop_tokens=[], breakpoints=[djinn.Breakpoint("blocks.2.hook_mlp_out", steps=[0])]
+                            if k == 1 else [])
+               for k, (sid, p) in enumerate(zip(sids, prompts))]
+    for f in futures:
+        f.result()
+    assert done.wait(60)
+    for k, p in enumerate(prompts):
+        bps = [djinn.Breakpoint("blocks.2.hook_mlp_out", steps=[0])] if k == 1 else []
+        ref = []
+        for ev in eager.session().stream(eager.tokenize(p), max_new_tokens=6, stop_tokens=[], breakpoints=bps):
+            if isinstance(ev, djinn.Paused):
+                ev.resume(ev.activation * 0.5)
+            elif isinstance(ev, djinn.Token):
+                ref.append(ev.token_id)
+        assert results[k] == ref
+    multi_row = [key for key in segments(graphs) if key[1] > 1]  # a padded row count: prompts shared a step
+    assert multi_row

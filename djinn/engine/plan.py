@@ -13,6 +13,7 @@ import torch
 from ..errors import InvalidRequest, InvalidTensor
 from ..interventions import EDIT_TYPES, Ablate, Breakpoint, Capture, Replace, Scale, Steer, normalize_steps
 from ..sites import Site, SiteTable
+from .batch import to_device
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,42 @@ class Plan:
             for key, items in list(mine.items()) + list(theirs.items()):
                 dst[key].extend(items)
         return out
+
+
+def fold_edits(edits: Sequence[Edit], start: int, n_tokens: int, shape: tuple[int, ...],
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row's edits at a site, in order, as per-token float32 (mul, add) for the row's tokens at positions
+    start..start + n_tokens - 1: the edited value is act * mul + add, composed as (x * m1 + a1) * m2 + a2, a
+    replacement being mul 0, add the new value."""
+    mul = torch.ones((n_tokens, *shape), device=device)
+    add = torch.zeros((n_tokens, *shape), device=device)
+    for e in edits:
+        if e.positions is None:
+            local, which = slice(None), None
+        else:
+            hits = [(p - start, k) for k, p in enumerate(e.positions) if start <= p < start + n_tokens]
+            if not hits:
+                continue
+            local = to_device(torch.tensor([h[0] for h in hits]), device)
+            which = [h[1] for h in hits]
+        if e.replace is not None:
+            mul[local] = 0.0
+            add[local] = _selected(e.replace, which, shape)
+            continue
+        if e.mul is not None:
+            m = _selected(e.mul, which, shape)
+            mul[local] = mul[local] * m
+            add[local] = add[local] * m
+        if e.add is not None:
+            add[local] = add[local] + _selected(e.add, which, shape)
+    return mul, add
+
+
+def _selected(t: torch.Tensor, which: Optional[list[int]], shape) -> torch.Tensor:
+    """An edit's values for the selected tokens: its row per listed position, or the one per-token value."""
+    if which is not None and t.dim() == len(shape) + 1:
+        return t[to_device(torch.tensor(which), t.device)]
+    return t
 
 
 class Compiler:

@@ -17,7 +17,7 @@ import torch
 from ..models.context import ForwardContext
 from ..sites import RESID, Site
 from .batch import RowSpan, build_context, to_device
-from .plan import Edit, Plan
+from .plan import Edit, Plan, fold_edits
 from .staging import HostStager, Staged
 
 
@@ -175,45 +175,16 @@ class Runner:
 
     def _apply_edits(self, value: torch.Tensor, live: list[Row], offsets: list[int],
                      edits: list[tuple[int, list[Edit]]]) -> None:
-        """Each row's edits at this site fold, in order, into one per-token `act * mul + add` in float32 (a
-        replacement is mul 0, add the new value), applied to all edited rows in one batched op and rounded
-        to the model's dtype once: the same arithmetic as the CUDA graphs, so both paths agree bit for bit."""
-        shape = value.shape[1:]
+        """Each row's edits at this site fold into one per-token `act * mul + add` in float32, applied to all
+        edited rows in one batched op and rounded to the model's dtype once: the same arithmetic as the CUDA
+        graphs, so both paths agree bit for bit."""
         index, muls, adds = [], [], []
         for i, es in edits:
             span = live[i].span
-            mul = torch.ones((span.n_tokens, *shape), device=value.device)
-            add = torch.zeros((span.n_tokens, *shape), device=value.device)
-            for e in es:
-                if e.positions is None:
-                    local, which = slice(None), None
-                else:
-                    hits = [(p - span.start, k) for k, p in enumerate(e.positions)
-                            if span.start <= p < span.start + span.n_tokens]
-                    if not hits:
-                        continue
-                    local = to_device(torch.tensor([h[0] for h in hits]), value.device)
-                    which = [h[1] for h in hits]
-                if e.replace is not None:
-                    mul[local] = 0.0
-                    add[local] = self._rows(e.replace, which, shape)
-                    continue
-                if e.mul is not None:
-                    m = self._rows(e.mul, which, shape)
-                    mul[local] = mul[local] * m
-                    add[local] = add[local] * m
-                if e.add is not None:
-                    add[local] = add[local] + self._rows(e.add, which, shape)
+            mul, add = fold_edits(es, span.start, span.n_tokens, value.shape[1:], value.device)
             index.append(torch.arange(offsets[i], offsets[i + 1]))
             muls.append(mul)
             adds.append(add)
         index = to_device(torch.cat(index), self.device)
         new = value.index_select(0, index).float() * torch.cat(muls) + torch.cat(adds)
         value.index_copy_(0, index, new.to(value.dtype))
-
-    @staticmethod
-    def _rows(t: torch.Tensor, which: Optional[list[int]], shape) -> torch.Tensor:
-        """An edit's values for the selected tokens: its row per listed position, or the one per-token value."""
-        if which is not None and t.dim() == len(shape) + 1:
-            return t[to_device(torch.tensor(which), t.device)]
-        return t

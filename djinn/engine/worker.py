@@ -70,7 +70,7 @@ class ModelWorker:
         if on_gpu if cuda_graphs is None else cuda_graphs:
             (scratch,) = self.pool.device_blocks.allocate(1)  # padding rows of a graph write here
             self.reserved_blocks = 1
-            self.runner.graphs = StepGraphs(self.runner, scratch, min(self.cfg.max_seq_len, 4096),
+            self.runner.graphs = StepGraphs(self.runner, scratch, min(self.cfg.max_seq_len, 4096), max_step_tokens,
                                             capture=on_gpu)
         self.sessions: dict[str, Session] = {}
         self._pending_pauses: list[tuple[Session, Pause, object]] = []

@@ -119,6 +119,12 @@ def _merge_kernel(
     tl.store(out_ptr + tok * stride_on + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
+def partials_bytes(n_tokens: int, n_heads: int, d_head: int, max_context: int) -> int:
+    """Device memory the kernels' partial results take for a call."""
+    n_chunks = max(1, -(-max_context // CHUNK))
+    return n_tokens * n_heads * n_chunks * (max(16, triton.next_power_of_2(d_head)) + 2) * 4
+
+
 def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            token_row: torch.Tensor, token_pos: torch.Tensor, scale: float, window: int,
                            max_context: int) -> torch.Tensor:
