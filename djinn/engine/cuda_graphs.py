@@ -8,9 +8,10 @@ row): each segment reads and writes the residual stream (and the branch value) i
 between two segments the host takes out the pausing rows' state, stages the captures and puts the
 re-entering rows' saved state in its slots. Each row keeps its slot for the whole step; outside its own
 sites (before it re-enters, after it pauses) its slot computes values nobody reads and writes its keys and
-values into a scratch block, so nothing it wrote before is overwritten. A pause therefore costs the rest of
-the batch nothing but a cut: every row computes with the same kernels and batch shape as in a step
-without it. Padding tokens form one extra row of their own, over the scratch block.
+values into a scratch block, so nothing it wrote before is overwritten; a segment no row computes for is
+not replayed at all. A pause therefore costs the rest of the batch nothing but a cut: every row computes
+with the same kernels and batch shape as in a step without it. Padding tokens form one extra row of their
+own, over the scratch block.
 
 Interventions stay data: each edited site has preallocated per-token `mul` and `add` buffers (identity
 where no edit applies), and the graph computes `act * mul + add` there, in float32 like the eager path.
@@ -172,8 +173,10 @@ class StepGraphs:
         segments = plan.segments(self.final)
         keys = [(tb, rb, a, b, j == len(segments) - 1, tuple(s for s in sorted(plan.edits) if a <= s <= b))
                 for j, (a, b) in enumerate(segments)]
-        for key in keys:  # before this step's inputs go in: capturing runs the graph's forward
-            if key not in self._graphs:
+        # a segment no row computes for is skipped (a prompt paused or resumed alone costs no extra work)
+        needed = [any(s.first <= a and s.last >= b for s in plan.sites) for a, b in segments]
+        for key, need in zip(keys, needed):  # before this step's inputs go in: capturing runs the forward
+            if need and key not in self._graphs:
                 self._graphs[key] = self._record(*key)
         self._load_inputs(plan, tb)
         for site in sorted(plan.edits):
@@ -181,10 +184,11 @@ class StepGraphs:
         cut = len(segments) > 1
         logits = None
         for j, ((a, b), key) in enumerate(zip(segments, keys)):
-            if cut:  # tokens write their keys and values only inside their row's own sites
-                active = (self.row_first[:tb] <= a) & (self.row_last[:tb] >= b)
-                self.write_blocks[:tb].copy_(torch.where(active, self.own_blocks[:tb], self.scratch_block))
-            logits = self._graphs[key]()
+            if needed[j]:
+                if cut:  # tokens write their keys and values only inside their row's own sites
+                    active = (self.row_first[:tb] <= a) & (self.row_last[:tb] >= b)
+                    self.write_blocks[:tb].copy_(torch.where(active, self.own_blocks[:tb], self.scratch_block))
+                logits = self._graphs[key]()
             if j < len(plan.cuts):
                 self._at_cut(b, plan, out)
         done = [i for i, s in enumerate(plan.sites) if s.pause is None]
