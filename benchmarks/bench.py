@@ -2,8 +2,8 @@
 
     python3 benchmarks/bench.py --part gpt2        # (a) seed experiment + batch-1 decode + HF eager, GPT-2-small shape
     python3 benchmarks/bench.py --part mistral     # (b) the same on a Mistral-7B shape + HF eager
-    python3 benchmarks/bench.py --part throughput  # (c) Mistral-7B shape, 1..128 sessions: plain, Steer, 25% pausing
-                                                   #     (one client thread per session), and plain with no
+    python3 benchmarks/bench.py --part throughput  # (c) Mistral-7B shape, 1..128 sessions: plain, Steer, 25% pausing,
+                                                   #     each with one client thread per session and with no
                                                    #     client threads (events to sinks on the engine thread)
 
 Each part runs in under 10 minutes on an H200 and writes JSON into the folder named by the OUT environment
@@ -258,26 +258,43 @@ def seed_experiment(client, shape: str, n_new=128, trials=3, rt_trials=15) -> di
     return result
 
 
-def throughput_engine_sinks(client, n_sessions: int, n_prompt=128, n_new=256) -> float:
-    """The same load with no client threads: events go to sinks on the engine thread (the engine's own rate)."""
+def mode_options(client, n_sessions: int, mode: str, g: torch.Generator, n_new: int):
+    """Per session i: (interventions, breakpoints) of a throughput mode. steer: a Steer on every session;
+    pause25: every fourth session pauses once, halfway."""
+    vec = torch.randn(client.models()[0].d_model, generator=g) * 0.1
+    site = "blocks.16.hook_resid_post"
+    steer = [djinn.Steer(site, vec)] if mode == "steer" else []
+    return [(steer, [djinn.Breakpoint(site, steps=[n_new // 2])] if mode == "pause25" and i % 4 == 0 else [])
+            for i in range(n_sessions)]
+
+
+def throughput_engine_sinks(client, n_sessions: int, mode: str, n_prompt=128, n_new=256) -> float:
+    """The same load with no client threads: events go to sinks on the engine thread (the engine's own rate);
+    a paused session is resumed from its sink, through the engine's command queue."""
     service = client._backend.service
     owner = client._backend.owner
     vocab = client.models()[0].vocab_size
     g = torch.Generator().manual_seed(n_sessions)
     done, count = threading.Event(), [0, 0]
-
-    def sink(ev):
-        if isinstance(ev, djinn.Token):
-            count[0] += 1
-        elif isinstance(ev, (djinn.Done, djinn.Error)):
-            count[1] += 1
-            if count[1] == n_sessions:
-                done.set()
     sids = [service.call("create_session", owner) for _ in range(n_sessions)]
     prompts = [torch.randint(0, vocab, (n_prompt,), generator=g).tolist() for _ in sids]
+    options = mode_options(client, n_sessions, mode, g, n_new)
+
+    def sink_for(sid):
+        def sink(ev):
+            if isinstance(ev, djinn.Token):
+                count[0] += 1
+            elif isinstance(ev, djinn.Paused):
+                service.post("resume", sid, owner, None, ev.pause_id)
+            elif isinstance(ev, (djinn.Done, djinn.Error)):
+                count[1] += 1
+                if count[1] == n_sessions:
+                    done.set()
+        return sink
     t = now()
-    submitted = [service.post("generate", sid, owner, p, sink, max_new_tokens=n_new, stop_tokens=[])
-                 for sid, p in zip(sids, prompts)]  # queued together: the engine takes them in one go
+    submitted = [service.post("generate", sid, owner, p, sink_for(sid), max_new_tokens=n_new, stop_tokens=[],
+                              interventions=items, breakpoints=bps)
+                 for sid, p, (items, bps) in zip(sids, prompts, options)]  # queued together: taken in one go
     for f in submitted:
         f.result()
     done.wait()
@@ -289,23 +306,24 @@ def throughput_engine_sinks(client, n_sessions: int, n_prompt=128, n_new=256) ->
 
 
 def throughput(client, n_sessions: int, mode: str, n_prompt=128, n_new=256) -> float:
+    """One client thread per session, as an embedded user with many sessions would run them."""
     vocab = client.models()[0].vocab_size
     g = torch.Generator().manual_seed(n_sessions)
     prompts = [torch.randint(0, vocab, (n_prompt,), generator=g).tolist() for _ in range(n_sessions)]
-    d = client.models()[0].d_model
-    vec = torch.randn(d, generator=g) * 0.1
+    options = mode_options(client, n_sessions, mode, g, n_new)
     sessions = [client.session() for _ in range(n_sessions)]
     done = [0] * n_sessions
 
     def work(i):
-        kw = {}
-        site = None
-        if mode == "steer":
-            kw["interventions"] = [djinn.Steer("blocks.16.hook_resid_post", vec)]
-        if mode == "pause25" and i % 4 == 0:
-            site = "blocks.16.hook_resid_post"
-        toks, _ = run_stream(sessions[i], prompts[i], n_new, site=site, steps=(n_new // 2,), **kw)
-        done[i] = len(toks)
+        items, bps = options[i]
+        tokens = 0
+        for ev in sessions[i].stream(prompts[i], max_new_tokens=n_new, breakpoints=bps, stop_tokens=[],
+                                     interventions=items):
+            if isinstance(ev, djinn.Paused):
+                ev.resume()
+            elif isinstance(ev, djinn.Token):
+                tokens += 1
+        done[i] = tokens
     threads = [threading.Thread(target=work, args=(i,)) for i in range(n_sessions)]
     t = now()
     for th in threads:
@@ -400,9 +418,10 @@ def part_throughput() -> dict:
     for n in (1, 8, 32, 64, 128):
         for mode in ("plain", "steer", "pause25"):  # warm-up: graphs for this batch size, kernels compiled
             throughput(client, n, mode, n_new=8)
-        row = {"sessions": n, "plain_engine_sinks": throughput_engine_sinks(client, n)}
+        row = {"sessions": n}
         for mode in ("plain", "steer", "pause25"):
             row[mode] = throughput(client, n, mode)
+            row[mode + "_engine_sinks"] = throughput_engine_sinks(client, n, mode)
         # floor: each step reads the weights once and every session's KV (mean context 128 + 128)
         step_bytes = wbytes + n * 256 * kv_bytes_per_token(spec["cfg"], spec["dtype"])
         row["floor_tokens_per_s"] = n / (step_bytes / bw)
