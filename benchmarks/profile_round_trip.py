@@ -4,9 +4,11 @@ unchanged at once, with host timestamps at each hand-off (engine thread and clie
     python3 benchmarks/profile_round_trip.py                 # GPT-2-small shape, float16, on the GPU
     python3 benchmarks/profile_round_trip.py --device cpu    # a small GPT-2 shape on the CPU
 
-Prints the median time of each stage over the trials, from the moment the runner returns with the row
-paused, and the added time of the whole round trip against an uninterrupted prefill measured alongside.
-The stamps wrap the engine's methods from outside; nothing in the engine changes for this.
+Prints the stamps of the trial whose added time is the median, in order, from the moment the runner returns
+with the row paused; on a GPU also when the GPU reached the start and end of each runner call (CUDA events
+recorded there, so an idle GPU shows as a gap); and the median added time of the whole round trip against
+an uninterrupted prefill measured alongside. The stamps wrap the engine's methods from outside; nothing in
+the engine changes for this.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import os
 import statistics
 import sys
 import time
-from collections import defaultdict
 
 import torch
 
@@ -26,25 +27,37 @@ from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
 
 STAMPS: list[tuple[str, float]] = []
+GPU_MARKS: list[tuple[str, object]] = []
 
 
 def stamp(name: str) -> None:
     STAMPS.append((name, time.perf_counter()))
 
 
-def wrap(owner, name: str, label: str) -> None:
+def gpu_mark(name: str) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        GPU_MARKS.append((name, e))
+
+
+def wrap(owner, name: str, label: str, on_gpu: bool = False) -> None:
     inner = getattr(owner, name)
 
     def wrapped(*args, **kwargs):
         stamp(label + " >")
+        if on_gpu:
+            gpu_mark(label + " >")
         out = inner(*args, **kwargs)
+        if on_gpu:
+            gpu_mark(label + " <")
         stamp(label + " <")
         return out
     setattr(owner, name, wrapped)
 
 
 def instrument() -> None:
-    wrap(runner_mod.Runner, "run", "runner.run")
+    wrap(runner_mod.Runner, "run", "runner.run", on_gpu=True)
     wrap(engine_mod.Engine, "resume", "engine.resume")
     wrap(worker_mod.ModelWorker, "_schedule", "schedule")
     wrap(worker_mod.ModelWorker, "drain", "drain")
@@ -78,7 +91,7 @@ def main() -> None:
     prompt = torch.randint(0, cfg.vocab_size, (512,), generator=torch.Generator().manual_seed(1)).tolist()
     bps = [djinn.Breakpoint(f"blocks.{args.layer}.hook_resid_post", steps=[0])]
     instrument()
-    stages, added = defaultdict(list), []
+    trials = []
     for trial in range(args.trials + 2):  # two warm-ups
         plain, paused = client.session(), client.session()
         sync(device)
@@ -87,6 +100,7 @@ def main() -> None:
         sync(device)
         t1 = time.perf_counter()
         STAMPS.clear()
+        GPU_MARKS.clear()
         for ev in paused.stream(prompt, max_new_tokens=1, breakpoints=bps, stop_tokens=[]):
             stamp(f"client has {type(ev).__name__}")
             if isinstance(ev, djinn.Paused):
@@ -96,24 +110,22 @@ def main() -> None:
         t2 = time.perf_counter()
         plain.close()
         paused.close()
-        if trial < 2:
-            continue
-        added.append(((t2 - t1) - (t1 - t0)) * 1000)
-        names = [n for n, _ in STAMPS]
-        origin = STAMPS[names.index("runner.run <")][1]  # the first half is launched, the row paused
-        seen = set()
-        for n, t in STAMPS:
-            key = n if n not in seen else n + " (again)"
-            while key in seen:
-                key += "'"
-            seen.add(key)
-            stages[key].append((t - origin) * 1000)
+        if trial >= 2:
+            gpu = [(n, GPU_MARKS[0][1].elapsed_time(e)) for n, e in GPU_MARKS] if GPU_MARKS else []
+            trials.append((((t2 - t1) - (t1 - t0)) * 1000, list(STAMPS), gpu))
     print(f"{client.models()[0].name} on {device}: 512-token prefill paused at blocks.{args.layer}.hook_resid_post, "
           f"{args.trials} trials")
-    order = sorted(stages, key=lambda k: statistics.median(stages[k]))
-    for k in order:
-        print(f"  {statistics.median(stages[k]):8.3f} ms  {k}")
-    print(f"round trip added over an uninterrupted prefill (median): {statistics.median(added):.3f} ms")
+    trials.sort(key=lambda x: x[0])
+    added, stamps, gpu = trials[len(trials) // 2]
+    origin = next(t for n, t in stamps if n == "runner.run <")  # the first half is launched, the row paused
+    print(f"host, the median trial (added {added:.3f} ms), ms from the paused runner call's return:")
+    for n, t in stamps:
+        print(f"  {(t - origin) * 1000:8.3f}  {n}")
+    if gpu:
+        print("GPU, the same trial, ms from the first runner call's start as the GPU reached it:")
+        for n, t in gpu:
+            print(f"  {t:8.3f}  {n}")
+    print(f"round trip added over an uninterrupted prefill (median): {statistics.median(x[0] for x in trials):.3f} ms")
     client.close()
 
 

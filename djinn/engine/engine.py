@@ -260,8 +260,13 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints and forks
 
-    def checkpoint(self, sid: str, owner: str) -> str:
+    def checkpoint(self, sid: str, owner: str, check_count: Optional[Callable[[int], None]] = None) -> str:
+        """Start copying the session to host memory; returns the checkpoint's id at once. `check_count`, if
+        given, sees how many checkpoints the owner keeps and may refuse another (a server's per-key limit,
+        checked here so that check and creation are one step of the engine thread)."""
         s = self._session(sid, owner)
+        if check_count is not None:
+            check_count(sum(rec.owner == owner for rec in self.checkpoints.values()))
         self._idle(s, "checkpoint")
         w = self.workers[s.model]
         n = len(s.host_blocks) if s.swapped else len(s.blocks)

@@ -65,10 +65,8 @@ class ServerState:
             return await self.call(method, args[0], owner, *args[1:])
 
     async def new_checkpoint(self, owner: str, sid: str) -> str:
-        """checkpoint under the per-key checkpoint limit."""
-        async with self.owner_lock(owner):
-            self.limits.check_checkpoints(len(await self.call("list_checkpoints", owner)))
-            return await self.call("checkpoint", sid, owner)
+        """checkpoint under the per-key checkpoint limit (checked by the engine thread: one round trip)."""
+        return await self.call("checkpoint", sid, owner, self.limits.check_checkpoints)
 
     async def model_info(self, model: Optional[str]) -> Any:
         """The ModelInfo of `model` (None: the default model), or UnknownModel."""
