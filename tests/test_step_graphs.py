@@ -142,3 +142,20 @@ def test_prompts_of_several_sessions_share_a_step(clients):
         assert results[k] == ref
     multi_row = [key for key in segments(graphs) if key[1] > 1]  # a padded row count: prompts shared a step
     assert multi_row
+
+
+def test_a_prompt_paused_alone_runs_each_layer_once(clients, monkeypatch):
+    """The pausing step replays only the segment up to the pause, the resumed step only the one after it."""
+    graphs, _ = clients
+    worker = next(iter(graphs._backend.service.engine.workers.values()))
+    segments_run = []
+    forward = worker.runner.graphs._forward
+
+    def counted(tb, rb, first, last, ends, signature):
+        segments_run.append((first, last))
+        return forward(tb, rb, first, last, ends, signature)
+    monkeypatch.setattr(worker.runner.graphs, "_forward", counted)
+    site = worker.sites.resolve("blocks.2.hook_resid_post")[0][1].index
+    out, pauses = run(graphs.session(), "blocks.2.hook_resid_post", steps=[0], n=1)
+    assert len(pauses) == 1 and len(out.token_ids) == 1
+    assert segments_run == [(0, site), (site + 1, len(worker.sites.sites) - 1)]

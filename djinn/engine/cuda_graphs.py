@@ -33,6 +33,7 @@ from ..models.context import ForwardContext
 from ..sites import RESID
 from .batch import portable_layout, to_device
 from .plan import Edit, Probe, fold_edits
+from .runner import Pause
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # padded row counts
 TOKEN_BUCKETS = BUCKETS + (256, 384, 512, 768, 1024, 1536, 2048)  # padded token counts
@@ -200,8 +201,6 @@ class StepGraphs:
 
     def _at_cut(self, site_index: int, plan: StepPlan, out) -> None:
         """After `site_index`: stage captures, take out the rows pausing here, put in those re-entering after it."""
-        from .runner import Pause
-
         site = self.sites[site_index]
         resid, branch = self._state(site_index)
         value = resid if site.kind == RESID else branch
