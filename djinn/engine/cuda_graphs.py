@@ -61,7 +61,11 @@ class StepPlan:
     edits: dict[int, list[list[Edit]]]  # site -> each row's edits there
     cuts: list[int]  # sites after which the forward is cut, ascending
     offsets: list[int]  # row i's tokens are offsets[i]:offsets[i + 1]
-    decode: bool  # one token a row: the logits are the whole batch's
+
+    @property
+    def decode(self) -> bool:
+        """One token a row: the logits are the whole batch's."""
+        return self.offsets[-1] == len(self.rows)
 
     def segments(self, final: int) -> list[tuple[int, int]]:
         """(first, last) site of each segment; the last one ends the forward (after a cut at the final site
@@ -162,7 +166,7 @@ class StepGraphs:
             if pause is not None:
                 cuts.add(last)
             cuts.update(s for s, _ in captures)
-        return StepPlan(rows, sites, edits, sorted(cuts), offsets, offsets[-1] == len(rows))
+        return StepPlan(rows, sites, edits, sorted(cuts), offsets)
 
     # ------------------------------------------------------------------ replay
 
@@ -235,7 +239,7 @@ class StepGraphs:
         host = self._hosts[0].numpy()  # numpy views: slice writes here cost far less than tensor ops
         f = {name: self._field(host, name) for name in self._layout}
         n_tok = plan.offsets[-1]
-        # padding tokens: a row of their own (the last table row), positions 0.., writing into scratch
+        # padding tokens: a row of their own (table row 0, all scratch), positions 0.., writing into scratch
         pad = np.arange(tb - n_tok)
         f["tokens"][n_tok:tb], f["positions"][n_tok:tb], f["write_offsets"][n_tok:tb] = 0, pad, pad % bs
         f["write_blocks"][:tb] = self.scratch_block

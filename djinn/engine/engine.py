@@ -31,8 +31,8 @@ class Engine:
     def __init__(self, models: Sequence[LoadedModel], kv_memory: Optional[int] = None,
                  kv_blocks: Optional[int] = None, host_kv_blocks: Optional[int] = None, block_size: int = 16,
                  max_step_tokens: int = 4096, pause_ttl: float = 300.0, cuda_graphs: Optional[bool] = None):
-        """`cuda_graphs`: decode steps replay CUDA graphs (default: on a GPU). On the CPU, True runs the
-        graphs' static-buffer path with nothing captured, which is how the tests check it."""
+        """`cuda_graphs`: steps replay CUDA graphs where they fit (default: on a GPU). On the CPU, True runs
+        the graphs' static-buffer path with nothing captured, which is how the tests check it."""
         if not models:
             raise UnknownModel("the engine needs at least one model")
         self.workers: dict[str, ModelWorker] = {}

@@ -68,7 +68,7 @@ class ModelWorker:
         self._inflight: Optional[InFlight] = None
         self.reserved_blocks = 0
         if on_gpu if cuda_graphs is None else cuda_graphs:
-            (scratch,) = self.pool.device_blocks.allocate(1)  # padding rows of a graph write here
+            (scratch,) = self.pool.device_blocks.allocate(1)  # graph padding and rows outside their sites write here
             self.reserved_blocks = 1
             self.runner.graphs = StepGraphs(self.runner, scratch, min(self.cfg.max_seq_len, 4096), max_step_tokens,
                                             capture=on_gpu)
