@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn  # noqa: E402
-from djinn.engine import engine as engine_mod, runner as runner_mod, worker as worker_mod  # noqa: E402
+from djinn.engine import cuda_graphs as graphs_mod, engine as engine_mod, runner as runner_mod  # noqa: E402
+from djinn.engine import staging as staging_mod, worker as worker_mod  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
 
@@ -61,6 +62,14 @@ def instrument() -> None:
     wrap(engine_mod.Engine, "resume", "engine.resume")
     wrap(worker_mod.ModelWorker, "_schedule", "schedule")
     wrap(worker_mod.ModelWorker, "drain", "drain")
+    wrap(worker_mod.ModelWorker, "_settle", "settle")
+    wrap(worker_mod.ModelWorker, "_launch_sampling", "launch sampling")
+    wrap(graphs_mod.StepGraphs, "plan_step", "graphs.plan_step")
+    wrap(graphs_mod.StepGraphs, "_load_inputs", "graphs.load_inputs")
+    wrap(graphs_mod.StepGraphs, "_at_cut", "graphs.at_cut")
+    wrap(staging_mod.HostStager, "stage", "stage")
+    if torch.cuda.is_available():
+        wrap(torch.cuda.CUDAGraph, "replay", "graph replay")
     emit = worker_mod._emit
 
     def emit_stamped(req, event):

@@ -144,3 +144,35 @@ def test_request_that_can_never_fit_gets_a_clear_error(stories_path):
         with pytest.raises(djinn.CapacityError, match="never fit"):
             s.generate("Once upon a time", max_new_tokens=100)
         assert len(s.generate("Once upon a time", max_new_tokens=20).token_ids) == 20
+
+
+def test_block_moves_copy_runs_of_consecutive_blocks():
+    """Moves between the pools copy each stretch of consecutive blocks at once; any order of ids (a
+    fragmented free list) still lands every block where it belongs."""
+    from djinn.engine.kv_pool import KVPool, runs
+    from djinn.models.config import ModelConfig
+
+    assert runs([4, 5, 6, 9, 3, 4], [0, 1, 2, 3, 7, 8]) == [(4, 0, 3), (9, 3, 1), (3, 7, 2)]
+    assert runs([], []) == []
+    cfg = ModelConfig(family="llama", vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_mlp=32,
+                      max_seq_len=64)
+    pool = KVPool(cfg, 12, 12, 4, torch.float32, torch.device("cpu"))
+    pool.kv.copy_(torch.randn(pool.kv.shape, generator=torch.Generator().manual_seed(0)))
+    device_ids, host_ids = [3, 4, 5, 0, 11, 10, 6, 7], [2, 3, 4, 5, 0, 1, 9, 10]
+    pool.to_host(device_ids, host_ids).wait()
+    for d, h in zip(device_ids, host_ids):
+        assert torch.equal(pool.host[h], pool.kv[d])
+    back = [1, 2, 8, 9, 3, 4, 5, 0]
+    pool.to_device(host_ids, back)
+    for d, b in zip(device_ids, back):
+        assert torch.equal(pool.kv[b], pool.host[host_ids[device_ids.index(d)]])
+
+
+def test_freed_blocks_come_back_in_order():
+    from djinn.engine.kv_pool import BlockAllocator
+
+    a = BlockAllocator(16)
+    first = a.allocate(6)
+    assert first == [0, 1, 2, 3, 4, 5]
+    a.decref(first[2:5])
+    assert a.allocate(3) == [2, 3, 4]

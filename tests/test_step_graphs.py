@@ -159,3 +159,37 @@ def test_a_prompt_paused_alone_runs_each_layer_once(clients, monkeypatch):
     out, pauses = run(graphs.session(), "blocks.2.hook_resid_post", steps=[0], n=1)
     assert len(pauses) == 1 and len(out.token_ids) == 1
     assert segments_run == [(0, site), (site + 1, len(worker.sites.sites) - 1)]
+
+
+def test_a_lone_pause_loads_its_resumed_step_ahead(clients, monkeypatch):
+    """While the client of a lone paused row thinks, its resumed step's inputs go to the device; the resume
+    then only launches. Another step in between replaces them, and the resume loads its own again."""
+    graphs, _ = clients
+    worker = next(iter(graphs._backend.service.engine.workers.values()))
+    g = worker.runner.graphs
+    loads = []
+    load_inputs = g._load_inputs
+
+    def counted(plan, tb):
+        loads.append(tuple(s.first for s in plan.sites))
+        return load_inputs(plan, tb)
+    monkeypatch.setattr(g, "_load_inputs", counted)
+    site = worker.sites.resolve("blocks.2.hook_resid_post")[0][1].index
+    ref, _ = run(graphs.session(), n=4)
+    loads.clear()
+    out, _ = run(graphs.session(), "blocks.2.hook_resid_post", steps=[0], n=4)
+    assert out.token_ids == ref.token_ids and torch.equal(out.logits, ref.logits)
+    assert loads[:2] == [(0,), (site + 1,)] and loads.count((site + 1,)) == 1  # loaded ahead, not again
+
+    loads.clear()
+    tokens, other = [], None
+    for ev in graphs.session().stream(PROMPT, max_new_tokens=4, return_logits=True,
+                                      breakpoints=[djinn.Breakpoint("blocks.2.hook_resid_post", steps=[0])]):
+        if isinstance(ev, djinn.Paused):
+            other = graphs.session().generate("The cat", max_new_tokens=3).token_ids  # its steps load in between
+            ev.resume()
+        elif isinstance(ev, djinn.Done):
+            tokens, logits = ev.result.token_ids, ev.result.logits
+    assert tokens == ref.token_ids and torch.equal(logits, ref.logits)
+    assert other == graphs.session().generate("The cat", max_new_tokens=3).token_ids
+    assert loads.count((site + 1,)) == 2  # ahead, replaced by the other session's steps, loaded again

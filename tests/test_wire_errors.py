@@ -123,6 +123,86 @@ def test_first_frame_errors(server):
                                            "x": msgpack.ExtType(42, b"zz")})), "malformed_frame")
 
 
+def test_control_socket_frames(server, client, sessions):
+    """Bad frames and calls on the control socket get typed replies (their id echoed) and the socket goes on;
+    a bad first frame ends it with a typed error, as on a stream."""
+    a, b, expected = sessions
+    url = server.url.replace("http://", "ws://") + "/api/control"
+    with websockets.sync.client.connect(url, proxy=None, max_size=None, legacy=True) as ws:
+        ws.send(hello())
+        assert unpack(ws.recv())["type"] == "hello"
+
+        def call(frame):
+            ws.send(frame if isinstance(frame, (bytes, str)) else pack(frame))
+            return unpack(ws.recv())
+        cases = [(bytes(random.Random(1).randbytes(40)), "malformed_frame", None),
+                 ("a text frame", "malformed_frame", None),
+                 (b"\x92" + b"\x00" * (FRAME_LIMIT + 10), "frame_too_large", None),
+                 ({"type": "resume", "id": 1}, "malformed_frame", 1),
+                 ({"type": "call", "id": 2, "method": "format_disk", "args": []}, "invalid_request", 2),
+                 ({"type": "call", "id": 3, "method": "checkpoint", "args": "abc"}, "malformed_frame", 3),
+                 ({"type": "call", "id": 4, "method": "checkpoint", "args": [a.id, 1, 2]}, "invalid_request", 4),
+                 ({"type": "call", "id": 5, "method": "session_info", "args": ["nope"]}, "unknown_session", 5),
+                 ({"type": "call", "id": 6, "method": "tokenize", "args": [7]}, "invalid_request", 6),
+                 ({"type": "call", "id": 7, "method": "detokenize", "args": [[1, 10 ** 6]]}, "token_out_of_range", 7),
+                 ({"type": "call", "id": 8, "method": "set_interventions", "args": [a.id, [{"type": "nope"}]]},
+                  "invalid_request", 8),
+                 ({"type": "call", "id": 9, "method": "models", "args": [], "extra": 1}, "invalid_request", 9)]
+        for frame, code, call_id in cases:
+            msg = call(frame)
+            assert_typed(msg, code)
+            assert msg["ok"] is False and msg["id"] == call_id
+        ok = call({"type": "call", "id": 10, "method": "session_info", "args": [a.id]})
+        assert ok["ok"] and ok["id"] == 10 and ok["result"]["id"] == a.id
+    with websockets.sync.client.connect(url, proxy=None, legacy=True) as ws:
+        ws.send(hello(99))
+        msg = unpack(ws.recv())
+        assert_typed(msg, "protocol_mismatch")
+    for s in (a, b):  # nothing of it touched the sessions
+        assert s.fork().generate(" and", max_new_tokens=8).token_ids == expected[s.id]
+
+
+def test_rest_routes_give_what_the_control_socket_gives(server, client):
+    """The REST routes (for clients that are not this one) and the control socket share their calls."""
+    h = {"Accept": "application/json"}
+    with httpx.Client(base_url=server.url, headers=h, timeout=30) as http:
+        assert http.get("/api/models").json() == [dataclasses_dict(m) for m in client.models()]
+        sid = http.post("/api/sessions", json={}).json()["id"]
+        r = http.post(f"/api/sessions/{sid}/generate", json={"prompt": STORY, "max_new_tokens": 6})
+        tokens = r.json()["token_ids"]
+        mine = client.session()
+        assert mine.generate(STORY, max_new_tokens=6).token_ids == tokens
+        assert http.get(f"/api/sessions/{sid}").json()["n_tokens"] == mine.info()["n_tokens"]
+        assert sid in [x["id"] for x in http.get("/api/sessions").json()]
+        ids = http.post("/api/tokenize", json={"text": STORY}).json()["ids"]
+        assert ids == client.tokenize(STORY)
+        assert http.post("/api/detokenize", json={"ids": ids}).json()["text"] == client.detokenize(ids)
+        assert http.put(f"/api/sessions/{sid}/interventions", json={"interventions": [
+            {"type": "scale", "site": SITE, "factor": 1.0}]}).json() == {"ok": True}
+        cid = http.post(f"/api/sessions/{sid}/checkpoint").json()["id"]
+        for _ in range(100):
+            status = http.get(f"/api/checkpoints/{cid}").json()
+            if status["done"]:
+                break
+        assert status["done"] and status["n_tokens"] == mine.info()["n_tokens"]
+        restored = http.post(f"/api/checkpoints/{cid}/restore").json()["id"]
+        forked = http.post(f"/api/sessions/{sid}/fork").json()["id"]
+        more = [http.post(f"/api/sessions/{x}/generate", json={"prompt": [], "max_new_tokens": 4}).json()["token_ids"]
+                for x in (restored, forked)]
+        assert more[0] == more[1] == mine.generate([], max_new_tokens=4).token_ids
+        assert http.post(f"/api/sessions/{sid}/cancel").json() == {"ok": True}
+        assert http.delete(f"/api/checkpoints/{cid}").json() == {"ok": True}
+        for x in (sid, restored, forked):
+            assert http.delete(f"/api/sessions/{x}").json() == {"ok": True}
+        assert http.get(f"/api/sessions/{sid}").json()["error"]["code"] == "unknown_session"
+
+
+def dataclasses_dict(m) -> dict:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(m)))
+
+
 def test_generate_frame_errors(server, client):
     sid = client.session().id
     bad_tensor = msgpack.ExtType(TENSOR_EXT, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")

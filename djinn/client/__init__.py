@@ -25,14 +25,16 @@ def load_models(model: Union[None, ModelSpec, Sequence[ModelSpec]], dtype: str, 
 
 def connect(url: Optional[str] = None, *, api_key: Optional[str] = None,
             model: Union[None, ModelSpec, Sequence[ModelSpec]] = None, dtype: str = "float32",
-            device: str = "cpu", **engine_options) -> Client:
+            device: str = "cpu", keep_freed_memory: bool = True, **engine_options) -> Client:
     """Without `url`: an in-process engine over `model` (default: the embedded model). With `url`: a client of a
-    running `djinn serve`, same API. `engine_options` go to `djinn.engine.Engine` (kv_memory, kv_blocks,
-    host_kv_blocks, block_size, max_step_tokens, pause_ttl)."""
+    running `djinn serve`, same API; it sets this process's allocator to keep freed memory (glibc), so that
+    receiving activations does not fault in fresh pages each time, unless `keep_freed_memory=False`.
+    `engine_options` go to `djinn.engine.Engine` (kv_memory, kv_blocks, host_kv_blocks, block_size,
+    max_step_tokens, pause_ttl, cuda_graphs)."""
     if url is not None:
         from .remote import RemoteBackend
 
-        return Client(RemoteBackend(url, api_key))
+        return Client(RemoteBackend(url, api_key, keep_freed_memory=keep_freed_memory))
     from ..engine.engine import Engine
     from .embedded import EmbeddedBackend
 

@@ -1,6 +1,8 @@
-"""The remote backend: the `Backend` protocol over HTTP (httpx) for control calls and one WebSocket (the
-`websockets` sync client) per stream, so `djinn.connect(url, api_key=...)` gives the same `Client`,
-`Session` and `Checkpoint` classes, the same events and the same typed errors as the embedded engine.
+"""The remote backend: the `Backend` protocol over WebSockets (the `websockets` sync client): control calls
+over one long-lived control socket per calling thread, each stream over a socket of its own; non-streaming
+generation and the health check over HTTP (httpx). `djinn.connect(url, api_key=...)` gives the same
+`Client`, `Session` and `Checkpoint` classes, the same events and the same typed errors as the embedded
+engine.
 
 Tensors travel as safetensors bytes inside msgpack frames (see `djinn.server.protocol`), so activations
 arrive as torch tensors in the model's dtype (bfloat16 included).
@@ -10,6 +12,7 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import threading
 from typing import Any, Callable, Iterator, Optional, Sequence
 from urllib.parse import quote
 
@@ -17,6 +20,7 @@ import httpx
 import torch
 
 from .. import __version__
+from ..allocator import keep_freed_memory as tune_allocator
 from ..errors import (DjinnError, FrameTooLarge, InvalidRequest, InvalidTensor, ProtocolMismatch,
                       error_from_code)
 from ..events import Done, Error, Paused
@@ -62,6 +66,17 @@ def route(method: str, args: Sequence[Any]) -> tuple[str, str, Optional[dict]]:
     if method not in table:
         raise InvalidRequest(f"unknown call {method!r}")
     return table[method]()
+
+
+def wire_args(method: str, args: Sequence[Any]) -> list:
+    """A Backend call's arguments as the control socket takes them (interventions and tensors encoded)."""
+    route(method, args)  # the same checks as over REST: unknown calls, bad argument types
+    a = list(args)
+    if method == "set_interventions" and len(a) > 1:
+        a[1] = [encode_intervention(x) for x in _items(a[1])]
+    elif method == "detokenize" and a:
+        a[0] = [int(i) for i in a[0]]
+    return a
 
 
 def _items(items: Any) -> list:
@@ -173,18 +188,19 @@ def base_headers(api_key: Optional[str]) -> dict:
 # ---------------------------------------------------------------- the sync backend
 
 class _Stream:
-    """One WebSocket stream: frames in order, with replies to our frames picked out of the event flow."""
+    """One WebSocket: frames in order; on a stream, replies to our frames picked out of the event flow."""
 
     def __init__(self, ws, max_frame_bytes: int):
         self.ws, self.max_frame_bytes = ws, max_frame_bytes
         self.pending: collections.deque = collections.deque()
         self.closed = False
+        self.calls = 0  # control calls sent (a control socket's frame ids)
 
-    def recv(self) -> dict:
+    def recv(self, timeout: Optional[float] = None) -> dict:
         from websockets.exceptions import ConnectionClosed
 
         try:
-            data = self.ws.recv()
+            data = self.ws.recv(timeout)
         except ConnectionClosed as e:
             self.closed = True
             rcvd = e.rcvd
@@ -238,13 +254,20 @@ class _Stream:
 
 class RemoteBackend:
     def __init__(self, url: str, api_key: Optional[str] = None, *, timeout: float = 300.0,
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, keep_freed_memory: bool = True):
+        """`keep_freed_memory`: set this process's allocator to keep freed memory (see
+        `djinn.allocator.keep_freed_memory`), so that every activation received does not fault in fresh pages."""
+        if keep_freed_memory:
+            tune_allocator()
         self.url = normalize_url(url)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self._headers = base_headers(self.api_key)
         self.http = httpx.Client(base_url=self.url, headers=self._headers, transport=httpx.HTTPTransport(
             socket_options=NODELAY), timeout=httpx.Timeout(timeout, connect=connect_timeout))
-        self.connect_timeout = connect_timeout
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self._local = threading.local()  # each calling thread's control socket
+        self._controls: list[_Stream] = []
+        self._controls_lock = threading.Lock()
         health = self._request("GET", "/healthz", None)
         if health.get("protocol") != PROTOCOL_VERSION:
             self.http.close()
@@ -263,24 +286,59 @@ class RemoteBackend:
         return decode_body(ctype, r.content)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A control call over this thread's control socket: one frame each way."""
         if kwargs:  # the embedded backend accepts the engine's keyword names too
             raise InvalidRequest(f"{method}: keyword arguments {sorted(kwargs)} are not supported remotely")
-        verb, path, body = route(method, args)
-        return result(method, self._request(verb, path, body))
+        frame = {"type": "call", "method": method, "args": wire_args(method, args)}
+        s = self._control()
+        s.calls += 1
+        frame["id"] = s.calls
+        try:
+            s.send(pack(frame))
+        except StreamClosed:  # the socket had closed (a server restart, say): nothing went out, so again
+            s = self._control()
+            s.calls += 1
+            frame["id"] = s.calls
+            s.send(pack(frame))
+        try:
+            msg = s.recv(self.timeout)
+        except TimeoutError:
+            s.close()  # its reply may still come: this socket is out of step now
+            raise DjinnError(f"no reply to {method} from the Djinn server within {self.timeout:g} s") from None
+        if msg.get("type") == "error":  # the server refused the socket itself (say, a bad key)
+            s.close()
+            raise error_from_code(msg.get("code", "djinn_error"), msg.get("message", ""))
+        if msg.get("type") != "reply" or msg.get("id") != s.calls:
+            s.close()
+            raise DjinnError(f"the server answered {method} with an unexpected frame ({msg.get('type')!r})")
+        if not msg.get("ok"):
+            raise error_from_code(msg.get("code", "djinn_error"), msg.get("message", ""))
+        return result(method, msg.get("result"))
+
+    def _control(self) -> _Stream:
+        s = getattr(self._local, "control", None)
+        if s is None or s.closed:
+            s = _Stream(self._connect("/api/control"), 0)
+            s.send(hello_frame())
+            s.max_frame_bytes = check_hello(s.recv())
+            self._local.control = s
+            with self._controls_lock:
+                self._controls = [c for c in self._controls if not c.closed] + [s]
+        return s
 
     def generate(self, sid: str, prompt: Any, params: dict) -> Any:
         """Non-streaming generate over REST (no breakpoints)."""
         body = {"prompt": encode_prompt(prompt), **encode_params(params)}
         return decode_result(self._request("POST", f"/api/sessions/{_p(sid)}/generate", body))
 
-    def _connect(self, sid: str):
+    def _connect(self, path: str):
         from websockets.exceptions import InvalidHandshake, InvalidStatus
         from websockets.sync.client import connect
 
         headers = {k: v for k, v in self._headers.items() if k != "Accept"}
         options = dict(additional_headers=headers, max_size=None, compression=None, proxy=None,
                        open_timeout=self.connect_timeout, user_agent_header=None)
-        url = ws_url(self.url) + f"/api/sessions/{_p(sid)}/stream"
+        url = ws_url(self.url) + path
         try:
             options["sock"] = open_socket(url, self.connect_timeout)
             try:  # websockets >= 16 wants `legacy=True` to hand back a plain connection without a warning
@@ -301,7 +359,7 @@ class RemoteBackend:
 
     def _events(self, sid: str, gen: bytes) -> Iterator[object]:
         hello = hello_frame()
-        s = _Stream(self._connect(sid), 0)
+        s = _Stream(self._connect(f"/api/sessions/{_p(sid)}/stream"), 0)
         finished = False
         try:
             try:
@@ -339,6 +397,10 @@ class RemoteBackend:
         self.call("resume", sid, act, pid)
 
     def close(self) -> None:
+        with self._controls_lock:
+            controls, self._controls = self._controls, []
+        for s in controls:
+            s.close()
         self.http.close()
 
 

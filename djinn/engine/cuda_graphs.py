@@ -99,19 +99,19 @@ class StepGraphs:
         # the block table, after table row 0, all scratch, which the padding tokens use. A step copies the
         # prefix it uses.
         self._layout = {name: (k * mt, (k + 1) * mt) for k, name in enumerate(
-            ["tokens", "positions", "write_blocks", "write_offsets", "feed_from", "own_blocks", "first", "last"])}
-        self._layout["token_row"] = (8 * mt, 9 * mt)
-        self._layout["last_token"] = (9 * mt, 9 * mt + mr)
-        self._layout["tables"] = (9 * mt + mr, 9 * mt + mr + (mr + 1) * w)
+            ["tokens", "positions", "write_offsets", "feed_from", "own_blocks", "first", "last", "token_row"])}
+        self._layout["last_token"] = (8 * mt, 8 * mt + mr)
+        self._layout["tables"] = (8 * mt + mr, 8 * mt + mr + (mr + 1) * w)
         size = self._layout["tables"][1]
         self._hosts = [torch.zeros(size, dtype=torch.long, pin_memory=capture) for _ in range(2)]
+        # numpy views of each host buffer's fields: slice writes there cost far less than tensor ops
+        self._host_fields = [{name: self._field(h.numpy(), name) for name in self._layout} for h in self._hosts]
         self._copied: list[Optional[torch.cuda.Event]] = [None, None]
         self._dev = torch.zeros_like(self._hosts[0], device=self.device)
         self.tokens, self.positions = self._field(self._dev, "tokens"), self._field(self._dev, "positions")
-        self.write_blocks = self._field(self._dev, "write_blocks")  # where each token's KV goes now
         self.write_offsets = self._field(self._dev, "write_offsets")
         self.feed_from = self._field(self._dev, "feed_from")  # index into the previous step's sampled ids, -1: none
-        self.own_blocks = self._field(self._dev, "own_blocks")  # each token's real write block
+        self.own_blocks = self._field(self._dev, "own_blocks")  # each token's write block (padding: scratch)
         self.row_first, self.row_last = self._field(self._dev, "first"), self._field(self._dev, "last")
         self.token_row, self.last_token = self._field(self._dev, "token_row"), self._field(self._dev, "last_token")
         self.tables = self._field(self._dev, "tables").view(mr + 1, w)
@@ -126,6 +126,7 @@ class StepGraphs:
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.window = runner.window or 0
         self._ctx: Optional[ForwardContext] = None  # without capture: this step's attention layout
+        self._ahead: Optional[tuple[list, StepPlan, int]] = None  # (rows' identity, plan, tokens): loaded early
 
     def _field(self, buf, name: str):
         lo, hi = self._layout[name]
@@ -170,32 +171,67 @@ class StepGraphs:
 
     # ------------------------------------------------------------------ replay
 
-    def run(self, plan: StepPlan, out) -> None:
-        """Replay the step's segments; fills `out` (a runner.StepOutput) with pauses, captures and logits."""
-        rows, n = plan.rows, len(plan.rows)
-        tb = bucket_of(plan.offsets[-1], self.token_buckets)
-        rb = 0 if plan.decode else bucket_of(n, BUCKETS)  # 0: every token is its row's last
+    def run(self, rows, out) -> bool:
+        """Replay the step of `rows` if it fits the graphs (False: it must run eagerly); fills `out` (a
+        runner.StepOutput) with pauses, captures and logits."""
+        if self._ahead is not None and self._ahead[0] == self._identity(rows):
+            _, plan, tb = self._ahead  # its inputs are already on the device
+            self._ahead = None
+        else:
+            plan = self.plan_step(rows)
+            if plan is None:
+                return False
+            tb = self._prepare(plan)
+        self._replay(plan, tb, out)
+        return True
+
+    def load_ahead(self, rows) -> None:
+        """Capture what the step of `rows` needs and put its inputs on the device now: called when the host
+        would otherwise wait (a lone row paused, its client yet to answer). Any other step's inputs
+        replace these; `run` uses them only for the same rows in the same state."""
+        plan = self.plan_step(rows)
+        if plan is not None:
+            self._prepare(plan)
+            self._ahead = (self._identity(rows), plan, bucket_of(plan.offsets[-1], self.token_buckets))
+
+    @staticmethod
+    def _identity(rows) -> list:
+        """What a step's inputs depend on, row by row."""
+        return [(id(r), r.entry, r.step, id(r.plan), r.span.start, r.span.n_tokens, tuple(r.span.block_table))
+                for r in rows]
+
+    def _keys(self, plan: StepPlan, tb: int) -> list[tuple]:
+        rb = 0 if plan.decode else bucket_of(len(plan.rows), BUCKETS)  # 0: every token is its row's last
         segments = plan.segments(self.final)
-        keys = [(tb, rb, a, b, j == len(segments) - 1, tuple(s for s in sorted(plan.edits) if a <= s <= b))
+        return [(tb, rb, a, b, j == len(segments) - 1, tuple(s for s in sorted(plan.edits) if a <= s <= b))
                 for j, (a, b) in enumerate(segments)]
-        # a segment no row computes for is skipped (a prompt paused or resumed alone costs no extra work)
-        needed = [any(s.first <= a and s.last >= b for s in plan.sites) for a, b in segments]
-        for key, need in zip(keys, needed):  # before this step's inputs go in: capturing runs the forward
-            if need and key not in self._graphs:
+
+    @staticmethod
+    def _needed(plan: StepPlan, segments: list[tuple[int, int]]) -> list[bool]:
+        """A segment no row computes for is skipped (a prompt paused or resumed alone costs no extra work)."""
+        return [any(s.first <= a and s.last >= b for s in plan.sites) for a, b in segments]
+
+    def _prepare(self, plan: StepPlan) -> int:
+        """Capture the segments the step needs, then load its inputs; returns its padded token count."""
+        tb = bucket_of(plan.offsets[-1], self.token_buckets)
+        keys = self._keys(plan, tb)
+        for key, need in zip(keys, self._needed(plan, plan.segments(self.final))):
+            if need and key not in self._graphs:  # before the inputs go in: capturing runs the forward
                 self._graphs[key] = self._record(*key)
         self._load_inputs(plan, tb)
+        return tb
+
+    def _replay(self, plan: StepPlan, tb: int, out) -> None:
+        rows, n = plan.rows, len(plan.rows)
         for site in sorted(plan.edits):
             self._load_edits(site, plan, tb)
-        cut = len(segments) > 1
+        segments = plan.segments(self.final)
         logits = None
-        for j, ((a, b), key) in enumerate(zip(segments, keys)):
-            if needed[j]:
-                if cut:  # tokens write their keys and values only inside their row's own sites
-                    active = (self.row_first[:tb] <= a) & (self.row_last[:tb] >= b)
-                    self.write_blocks[:tb].copy_(torch.where(active, self.own_blocks[:tb], self.scratch_block))
+        for j, (need, key) in enumerate(zip(self._needed(plan, segments), self._keys(plan, tb))):
+            if need:
                 logits = self._graphs[key]()
             if j < len(plan.cuts):
-                self._at_cut(b, plan, out)
+                self._at_cut(segments[j][1], plan, out)
         done = [i for i, s in enumerate(plan.sites) if s.pause is None]
         if len(done) == n:
             out.finished, out.logits = rows, logits[:n]
@@ -232,17 +268,16 @@ class StepGraphs:
 
     def _load_inputs(self, plan: StepPlan, tb: int) -> None:
         mr, w, bs = self.max_rows, self.width, self.block_size
-        self._hosts.reverse()
-        self._copied.reverse()
+        self._ahead = None  # the device buffers are about to hold this step's inputs
+        for ring in (self._hosts, self._host_fields, self._copied):
+            ring.reverse()
         if self._copied[0] is not None:
             self._copied[0].synchronize()
-        host = self._hosts[0].numpy()  # numpy views: slice writes here cost far less than tensor ops
-        f = {name: self._field(host, name) for name in self._layout}
+        f = self._host_fields[0]
         n_tok = plan.offsets[-1]
         # padding tokens: a row of their own (table row 0, all scratch), positions 0.., writing into scratch
         pad = np.arange(tb - n_tok)
         f["tokens"][n_tok:tb], f["positions"][n_tok:tb], f["write_offsets"][n_tok:tb] = 0, pad, pad % bs
-        f["write_blocks"][:tb] = self.scratch_block
         f["own_blocks"][n_tok:tb] = self.scratch_block
         f["feed_from"][:tb] = -1
         f["first"][n_tok:tb], f["last"][n_tok:tb] = 0, self.final
@@ -250,8 +285,7 @@ class StepGraphs:
         f["last_token"][:] = 0
         tables = f["tables"].reshape(mr + 1, w)
         tables[0] = self.scratch_block
-        tok, posf, wb, wo, ff, own = (f[k] for k in ("tokens", "positions", "write_blocks", "write_offsets",
-                                                     "feed_from", "own_blocks"))
+        tok, posf, wo, ff, own = (f[k] for k in ("tokens", "positions", "write_offsets", "feed_from", "own_blocks"))
         firsts, lasts, trow, last_tok = f["first"], f["last"], f["token_row"], f["last_token"]
         for i, (r, s) in enumerate(zip(plan.rows, plan.sites)):
             lo, hi = plan.offsets[i], plan.offsets[i + 1]
@@ -261,7 +295,7 @@ class StepGraphs:
                 posf[lo], wo[lo], own[lo] = start, start % bs, block
                 firsts[lo], lasts[lo], trow[lo] = s.first, s.last, i + 1
                 if s.first == 0:
-                    tok[lo], wb[lo] = r.tokens[0], block
+                    tok[lo] = r.tokens[0]
                     if r.feed_from is not None:
                         ff[lo] = r.feed_from
             else:
@@ -270,7 +304,7 @@ class StepGraphs:
                 posf[lo:hi], wo[lo:hi], own[lo:hi] = pos, pos % bs, blocks
                 firsts[lo:hi], lasts[lo:hi], trow[lo:hi] = s.first, s.last, i + 1
                 if s.first == 0:
-                    tok[lo:hi], wb[lo:hi] = r.tokens, blocks
+                    tok[lo:hi] = r.tokens
                     if r.feed_from is not None:
                         ff[lo] = r.feed_from
             last_tok[i] = hi - 1
@@ -285,7 +319,7 @@ class StepGraphs:
             starts = torch.tensor([r.span.start for r in plan.rows] + ([0] if tb > n_tok else []))
             lens = torch.tensor([r.span.n_tokens for r in plan.rows] + ([tb - n_tok] if tb > n_tok else []))
             rows_used = list(range(1, len(plan.rows) + 1)) + ([0] if tb > n_tok else [])
-            ctx = self._static_context(tb)
+            ctx = self._static_context(tb, self.own_blocks[:tb])
             ctx.attention.max_context = int((starts + lens).max())
             ctx.attention.block_tables = self.tables[rows_used]
             portable_layout(ctx.attention, starts, lens, ctx.attention.block_tables, self.block_size,
@@ -355,9 +389,18 @@ class StepGraphs:
 
     # ------------------------------------------------------------------ the segments' forward
 
-    def _static_context(self, tb: int) -> ForwardContext:
+    def _write_blocks(self, tb: int, first: int, last: int, ends: bool) -> torch.Tensor:
+        """Where each token's keys and values go in the segment first..last: its own block, except in a cut
+        step's segment outside its row's sites (before it re-enters, after it pauses): the scratch block,
+        so nothing it wrote before is overwritten. Computed inside the segment's graph."""
+        if first == 0 and ends:  # the whole forward: every row computes every site
+            return self.own_blocks[:tb]
+        active = (self.row_first[:tb] <= first) & (self.row_last[:tb] >= last)
+        return torch.where(active, self.own_blocks[:tb], self.scratch_block)
+
+    def _static_context(self, tb: int, write_blocks: torch.Tensor) -> ForwardContext:
         meta = AttentionMetadata(
-            write_blocks=self.write_blocks[:tb], write_offsets=self.write_offsets[:tb],
+            write_blocks=write_blocks, write_offsets=self.write_offsets[:tb],
             block_tables=self.tables, token_row=self.token_row[:tb],
             token_pos=self.positions[:tb], window=self.window, max_context=self.width * self.block_size)
         return ForwardContext(positions=self.positions[:tb], attention=meta, kv=self.kv)
@@ -366,7 +409,8 @@ class StepGraphs:
                  signature: tuple[int, ...]) -> Optional[torch.Tensor]:
         """Sites first..last on the static state; then the logits if the segment `ends` the forward (each
         row's last token), else the new state in the static buffers."""
-        ctx = self._static_context(tb) if self.capture else self._ctx
+        ctx = self._ctx if not self.capture else self._static_context(tb, self.own_blocks[:tb])
+        ctx.attention.write_blocks = self._write_blocks(tb, first, last, ends)
         self.model.prepare(ctx)
         tokens = None
         if first == 0:
@@ -398,7 +442,8 @@ class StepGraphs:
         if not self.capture:
             return lambda: self._forward(tb, rb, first, last, ends, signature)
         # warm-up and capture run the forward for real: their key and value writes must go nowhere
-        self.write_blocks.fill_(self.scratch_block)
+        self._ahead = None
+        self.own_blocks.fill_(self.scratch_block)
         self.tables.fill_(self.scratch_block)
         self.positions.zero_()
         stream = torch.cuda.Stream(self.device)

@@ -2,7 +2,8 @@
 host pool (pinned when the device is a GPU) for swapped-out sessions and checkpoints.
 
 One tensor holds every block: [n_blocks, n_layers, 2, block_size, n_kv_heads, d_head]. A block is
-contiguous across all layers, so moving a session between device and host is one copy per block.
+contiguous across all layers, so moving a session between device and host is one copy per run of
+consecutive blocks.
 """
 from __future__ import annotations
 
@@ -43,10 +44,22 @@ class BlockAllocator:
             self.refcount[i] += 1
 
     def decref(self, ids: list[int]) -> None:
-        for i in ids:
+        for i in reversed(ids):  # the free list pops from its end: later allocations get these ids in order
             self.refcount[i] -= 1
             if self.refcount[i] == 0:
                 self._free.append(i)
+
+
+def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """(first source, first destination, length) of each stretch where both block lists count up by one:
+    a session's blocks mostly come from the allocator in order, so most moves are a few large copies."""
+    out: list[tuple[int, int, int]] = []
+    for a, b in zip(src, dst):
+        if out and a == out[-1][0] + out[-1][2] and b == out[-1][1] + out[-1][2]:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((a, b, 1))
+    return out
 
 
 class CopyJob:
@@ -100,15 +113,15 @@ class KVPool:
         or `fence` orders all later compute after the copy, so the blocks may be reused at once."""
         n_bytes = len(device_ids) * self.kv[0].numel() * self.kv.element_size()
         if self._side is None:
-            for d, h in zip(device_ids, host_ids):
-                self.host[h].copy_(self.kv[d])
+            for d, h, k in runs(device_ids, host_ids):
+                self.host[h:h + k].copy_(self.kv[d:d + k])
             return CopyJob(n_bytes)
         self._side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._side):
             start, event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(self._side)
-            for d, h in zip(device_ids, host_ids):
-                self.host[h].copy_(self.kv[d], non_blocking=True)
+            for d, h, k in runs(device_ids, host_ids):
+                self.host[h:h + k].copy_(self.kv[d:d + k], non_blocking=True)
             event.record(self._side)
         if fence:
             torch.cuda.current_stream(self.device).wait_event(event)
@@ -122,5 +135,5 @@ class KVPool:
 
     def to_device(self, host_ids: list[int], device_ids: list[int]) -> None:
         """Copy host blocks into device blocks, ordered before any later work on the compute stream."""
-        for h, d in zip(host_ids, device_ids):
-            self.kv[d].copy_(self.host[h], non_blocking=True)
+        for h, d, k in runs(host_ids, device_ids):
+            self.kv[d:d + k].copy_(self.host[h:h + k], non_blocking=True)

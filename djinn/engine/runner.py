@@ -69,11 +69,8 @@ class Runner:
     @torch.inference_mode()
     def run(self, rows: list[Row]) -> StepOutput:
         out = StepOutput()
-        if self.graphs is not None:
-            plan = self.graphs.plan_step(rows)
-            if plan is not None:
-                self.graphs.run(plan, out)
-                return out
+        if self.graphs is not None and self.graphs.run(rows, out):
+            return out
         joining: dict[int, list[Row]] = defaultdict(list)
         live = [r for r in rows if r.entry < 0]
         for r in rows:
@@ -103,6 +100,13 @@ class Runner:
             out.logits = self.model.unembed(branch[last])
             out.finished = live
         return out
+
+    @torch.inference_mode()
+    def load_ahead(self, rows: list[Row]) -> None:
+        """Get the step of `rows` ready to launch (graphs captured, inputs on the device) while the host
+        would otherwise wait; a later `run` of the same rows in the same state then only launches it."""
+        if self.graphs is not None:
+            self.graphs.load_ahead(rows)
 
     # ------------------------------------------------------------------ helpers
 

@@ -221,6 +221,9 @@ class ModelWorker:
             self.drain()
             self._settle(out)
             self._inflight = self._launch_sampling(out)
+            if len(out.paused) == 1 and not any(self._runnable(s) for s in self.sessions.values()):
+                # the host would only wait for the client now: get the row's resumed step ready meanwhile
+                self.runner.load_ahead([out.paused[0].row])
         except DjinnError as e:
             self._fail_rows(rows, e)
         except Exception as e:  # a bug must not take down other users' sessions

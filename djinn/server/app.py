@@ -22,6 +22,7 @@ every error is `{"error": {"code", "message", ...}}` with the error's HTTP statu
     POST   /api/tokenize     {text, model?}       {"ids"}
     POST   /api/detokenize   {ids, model?}        {"text"}
     WS     /api/sessions/{sid}/stream             see stream.py
+    WS     /api/control                           the same control calls over one socket: see control.py
     POST   /v1/completions, GET /v1/models        see openai.py
 """
 from __future__ import annotations
@@ -44,9 +45,10 @@ from . import openai as openai_routes
 from .auth import Auth, load_api_keys
 from .limits import Limits
 from .metrics import CONTENT_TYPE
-from .protocol import (PROTOCOL_VERSION, decode_interventions, decode_params, decode_prompt, decode_tensor,
-                       encode_result, int_list, pause_id)
-from .state import ServerState, as_plain, error_body, fields, guarded, threadsafe_sink
+from . import calls
+from .control import control_endpoint
+from .protocol import PROTOCOL_VERSION, decode_params, decode_prompt, encode_result
+from .state import ServerState, error_body, fields, guarded, threadsafe_sink
 from .stream import stream_endpoint
 
 log = logging.getLogger("djinn.server")
@@ -99,8 +101,7 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
     @app.get("/api/models")
     @guard
     async def models(request: Request):
-        state.identify(request)
-        return state.reply(request, [as_plain(m) for m in await state.call("models")])
+        return state.reply(request, await calls.models(state, state.identify(request)))
 
     # ------------------------------------------------------------------ sessions
 
@@ -110,29 +111,22 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
         owner = state.identify(request)
         body = await state.body(request)
         fields(body, ("model",), "create session")
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            raise InvalidRequest(f"model must be a model name, got {model!r}")
-        return state.reply(request, {"id": await state.new_session(owner, "create_session", model)})
+        return state.reply(request, await calls.create_session(state, owner, body.get("model")))
 
     @app.get("/api/sessions")
     @guard
     async def list_sessions(request: Request):
-        owner = state.identify(request)
-        return state.reply(request, [as_plain(s) for s in await state.call("list_sessions", owner)])
+        return state.reply(request, await calls.list_sessions(state, state.identify(request)))
 
     @app.get("/api/sessions/{sid}")
     @guard
     async def session_info(request: Request, sid: str):
-        owner = state.identify(request)
-        return state.reply(request, as_plain(await state.call("session_info", sid, owner)))
+        return state.reply(request, await calls.session_info(state, state.identify(request), sid))
 
     @app.delete("/api/sessions/{sid}")
     @guard
     async def close_session(request: Request, sid: str):
-        owner = state.identify(request)
-        await state.call("close_session", sid, owner)
-        return state.reply(request, {"ok": True})
+        return state.reply(request, await calls.close_session(state, state.identify(request), sid))
 
     @app.post("/api/sessions/{sid}/generate")
     @guard
@@ -168,9 +162,7 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
         owner = state.identify(request)
         body = await state.body(request)
         fields(body, ("interventions",), "set interventions")
-        items = decode_interventions(body.get("interventions", []), "interventions", state.limits.max_list_items)
-        await state.call("set_interventions", sid, owner, items)
-        return state.reply(request, {"ok": True})
+        return state.reply(request, await calls.set_interventions(state, owner, sid, body.get("interventions", [])))
 
     @app.post("/api/sessions/{sid}/resume")
     @guard
@@ -178,88 +170,69 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
         owner = state.identify(request)
         body = await state.body(request)
         fields(body, ("activation", "pause"), "resume")
-        act = body.get("activation")
-        await state.call("resume", sid, owner, None if act is None else decode_tensor(act, "the resume activation"),
-                         pause_id(body.get("pause")))
-        return state.reply(request, {"ok": True})
+        return state.reply(request, await calls.resume(state, owner, sid, body.get("activation"), body.get("pause")))
 
     @app.post("/api/sessions/{sid}/cancel")
     @guard
     async def cancel(request: Request, sid: str):
-        owner = state.identify(request)
-        await state.call("cancel", sid, owner)
-        return state.reply(request, {"ok": True})
+        return state.reply(request, await calls.cancel(state, state.identify(request), sid))
 
     @app.post("/api/sessions/{sid}/checkpoint")
     @guard
     async def checkpoint(request: Request, sid: str):
         owner = state.identify(request)
         fields(await state.body(request), (), "checkpoint")
-        return state.reply(request, {"id": await state.new_checkpoint(owner, sid)})
+        return state.reply(request, await calls.checkpoint(state, owner, sid))
 
     @app.post("/api/sessions/{sid}/fork")
     @guard
     async def fork(request: Request, sid: str):
-        owner = state.identify(request)
-        return state.reply(request, {"id": await state.new_session(owner, "fork", sid)})
+        return state.reply(request, await calls.fork(state, state.identify(request), sid))
 
     # ------------------------------------------------------------------ checkpoints
 
     @app.get("/api/checkpoints/{cid}")
     @guard
     async def checkpoint_status(request: Request, cid: str):
-        owner = state.identify(request)
-        return state.reply(request, await state.call("checkpoint_status", cid, owner))
+        return state.reply(request, await calls.checkpoint_status(state, state.identify(request), cid))
 
     @app.post("/api/checkpoints/{cid}/restore")
     @guard
     async def restore(request: Request, cid: str):
-        owner = state.identify(request)
-        return state.reply(request, {"id": await state.new_session(owner, "restore", cid)})
+        return state.reply(request, await calls.restore(state, state.identify(request), cid))
 
     @app.delete("/api/checkpoints/{cid}")
     @guard
     async def delete_checkpoint(request: Request, cid: str):
-        owner = state.identify(request)
-        await state.call("delete_checkpoint", cid, owner)
-        return state.reply(request, {"ok": True})
+        return state.reply(request, await calls.delete_checkpoint(state, state.identify(request), cid))
 
     # ------------------------------------------------------------------ tokenizer
 
     @app.post("/api/tokenize")
     @guard
     async def tokenize(request: Request):
-        state.identify(request)
+        owner = state.identify(request)
         body = await state.body(request)
         fields(body, ("text", "model"), "tokenize")
-        text, model = body.get("text"), body.get("model")
-        if not isinstance(text, str):
-            raise InvalidRequest(f"text must be a string, got {type(text).__name__}")
-        if len(text) > state.limits.max_prompt_chars:
-            raise InvalidRequest(f"text of {len(text)} characters exceeds the limit of "
-                                 f"{state.limits.max_prompt_chars}")
-        if model is not None and not isinstance(model, str):
-            raise InvalidRequest("model must be a model name")
-        return state.reply(request, {"ids": await state.call("tokenize", text, model)})
+        return state.reply(request, await calls.tokenize(state, owner, body.get("text"), body.get("model")))
 
     @app.post("/api/detokenize")
     @guard
     async def detokenize(request: Request):
-        state.identify(request)
+        owner = state.identify(request)
         body = await state.body(request)
         fields(body, ("ids", "model"), "detokenize")
-        ids = int_list(body.get("ids"), "ids", state.limits.max_prompt_tokens)
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            raise InvalidRequest("model must be a model name")
-        await state.check_ids(ids, model)
-        return state.reply(request, {"text": await state.call("detokenize", ids, model)})
+        return state.reply(request, await calls.detokenize(state, owner, body.get("ids"), body.get("model")))
 
     # ------------------------------------------------------------------ the interactive stream
 
     @app.websocket("/api/sessions/{sid}/stream")
     async def stream(ws: WebSocket, sid: str):
         await stream_endpoint(ws, sid, state)
+
+    @app.websocket("/api/control")
+    async def control(ws: WebSocket):
+        await control_endpoint(ws, state)
 
     openai_routes.register(app, state, guard)
     return app

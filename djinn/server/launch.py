@@ -2,7 +2,6 @@
 thread on a given or free port: notebooks and tests)."""
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import logging
 import socket
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+from ..allocator import keep_freed_memory
 from ..engine.engine import Engine
 from ..engine.service import EngineService
 from .auth import load_api_keys
@@ -40,21 +40,6 @@ def _uvicorn_config(app, host: str, port: int, limits: Limits, log_level: str):
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                           ws_max_size=limits.max_frame_bytes * 2 + (1 << 20), ws="websockets-sansio",
                           lifespan="on", timeout_graceful_shutdown=5)
-
-
-def keep_freed_memory() -> None:
-    """Let this process keep the memory it frees instead of handing it back to the OS after every large
-    frame. glibc maps each buffer over 128 KiB afresh, so every activation frame (encoded, packed, framed)
-    touches new pages, and in a virtual machine each first touch is a costly fault. glibc only; a no-op
-    elsewhere. Only `djinn serve` calls it: it changes the allocator of the whole process."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # buffers up to 32 MiB (glibc's most) come from the heap...
-    mallopt(M_TRIM_THRESHOLD, 512 << 20)  # ...which keeps up to 512 MiB of freed memory
 
 
 def run(models=None, *, host: str = LOOPBACK, port: int = DEFAULT_PORT, dtype: str = "float32",

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Optional
 
 from fastapi import WebSocket
 
@@ -41,11 +41,13 @@ log = logging.getLogger("djinn.server")
 HELLO_TIMEOUT = 30.0
 
 
-class _Gone(Exception):
+class Gone(Exception):
     """The client closed the connection."""
 
 
-class _Conn:
+class Conn:
+    """One WebSocket of binary msgpack frames, under the server's frame limit."""
+
     def __init__(self, ws: WebSocket, state: ServerState):
         self.ws, self.state = ws, state
         self.open = True
@@ -54,7 +56,7 @@ class _Conn:
         msg = await self.ws.receive()
         if msg["type"] == "websocket.disconnect":
             self.open = False
-            raise _Gone()
+            raise Gone()
         data = msg.get("bytes")
         if data is None:
             raise MalformedFrame("frames must be binary msgpack, not text")
@@ -65,12 +67,12 @@ class _Conn:
 
     async def send(self, frame: dict) -> None:
         if not self.open:
-            raise _Gone()
+            raise Gone()
         try:
             await self.ws.send_bytes(pack(frame))
         except Exception:
             self.open = False
-            raise _Gone() from None
+            raise Gone() from None
 
     async def fatal(self, e: DjinnError, code: int = 1000) -> None:
         """Send the error that ends this stream, then close."""
@@ -85,11 +87,11 @@ class _Conn:
 
 async def stream_endpoint(ws: WebSocket, sid: str, state: ServerState) -> None:
     await ws.accept()
-    conn = _Conn(ws, state)
+    conn = Conn(ws, state)
     state.metrics.active_streams.inc()
     try:
         await _serve(conn, sid, state)
-    except _Gone:
+    except Gone:
         pass
     except DjinnError as e:
         await conn.fatal(e)
@@ -100,7 +102,9 @@ async def stream_endpoint(ws: WebSocket, sid: str, state: ServerState) -> None:
         state.metrics.active_streams.dec()
 
 
-async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
+async def greet(conn: Conn, state: ServerState) -> Optional[str]:
+    """The hello exchange that opens every socket: the caller's identity, or None after a protocol mismatch
+    (told, and closed)."""
     try:  # the hello comes first even for a bad key, so that a client can always send it and read why
         hello = await asyncio.wait_for(conn.recv(), HELLO_TIMEOUT)
     except asyncio.TimeoutError:
@@ -110,10 +114,17 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
     if type(hello["protocol"]) is not int or hello["protocol"] != PROTOCOL_VERSION:
         e = ProtocolMismatch(mismatch_message(hello["protocol"]))
         await conn.fatal(e, code=1002)
-        return
+        return None
     owner = state.auth.identify(conn.ws.headers)
     await conn.send({"type": "hello", "protocol": PROTOCOL_VERSION, "server": f"djinn/{__version__}",
                      "max_frame_bytes": state.limits.max_frame_bytes})
+    return owner
+
+
+async def _serve(conn: Conn, sid: str, state: ServerState) -> None:
+    owner = await greet(conn, state)
+    if owner is None:
+        return
 
     req = await conn.recv()
     kind = req.get("type")
@@ -191,7 +202,7 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
                 kind = frame.get("type")
                 await _client_frame(state, sid, owner, frame)
                 events.put_nowait({"type": "reply", "to": kind, "ok": True})
-            except _Gone:
+            except Gone:
                 return "gone"
             except Exception as e:
                 if not isinstance(e, DjinnError):  # a bug: this frame fails, the stream goes on
@@ -214,7 +225,7 @@ async def _serve(conn: _Conn, sid: str, state: ServerState) -> None:
             await conn.ws.close(code=1000)
         except Exception:
             pass
-    elif w in done and not w.cancelled() and not isinstance(w.exception(), _Gone):
+    elif w in done and not w.cancelled() and not isinstance(w.exception(), Gone):
         log.error("stream writer failed: %r", w.exception())
     conn.open = False  # disconnected: the engine keeps the session as it is (paused ones expire by TTL)
 

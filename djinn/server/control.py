@@ -1,0 +1,78 @@
+"""The control WebSocket: `/api/control`, the REST control calls over one long-lived socket, so that a call
+costs a frame each way instead of an HTTP request (what `checkpoint()` returning at once needs).
+
+    client -> {"type": "hello", "protocol": 1}
+    server -> {"type": "hello", "protocol": 1, "server": "djinn/...", "max_frame_bytes": N}
+    client -> {"type": "call", "id": k, "method": "checkpoint", "args": [sid]}
+    server -> {"type": "reply", "id": k, "ok": true, "result": {"id": ...}}
+              or {"type": "reply", "id": k, "ok": false, "code": ..., "message": ...}
+
+Methods and arguments are the client's `Backend.call` (see calls.py); results are the REST routes' bodies.
+Calls on one socket are answered one at a time, in order. A bad frame or call gets an `ok: false` reply with
+its typed error; the socket and every session carry on.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+from fastapi import WebSocket
+
+from ..errors import DjinnError, InternalError, InvalidRequest, MalformedFrame
+from .calls import CALLS
+from .protocol import encode_error
+from .state import ServerState
+from .stream import Conn, Gone, greet
+
+log = logging.getLogger("djinn.server")
+
+_SIGNATURES = {name: inspect.signature(fn) for name, fn in CALLS.items()}
+
+
+async def control_endpoint(ws: WebSocket, state: ServerState) -> None:
+    await ws.accept()
+    conn = Conn(ws, state)
+    try:
+        owner = await greet(conn, state)
+        while owner is not None:
+            await conn.send(await _answer(state, owner, conn))
+    except Gone:
+        pass
+    except DjinnError as e:  # before the hello was through: say why, then close
+        await conn.fatal(e)
+    except Exception as e:
+        log.exception("control socket failed")
+        await conn.fatal(InternalError(f"unexpected server error ({type(e).__name__})"), code=1011)
+
+
+async def _answer(state: ServerState, owner: str, conn: Conn) -> dict:
+    """Read one call frame and run it: its reply frame, typed error included."""
+    call_id: Any = None
+    try:
+        frame = await conn.recv()
+        call_id = frame.get("id")
+        if frame.get("type") != "call":
+            raise MalformedFrame(f"unknown frame type {frame.get('type')!r}; the control socket takes 'call' frames")
+        unknown = sorted(set(frame) - {"type", "id", "method", "args"})
+        if unknown:
+            raise InvalidRequest(f"call frame: unknown field(s) {unknown}; fields are ['id', 'method', 'args']")
+        method, args = frame.get("method"), frame.get("args", [])
+        if not isinstance(method, str) or method not in CALLS:
+            raise InvalidRequest(f"unknown call {method!r}; calls are {sorted(CALLS)}")
+        if not isinstance(args, list):
+            raise MalformedFrame(f"the arguments of {method} must be a list")
+        try:
+            _SIGNATURES[method].bind(state, owner, *args)
+        except TypeError:
+            raise InvalidRequest(f"{method} takes {len(_SIGNATURES[method].parameters) - 2} argument(s) at most, "
+                                 f"got {len(args)}") from None
+        return {"type": "reply", "id": call_id, "ok": True, "result": await CALLS[method](state, owner, *args)}
+    except Gone:
+        raise
+    except Exception as e:
+        if not isinstance(e, DjinnError):  # a bug: this call fails, the socket goes on
+            log.exception("control call failed")
+            e = InternalError(f"unexpected server error ({type(e).__name__})")
+        state.metrics.error(e.code)
+        return {"type": "reply", "id": call_id, "ok": False, **encode_error(e)}
