@@ -8,8 +8,8 @@ def keep_freed_memory() -> None:
     """Let this process keep the memory it frees instead of handing it back to the OS after every large
     frame. glibc maps each buffer over 128 KiB afresh, so every activation frame (encoded, packed, framed,
     received, decoded) touches new pages, and in a virtual machine each first touch is a costly fault.
-    glibc only; a no-op elsewhere. It changes the allocator of the whole process: `djinn serve` calls it,
-    and so does a remote client unless told not to (`djinn.connect(url, keep_freed_memory=False)`)."""
+    glibc only; a no-op elsewhere. It changes the allocator of the whole process: `djinn serve` calls it; a
+    remote client's process does when asked (`djinn.connect(url, keep_freed_memory=True)`)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt

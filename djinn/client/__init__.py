@@ -25,12 +25,13 @@ def load_models(model: Union[None, ModelSpec, Sequence[ModelSpec]], dtype: str, 
 
 def connect(url: Optional[str] = None, *, api_key: Optional[str] = None,
             model: Union[None, ModelSpec, Sequence[ModelSpec]] = None, dtype: str = "float32",
-            device: str = "cpu", keep_freed_memory: bool = True, **engine_options) -> Client:
+            device: str = "cpu", keep_freed_memory: bool = False, **engine_options) -> Client:
     """Without `url`: an in-process engine over `model` (default: the embedded model). With `url`: a client of a
-    running `djinn serve`, same API; it sets this process's allocator to keep freed memory (glibc), so that
-    receiving activations does not fault in fresh pages each time, unless `keep_freed_memory=False`.
-    `engine_options` go to `djinn.engine.Engine` (kv_memory, kv_blocks, host_kv_blocks, block_size,
-    max_step_tokens, pause_ttl, cuda_graphs)."""
+    running `djinn serve`, same API; `keep_freed_memory=True` also sets this process's allocator to keep the
+    memory it frees (`djinn.allocator.keep_freed_memory`: decoding each large activation then touches no
+    fresh pages; it changes the whole process, so it is the caller's choice). `engine_options` go to
+    `djinn.engine.Engine` (kv_memory, kv_blocks, host_kv_blocks, block_size, max_step_tokens, pause_ttl,
+    cuda_graphs)."""
     if url is not None:
         from .remote import RemoteBackend
 

@@ -254,7 +254,7 @@ class _Stream:
 
 class RemoteBackend:
     def __init__(self, url: str, api_key: Optional[str] = None, *, timeout: float = 300.0,
-                 connect_timeout: float = 10.0, keep_freed_memory: bool = True):
+                 connect_timeout: float = 10.0, keep_freed_memory: bool = False):
         """`keep_freed_memory`: set this process's allocator to keep freed memory (see
         `djinn.allocator.keep_freed_memory`), so that every activation received does not fault in fresh pages."""
         if keep_freed_memory:

@@ -1,0 +1,207 @@
+"""What the wire adds to a breakpoint round trip and to a control call, host side: a 512-token prompt paused at
+a layer and resumed unchanged at once, embedded and over loopback WebSocket to a server in its own process,
+stamped at each hand-off in both processes (`time.perf_counter` is the system's monotonic clock, so the
+two processes' stamps compare); and `checkpoint()` / `session_info` over the control socket beside the same
+calls over the REST routes (httpx, one kept-alive connection).
+
+    python3 benchmarks/profile_wire.py                  # GPT-2-small shape, float16, on the GPU
+    python3 benchmarks/profile_wire.py --device cpu     # the same widths (0.8 MB activations), 2 layers, on the CPU
+
+The client runs the WebSocket trials twice: first with the process's default allocator settings
+(`djinn.connect(url)`, the default), then after `keep_freed_memory()`, which cannot be undone
+in a process, so it comes second. Prints per mode the medians of: the engine's Paused event -> the client
+has it; the client has it -> the engine runs its resume; and their sum.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import djinn  # noqa: E402
+from djinn.allocator import keep_freed_memory  # noqa: E402
+from djinn.engine import engine as engine_mod, worker as worker_mod  # noqa: E402
+from djinn.models.config import ModelConfig  # noqa: E402
+from djinn.models.loading import load_random  # noqa: E402
+from djinn.server.protocol import unpack  # noqa: E402
+
+STAMPS: list[tuple[str, float]] = []
+
+
+def stamp_engine() -> None:
+    """Stamp the engine's Paused events and its resume commands (wrapped from outside)."""
+    emit, resume = worker_mod._emit, engine_mod.Engine.resume
+
+    def emit_stamped(req, event):
+        if isinstance(event, djinn.Paused):
+            STAMPS.append(("paused", time.perf_counter()))
+        emit(req, event)
+
+    def resume_stamped(self, *args, **kwargs):
+        STAMPS.append(("resume", time.perf_counter()))
+        return resume(self, *args, **kwargs)
+    worker_mod._emit, engine_mod.Engine.resume = emit_stamped, resume_stamped
+
+
+def model(device: str):
+    if device == "cpu":
+        cfg = ModelConfig(family="gpt2", vocab_size=1024, d_model=768, n_layers=2, n_heads=12, n_kv_heads=12,
+                          d_mlp=3072, max_seq_len=1024, tie_embeddings=True)
+        return load_random(cfg, torch.float16, torch.device("cpu"), name="gpt2-width"), 1
+    cfg = ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_mlp=3072,
+                      max_seq_len=1024, tie_embeddings=True)
+    return load_random(cfg, torch.float16, torch.device(device), name="gpt2-shape"), 6
+
+
+def serve(device: str, port: int, stamps_path: str) -> None:
+    from djinn.server.launch import run
+
+    stamp_engine()
+
+    def dump(*_):
+        with open(stamps_path, "w") as f:
+            json.dump(STAMPS, f)
+        os._exit(0)
+    signal.signal(signal.SIGTERM, dump)
+    loaded, _ = model(device)
+    run([loaded], port=port, api_keys=[], kv_memory=2 << 30, log_level="warning")
+
+
+def round_trips(client, layer: int, trials: int, vocab: int) -> list[tuple[float, float]]:
+    """Per trial: (client has Paused, client's resume() returned), on the client's clock."""
+    prompt = torch.randint(0, vocab, (512,), generator=torch.Generator().manual_seed(1)).tolist()
+    bps = [djinn.Breakpoint(f"blocks.{layer}.hook_resid_post", steps=[0])]
+    out = []
+    for trial in range(trials + 2):  # two warm-ups
+        s = client.session()
+        got = None
+        for ev in s.stream(prompt, max_new_tokens=1, breakpoints=bps, stop_tokens=[]):
+            if isinstance(ev, djinn.Paused):
+                got = time.perf_counter()
+                ev.resume()
+        s.close()
+        if trial >= 2:
+            out.append(got)
+    return out
+
+
+def hand_offs(engine_stamps: list[tuple[str, float]], client_got: list[float]) -> dict:
+    """Medians of engine Paused -> client has it -> engine resume, matching each client stamp to the engine's
+    Paused just before it and the resume just after it."""
+    to_client, to_engine = [], []
+    paused = [t for n, t in engine_stamps if n == "paused"]
+    resumed = [t for n, t in engine_stamps if n == "resume"]
+    for got in client_got:
+        p = max(t for t in paused if t <= got)
+        r = min(t for t in resumed if t >= got)
+        to_client.append((got - p) * 1000)
+        to_engine.append((r - got) * 1000)
+    a, b = statistics.median(to_client), statistics.median(to_engine)
+    return {"paused_to_client_ms": a, "client_to_resume_ms": b, "sum_ms": statistics.median(
+        x + y for x, y in zip(to_client, to_engine))}
+
+
+def control_calls(client, url: str, trials: int) -> dict:
+    import httpx
+
+    s = client.session()
+    s.generate(list(range(1, 64)), max_new_tokens=1, stop_tokens=[])
+    http = httpx.Client(base_url=url, headers={"Accept": "application/msgpack"})
+
+    def med(f) -> float:
+        xs = []
+        for _ in range(trials):
+            t = time.perf_counter()
+            f()
+            xs.append((time.perf_counter() - t) * 1000)
+        return statistics.median(xs)
+    made: list[str] = []
+    out = {"checkpoint_control_socket_ms": med(lambda: made.append(s.checkpoint().id)),
+           "checkpoint_rest_ms": med(lambda: made.append(
+               unpack(http.post(f"/api/sessions/{s.id}/checkpoint").content)["id"])),
+           "session_info_control_socket_ms": med(lambda: s.info()),
+           "session_info_rest_ms": med(lambda: http.get(f"/api/sessions/{s.id}").content)}
+    for cid in made:
+        client._backend.call("delete_checkpoint", cid)
+    http.close()
+    s.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--trials", type=int, default=15)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--stamps", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        return serve(args.device, args.port, args.stamps)
+    loaded, layer = model(args.device)
+    vocab = loaded.config.vocab_size
+    stamp_engine()
+    embedded = djinn.connect(model=loaded, kv_memory=2 << 30)
+    got = round_trips(embedded, layer, args.trials, vocab)
+    results = {"embedded": hand_offs(STAMPS, got)}
+    embedded.close()
+    del embedded, loaded
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    stamps_path = os.path.join(tempfile.mkdtemp(), "server_stamps.json")
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", "--device", args.device,
+                             "--port", str(port), "--stamps", stamps_path])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        client = None
+        for _ in range(600):
+            try:
+                client = djinn.connect(url, keep_freed_memory=False)
+                break
+            except djinn.DjinnError:
+                if proc.poll() is not None:
+                    raise SystemExit(f"the server exited with {proc.returncode}")
+                time.sleep(0.5)
+        got_default = round_trips(client, layer, args.trials, vocab)
+        keep_freed_memory()
+        got_kept = round_trips(client, layer, args.trials, vocab)
+        results["control"] = control_calls(client, url, 30)
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    with open(stamps_path) as f:
+        server = [(n, t) for n, t in json.load(f)]
+    results["websocket_default_allocator"] = hand_offs(server, got_default)
+    results["websocket_keep_freed_memory"] = hand_offs(server, got_kept)
+    where = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
+    print(f"{loaded_name(args.device)} on {where}, 512-token prompt paused at blocks.{layer}.hook_resid_post, "
+          f"{args.trials} trials; host hand-offs, medians in ms:")
+    print(f"  {'':30s} {'Paused -> client':>17s} {'client -> resume':>17s} {'sum':>8s}")
+    for mode in ("embedded", "websocket_default_allocator", "websocket_keep_freed_memory"):
+        r = results[mode]
+        print(f"  {mode:30s} {r['paused_to_client_ms']:17.3f} {r['client_to_resume_ms']:17.3f} {r['sum_ms']:8.3f}")
+    c = results["control"]
+    print("control calls, medians of 30, ms (control socket | REST route):")
+    print(f"  checkpoint()   {c['checkpoint_control_socket_ms']:.3f} | {c['checkpoint_rest_ms']:.3f}")
+    print(f"  session_info   {c['session_info_control_socket_ms']:.3f} | {c['session_info_rest_ms']:.3f}")
+
+
+def loaded_name(device: str) -> str:
+    return "gpt2-width (2 layers, float16)" if device == "cpu" else "gpt2-shape (float16)"
+
+
+if __name__ == "__main__":
+    main()
