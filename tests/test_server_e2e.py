@@ -426,6 +426,17 @@ def test_asyncio_client(server):
                     pass
             with pytest.raises(djinn.UnknownSession):
                 await AsyncSession(s._backend, "missing").info()
+            # calls of concurrent tasks take turns on the control socket, each getting its own reply
+            mine = [s, st, r, f] * 5
+            infos = await asyncio.gather(*[x.info() for x in mine])
+            assert [i["id"] for i in infos] == [x.id for x in mine]
+            # a call cancelled before its reply drops the socket; the next call opens another
+            task = asyncio.ensure_future(s.info())
+            await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert (await s.info())["id"] == s.id
 
     asyncio.run(main())
     sync.close()

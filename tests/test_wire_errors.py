@@ -162,6 +162,13 @@ def test_control_socket_frames(server, client, sessions):
         assert s.fork().generate(" and", max_new_tokens=8).token_ids == expected[s.id]
 
 
+def test_client_and_server_know_the_same_calls():
+    from djinn.client.remote import CALLS
+    from djinn.server.calls import CALLS as SERVED
+
+    assert sorted(CALLS) == sorted(SERVED)
+
+
 def test_rest_routes_give_what_the_control_socket_gives(server, client):
     """The REST routes (for clients that are not this one) and the control socket share their calls."""
     h = {"Accept": "application/json"}

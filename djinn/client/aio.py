@@ -25,8 +25,9 @@ from ..errors import DjinnError, FrameTooLarge, ProtocolMismatch, error_from_cod
 from ..events import Done, Error, GenerateResult, ModelInfo, Paused
 from ..interventions import Breakpoint
 from ..server.protocol import MSGPACK, PROTOCOL_VERSION, decode_event, mismatch_message, pack, unpack
-from .remote import (API_KEY_ENV, NODELAY, StreamClosed, _activation, _p, base_headers, check_hello, closed_error,
-                     decode_body, generate_frame, hello_frame, normalize_url, raise_for, result, route, ws_url)
+from .remote import (API_KEY_ENV, NODELAY, OutOfStep, StreamClosed, _activation, _p, base_headers, check_hello,
+                     closed_error, control_result, decode_body, generate_frame, hello_frame, normalize_url, raise_for,
+                     wire_args, ws_url)
 
 
 class AsyncPaused(Paused):
@@ -44,6 +45,7 @@ class _AsyncStream:
         self.pending: collections.deque = collections.deque()
         self.closed = False
         self.lock = asyncio.Lock()
+        self.calls = 0  # control calls sent (a control socket's frame ids)
 
     async def recv(self) -> dict:
         from websockets.exceptions import ConnectionClosed
@@ -101,7 +103,9 @@ class AsyncRemoteBackend:
         self.url = normalize_url(url)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self._headers = base_headers(self.api_key)
-        self.connect_timeout = connect_timeout
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self._control: Optional[_AsyncStream] = None  # the control socket; its calls go one at a time
+        self._control_lock = asyncio.Lock()
         self.http = httpx.AsyncClient(base_url=self.url, headers=self._headers,
                                       transport=httpx.AsyncHTTPTransport(socket_options=NODELAY),
                                       timeout=httpx.Timeout(timeout, connect=connect_timeout))
@@ -124,8 +128,48 @@ class AsyncRemoteBackend:
         return decode_body(ctype, r.content)
 
     async def call(self, method: str, *args: Any) -> Any:
-        verb, path, body = route(method, args)
-        return result(method, await self._request(verb, path, body))
+        """A control call over the control socket: one frame each way (calls of concurrent tasks take turns)."""
+        frame = {"type": "call", "method": method, "args": wire_args(method, args)}
+        async with self._control_lock:
+            s = await self._control_socket()
+            try:
+                s.calls += 1
+                frame["id"] = s.calls
+                await s.send(pack(frame))
+                return control_result(method, await asyncio.wait_for(s.recv(), self.timeout), s.calls)
+            except OutOfStep as e:
+                await s.close()
+                raise e.error from None
+            except asyncio.TimeoutError:
+                await s.close()
+                raise DjinnError(f"no reply to {method} from the Djinn server within {self.timeout:g} s") from None
+            except DjinnError:
+                raise
+            except BaseException:  # cancelled between a call and its reply: the socket is out of step
+                await s.close()
+                raise
+
+    async def _control_socket(self) -> _AsyncStream:
+        if self._control is None or self._control.closed:
+            s = _AsyncStream(await self._connect("/api/control"))
+            await s.send(hello_frame())
+            s.max_frame_bytes = check_hello(await s.recv())
+            self._control = s
+        return self._control
+
+    async def _connect(self, path: str):
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+        headers = {k: v for k, v in self._headers.items() if k != "Accept"}
+        try:
+            return await connect(ws_url(self.url) + path, additional_headers=headers, max_size=None,
+                                 compression=None, proxy=None, open_timeout=self.connect_timeout,
+                                 user_agent_header=None)
+        except InvalidStatus as e:
+            raise DjinnError(f"the server refused the socket (HTTP {e.response.status_code})") from None
+        except (InvalidHandshake, OSError, TimeoutError) as e:
+            raise DjinnError(f"cannot open a socket to the Djinn server at {self.url}: {e}") from None
 
     async def generate(self, sid: str, prompt: Any, params: dict) -> GenerateResult:
         from ..server.protocol import decode_result, encode_params, encode_prompt
@@ -140,20 +184,8 @@ class AsyncRemoteBackend:
         return self._events(sid, pack({"type": "attach"}))
 
     async def _events(self, sid: str, gen: bytes) -> AsyncIterator[object]:
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import InvalidHandshake, InvalidStatus
-
         hello = hello_frame()
-        headers = {k: v for k, v in self._headers.items() if k != "Accept"}
-        try:
-            ws = await connect(ws_url(self.url) + f"/api/sessions/{_p(sid)}/stream", additional_headers=headers,
-                               max_size=None, compression=None, proxy=None, open_timeout=self.connect_timeout,
-                               user_agent_header=None)
-        except InvalidStatus as e:
-            raise DjinnError(f"the server refused the stream (HTTP {e.response.status_code})") from None
-        except (InvalidHandshake, OSError, TimeoutError) as e:
-            raise DjinnError(f"cannot open a stream to the Djinn server at {self.url}: {e}") from None
-        s = _AsyncStream(ws)
+        s = _AsyncStream(await self._connect(f"/api/sessions/{_p(sid)}/stream"))
         finished = False
         try:
             try:
@@ -191,9 +223,11 @@ class AsyncRemoteBackend:
                 return
             except StreamClosed:
                 pass
-        await self.call("resume", sid, act, pid)  # the stream is gone: the engine answers, over REST
+        await self.call("resume", sid, act, pid)  # the stream is gone: the engine answers over the control socket
 
     async def close(self) -> None:
+        if self._control is not None:
+            await self._control.close()
         await self.http.aclose()
 
 

@@ -13,7 +13,7 @@ import collections
 import os
 import socket
 import threading
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 from urllib.parse import quote
 
 import httpx
@@ -40,43 +40,42 @@ def _p(x: Any) -> str:
     return quote(str(x), safe="")
 
 
-def route(method: str, args: Sequence[Any]) -> tuple[str, str, Optional[dict]]:
-    """(HTTP verb, path, body) of a Backend call (the same method names as the engine, without the owner)."""
-    a = list(args)
-    arg = (lambda i, default=None: a[i] if len(a) > i else default)
-    table: dict[str, Callable[[], tuple[str, str, Optional[dict]]]] = {
-        "models": lambda: ("GET", "/api/models", None),
-        "create_session": lambda: ("POST", "/api/sessions", {"model": arg(0)}),
-        "list_sessions": lambda: ("GET", "/api/sessions", None),
-        "session_info": lambda: ("GET", f"/api/sessions/{_p(arg(0))}", None),
-        "close_session": lambda: ("DELETE", f"/api/sessions/{_p(arg(0))}", None),
-        "set_interventions": lambda: ("PUT", f"/api/sessions/{_p(arg(0))}/interventions",
-                                      {"interventions": [encode_intervention(x) for x in _items(arg(1, []))]}),
-        "resume": lambda: ("POST", f"/api/sessions/{_p(arg(0))}/resume",
-                           {"activation": _activation(arg(1)), "pause": arg(2)}),
-        "cancel": lambda: ("POST", f"/api/sessions/{_p(arg(0))}/cancel", None),
-        "checkpoint": lambda: ("POST", f"/api/sessions/{_p(arg(0))}/checkpoint", None),
-        "fork": lambda: ("POST", f"/api/sessions/{_p(arg(0))}/fork", None),
-        "checkpoint_status": lambda: ("GET", f"/api/checkpoints/{_p(arg(0))}", None),
-        "restore": lambda: ("POST", f"/api/checkpoints/{_p(arg(0))}/restore", None),
-        "delete_checkpoint": lambda: ("DELETE", f"/api/checkpoints/{_p(arg(0))}", None),
-        "tokenize": lambda: ("POST", "/api/tokenize", {"text": arg(0), "model": arg(1)}),
-        "detokenize": lambda: ("POST", "/api/detokenize", {"ids": [int(i) for i in arg(0, [])], "model": arg(1)}),
-    }
-    if method not in table:
-        raise InvalidRequest(f"unknown call {method!r}")
-    return table[method]()
+CALLS = ("models", "create_session", "list_sessions", "session_info", "close_session", "set_interventions",
+         "resume", "cancel", "checkpoint", "fork", "checkpoint_status", "restore", "delete_checkpoint", "tokenize",
+         "detokenize")  # the engine's method names, without the owner (the server's `calls.CALLS`)
 
 
 def wire_args(method: str, args: Sequence[Any]) -> list:
     """A Backend call's arguments as the control socket takes them (interventions and tensors encoded)."""
-    route(method, args)  # the same checks as over REST: unknown calls, bad argument types
+    if method not in CALLS:
+        raise InvalidRequest(f"unknown call {method!r}")
     a = list(args)
     if method == "set_interventions" and len(a) > 1:
         a[1] = [encode_intervention(x) for x in _items(a[1])]
+    elif method == "resume" and len(a) > 1:
+        a[1] = _activation(a[1])
     elif method == "detokenize" and a:
         a[0] = [int(i) for i in a[0]]
     return a
+
+
+def control_result(method: str, msg: dict, call_id: int) -> Any:
+    """The Backend call's return value from the control socket's reply; its typed error if it failed. A
+    frame that is not this call's reply raises `OutOfStep` (the socket is then no longer usable)."""
+    if msg.get("type") == "error":  # the server refused the socket itself (say, a bad key)
+        raise OutOfStep(error_from_code(msg.get("code", "djinn_error"), msg.get("message", "")))
+    if msg.get("type") != "reply" or msg.get("id") != call_id:
+        raise OutOfStep(DjinnError(f"the server answered {method} with an unexpected frame ({msg.get('type')!r})"))
+    if not msg.get("ok"):
+        raise error_from_code(msg.get("code", "djinn_error"), msg.get("message", ""))
+    return result(method, msg.get("result"))
+
+
+class OutOfStep(Exception):
+    """A control socket's frames no longer pair with its calls; carries the error to raise."""
+
+    def __init__(self, error: DjinnError):
+        self.error = error
 
 
 def _items(items: Any) -> list:
@@ -291,29 +290,28 @@ class RemoteBackend:
             raise InvalidRequest(f"{method}: keyword arguments {sorted(kwargs)} are not supported remotely")
         frame = {"type": "call", "method": method, "args": wire_args(method, args)}
         s = self._control()
-        s.calls += 1
-        frame["id"] = s.calls
         try:
-            s.send(pack(frame))
-        except StreamClosed:  # the socket had closed (a server restart, say): nothing went out, so again
-            s = self._control()
             s.calls += 1
             frame["id"] = s.calls
-            s.send(pack(frame))
-        try:
-            msg = s.recv(self.timeout)
+            try:
+                s.send(pack(frame))
+            except StreamClosed:  # the socket had closed (a server restart, say): nothing went out, so again
+                s = self._control()
+                s.calls += 1
+                frame["id"] = s.calls
+                s.send(pack(frame))
+            return control_result(method, s.recv(self.timeout), s.calls)
+        except OutOfStep as e:
+            s.close()
+            raise e.error from None
         except TimeoutError:
-            s.close()  # its reply may still come: this socket is out of step now
+            s.close()  # its reply may still come: the socket is out of step
             raise DjinnError(f"no reply to {method} from the Djinn server within {self.timeout:g} s") from None
-        if msg.get("type") == "error":  # the server refused the socket itself (say, a bad key)
+        except DjinnError:
+            raise
+        except BaseException:  # interrupted between a call and its reply: the socket is out of step
             s.close()
-            raise error_from_code(msg.get("code", "djinn_error"), msg.get("message", ""))
-        if msg.get("type") != "reply" or msg.get("id") != s.calls:
-            s.close()
-            raise DjinnError(f"the server answered {method} with an unexpected frame ({msg.get('type')!r})")
-        if not msg.get("ok"):
-            raise error_from_code(msg.get("code", "djinn_error"), msg.get("message", ""))
-        return result(method, msg.get("result"))
+            raise
 
     def _control(self) -> _Stream:
         s = getattr(self._local, "control", None)
@@ -393,7 +391,7 @@ class RemoteBackend:
                 return
             except StreamClosed:
                 pass
-        # the stream is gone (it ended, say by the pause TTL): the engine answers, over REST, as embedded
+        # the stream is gone (it ended, say by the pause TTL): the engine answers over the control socket
         self.call("resume", sid, act, pid)
 
     def close(self) -> None:

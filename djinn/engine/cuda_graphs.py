@@ -126,7 +126,7 @@ class StepGraphs:
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.window = runner.window or 0
         self._ctx: Optional[ForwardContext] = None  # without capture: this step's attention layout
-        self._ahead: Optional[tuple[list, StepPlan, int]] = None  # (rows' identity, plan, tokens): loaded early
+        self._ahead: Optional[tuple] = None  # (rows' identity, their plans, step plan, tokens): loaded early
 
     def _field(self, buf, name: str):
         lo, hi = self._layout[name]
@@ -175,8 +175,8 @@ class StepGraphs:
         """Replay the step of `rows` if it fits the graphs (False: it must run eagerly); fills `out` (a
         runner.StepOutput) with pauses, captures and logits."""
         if self._ahead is not None and self._ahead[0] == self._identity(rows):
-            _, plan, tb = self._ahead  # its inputs are already on the device
-            self._ahead = None
+            _, _, plan, tb = self._ahead  # its inputs are already on the device
+            plan.rows, self._ahead = rows, None
         else:
             plan = self.plan_step(rows)
             if plan is None:
@@ -192,7 +192,10 @@ class StepGraphs:
         plan = self.plan_step(rows)
         if plan is not None:
             self._prepare(plan)
-            self._ahead = (self._identity(rows), plan, bucket_of(plan.offsets[-1], self.token_buckets))
+            plan.rows = []  # not kept alive by this (their saved state is the resume's to drop)
+            # the rows' plans are kept alive instead: their ids in the identity cannot come back as others'
+            self._ahead = (self._identity(rows), [r.plan for r in rows], plan,
+                           bucket_of(plan.offsets[-1], self.token_buckets))
 
     @staticmethod
     def _identity(rows) -> list:

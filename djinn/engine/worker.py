@@ -221,18 +221,26 @@ class ModelWorker:
             self.drain()
             self._settle(out)
             self._inflight = self._launch_sampling(out)
-            if len(out.paused) == 1 and not any(self._runnable(s) for s in self.sessions.values()):
-                # the host would only wait for the client now: get the row's resumed step ready meanwhile
-                self.runner.load_ahead([out.paused[0].row])
         except DjinnError as e:
             self._fail_rows(rows, e)
         except Exception as e:  # a bug must not take down other users' sessions
             log.exception("engine step failed")
             self._fail_rows(rows, InternalError(f"engine step failed: {type(e).__name__}: {e}"))
+        else:
+            if len(out.paused) == 1 and not any(self._runnable(s) for s in self.sessions.values()):
+                self._load_ahead(out.paused[0].row)
         elapsed = time.perf_counter() - started
         st = self.stats
         st.steps, st.step_seconds, st.last_step_seconds = st.steps + 1, st.step_seconds + elapsed, elapsed
         st.tokens_processed += sum(r.span.n_tokens for r in rows)
+
+    def _load_ahead(self, row: Row) -> None:
+        """The host would only wait for the client now: get the row's resumed step ready meanwhile. Only an
+        early start: if it fails, the resume loads its step as usual (and meets the failure there, if real)."""
+        try:
+            self.runner.load_ahead([row])
+        except Exception:
+            log.exception("loading a resumed step ahead failed")
 
     def _fail_rows(self, rows: list[Row], error: DjinnError) -> None:
         self.drain()  # the step before is fine: hand out its tokens first
