@@ -178,6 +178,38 @@ def hf_ms_per_token(model, hook_layer=None, scale=1.0, n_new=64, trials=3) -> fl
     return med(res)
 
 
+def hf_generate_ms_per_token(model, n_new=64, trials=3) -> float:
+    """HF's own `generate()` loop (greedy, its KV cache), as users call it: per token, from a run of n_new + 1
+    tokens minus a run of 1 (so the prompt's forward cancels out)."""
+    ids = torch.arange(100, 116, device=DEV)[None]
+    mask = torch.ones_like(ids)
+    res = []
+
+    def timed(n):
+        t = now()
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0)
+        return now() - t
+    with torch.no_grad():
+        for _ in range(trials):
+            res.append((timed(n_new + 1) - timed(1)) * 1000 / n_new)
+    return med(res)
+
+
+def pause_every_step_ms_per_token(client, layer: int, n_new=64, trials=3) -> float:
+    """Djinn's white-box loop beside HF's hook: the session pauses at the layer at every step, the client gets
+    the activation, multiplies it by 1.0 and resumes with it (what `hf_ms_per_token(hook_layer=...)` does)."""
+    prompt, site = list(range(100, 116)), f"blocks.{layer}.hook_resid_post"
+    res = []
+    for _ in range(trials):
+        t = now()
+        run_stream(client.session(), prompt, 1, site=site, steps=[0], edit=lambda a: a * 1.0)
+        t1 = now()
+        run_stream(client.session(), prompt, n_new + 1, site=site, steps=range(n_new + 1), edit=lambda a: a * 1.0)
+        res.append(((now() - t1) - (t1 - t)) * 1000 / n_new)
+    return med(res)
+
+
 def run_stream(session, prompt, n_new, site=None, steps=(0,), edit=None, **kw):
     """Stream one call; returns (tokens, per-pause [(t_paused_event, t_resume_call, t_next_token)])."""
     bps = [djinn.Breakpoint(site, steps=list(steps))] if site else []
@@ -354,6 +386,8 @@ def part_latency(shape: str) -> dict:
     hf_ms_per_token(hf, n_new=8, trials=1)  # warm-up
     out["hf_eager_ms_per_token"] = hf_ms_per_token(hf)
     out["hf_eager_with_pause_hook_ms_per_token"] = hf_ms_per_token(hf, hook_layer=spec["layers"][1])
+    out["hf_generate_ms_per_token"] = hf_generate_ms_per_token(hf)
+    out["djinn_pause_every_step_ms_per_token"] = pause_every_step_ms_per_token(client, spec["layers"][1])
     out["seed_experiment"] = {"embedded": seed_experiment(client, shape)}
     print(json.dumps(out, indent=2), flush=True)  # kept even if the server part below fails
     client.close()
