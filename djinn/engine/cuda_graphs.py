@@ -106,6 +106,9 @@ class StepGraphs:
         self._hosts = [torch.zeros(size, dtype=torch.long, pin_memory=capture) for _ in range(2)]
         # numpy views of each host buffer's fields: slice writes there cost far less than tensor ops
         self._host_fields = [{name: self._field(h.numpy(), name) for name in self._layout} for h in self._hosts]
+        for f in self._host_fields:
+            f["tables"][:w] = scratch_block  # table row 0, the padding tokens' row: all scratch, for good
+        self._tables_written: list[dict[int, tuple]] = [{}, {}]
         self._copied: list[Optional[torch.cuda.Event]] = [None, None]
         self._dev = torch.zeros_like(self._hosts[0], device=self.device)
         self.tokens, self.positions = self._field(self._dev, "tokens"), self._field(self._dev, "positions")
@@ -149,6 +152,11 @@ class StepGraphs:
                 return None
             plan, step = r.plan, r.step
             first, last, pause = r.entry + 1, self.final, None
+            if not (plan.breakpoints or plan.captures or plan.edits):  # most rows: nothing declared
+                sites.append(RowSites(first, last, None))
+                if first > 0:
+                    cuts.add(first - 1)
+                continue
             for s in sorted(k for k in plan.breakpoints if k >= first):
                 pause = next((p for p in plan.breakpoints[s] if p.applies(step)), None)
                 if pause is not None:
@@ -272,7 +280,7 @@ class StepGraphs:
     def _load_inputs(self, plan: StepPlan, tb: int) -> None:
         mr, w, bs = self.max_rows, self.width, self.block_size
         self._ahead = None  # the device buffers are about to hold this step's inputs
-        for ring in (self._hosts, self._host_fields, self._copied):
+        for ring in (self._hosts, self._host_fields, self._tables_written, self._copied):
             ring.reverse()
         if self._copied[0] is not None:
             self._copied[0].synchronize()
@@ -285,34 +293,49 @@ class StepGraphs:
         f["feed_from"][:tb] = -1
         f["first"][n_tok:tb], f["last"][n_tok:tb] = 0, self.final
         f["token_row"][n_tok:tb] = 0
-        f["last_token"][:] = 0
         tables = f["tables"].reshape(mr + 1, w)
-        tables[0] = self.scratch_block
+        written = self._tables_written[0]  # each table row as this buffer holds it: rewritten only on change
         tok, posf, wo, ff, own = (f[k] for k in ("tokens", "positions", "write_offsets", "feed_from", "own_blocks"))
-        firsts, lasts, trow, last_tok = f["first"], f["last"], f["token_row"], f["last_token"]
+        firsts, lasts, trow = f["first"], f["last"], f["token_row"]
+        # decode rows (one token each, often many a step) are gathered into lists and written at once
+        at, starts, blocks, row_first, row_last, rows, token_at, token_ids, fed_at, fed_from = ([] for _ in range(10))
         for i, (r, s) in enumerate(zip(plan.rows, plan.sites)):
             lo, hi = plan.offsets[i], plan.offsets[i + 1]
             bt, start = r.span.block_table, r.span.start
-            if hi - lo == 1:  # a decode row: scalar writes (many rows a step, so each one counts)
-                block = bt[start // bs]
-                posf[lo], wo[lo], own[lo] = start, start % bs, block
-                firsts[lo], lasts[lo], trow[lo] = s.first, s.last, i + 1
+            if hi - lo == 1:
+                at.append(lo)
+                starts.append(start)
+                blocks.append(bt[start // bs])
+                row_first.append(s.first)
+                row_last.append(s.last)
+                rows.append(i + 1)
                 if s.first == 0:
-                    tok[lo] = r.tokens[0]
-                    if r.feed_from is not None:
-                        ff[lo] = r.feed_from
+                    token_at.append(lo)
+                    token_ids.append(r.tokens[0])
             else:
                 pos = np.arange(start, start + hi - lo)
-                blocks = np.asarray(bt, dtype=np.int64)[pos // bs]
-                posf[lo:hi], wo[lo:hi], own[lo:hi] = pos, pos % bs, blocks
+                posf[lo:hi], wo[lo:hi], own[lo:hi] = pos, pos % bs, np.asarray(bt, dtype=np.int64)[pos // bs]
                 firsts[lo:hi], lasts[lo:hi], trow[lo:hi] = s.first, s.last, i + 1
                 if s.first == 0:
                     tok[lo:hi] = r.tokens
-                    if r.feed_from is not None:
-                        ff[lo] = r.feed_from
-            last_tok[i] = hi - 1
-            tables[i + 1, : len(bt)] = bt
-            tables[i + 1, len(bt):] = self.scratch_block
+            if s.first == 0 and r.feed_from is not None:  # the row's first token: sampled by the step before
+                fed_at.append(lo)
+                fed_from.append(r.feed_from)
+            table = tuple(bt)
+            if written.get(i + 1) != table:
+                tables[i + 1, : len(bt)] = bt
+                tables[i + 1, len(bt):] = self.scratch_block
+                written[i + 1] = table
+        if at:
+            pos = np.asarray(starts)
+            posf[at], wo[at], own[at] = pos, pos % bs, blocks
+            firsts[at], lasts[at], trow[at] = row_first, row_last, rows
+        if token_at:
+            tok[token_at] = token_ids
+        if fed_at:
+            ff[fed_at] = fed_from
+        f["last_token"][:len(plan.rows)] = np.asarray(plan.offsets[1:]) - 1
+        f["last_token"][len(plan.rows):] = 0  # padded rows' logits come from token 0
         used = self._layout["tables"][0] + (len(plan.rows) + 1) * w
         self._dev[:used].copy_(self._hosts[0][:used], non_blocking=True)
         if self.capture:

@@ -121,6 +121,12 @@ class ModelWorker:
 
     def _make_resident(self, s: Session, end: int, protected: set[int]) -> bool:
         """Ensure `s` is on the device with blocks covering positions < end, its written block unshared."""
+        bs = self.pool.block_size
+        start_block = s.kv_len // bs
+        refcount = self.pool.device_blocks.refcount
+        if (not s.swapped and self.pool.blocks_for(end) <= len(s.blocks)
+                and all(refcount[b] == 1 for b in s.blocks[start_block:])):
+            return True  # the common case (most decode steps): nothing to move, allocate or copy
         if s.swapped:
             if not self._make_room(len(s.host_blocks), protected):
                 return False
@@ -128,9 +134,7 @@ class ModelWorker:
             self.pool.to_device(s.host_blocks, dev)
             self.pool.host_blocks.decref(s.host_blocks)
             s.blocks, s.host_blocks = dev, None
-        bs = self.pool.block_size
-        start_block = s.kv_len // bs
-        shared = [b for b in range(start_block, len(s.blocks)) if self.pool.device_blocks.refcount[s.blocks[b]] > 1]
+        shared = [b for b in range(start_block, len(s.blocks)) if refcount[s.blocks[b]] > 1]
         need = max(0, self.pool.blocks_for(end) - len(s.blocks)) + len(shared)
         if not self._make_room(need, protected):
             return False
