@@ -120,13 +120,15 @@ class ModelWorker:
         return False
 
     def _make_resident(self, s: Session, end: int, protected: set[int]) -> bool:
-        """Ensure `s` is on the device with blocks covering positions < end, its written block unshared."""
+        """Ensure `s` is on the device with blocks covering positions < end, its written block unshared;
+        sessions in `protected` (and `s`) are not swapped out for it."""
         bs = self.pool.block_size
         start_block = s.kv_len // bs
         refcount = self.pool.device_blocks.refcount
         if (not s.swapped and self.pool.blocks_for(end) <= len(s.blocks)
                 and all(refcount[b] == 1 for b in s.blocks[start_block:])):
             return True  # the common case (most decode steps): nothing to move, allocate or copy
+        protected = protected | {id(s)}
         if s.swapped:
             if not self._make_room(len(s.host_blocks), protected):
                 return False
@@ -182,7 +184,7 @@ class ModelWorker:
             if rows and used + n > self.max_step_tokens:
                 continue
             # any session not in this step may be swapped out to make room
-            if not self._make_resident(s, end, in_step | {id(s)}):
+            if not self._make_resident(s, end, in_step):
                 continue
             if req.resumed:
                 row.span.block_table = s.blocks  # blocks may have moved through a swap
