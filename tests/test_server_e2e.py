@@ -440,3 +440,17 @@ def test_asyncio_client(server):
 
     asyncio.run(main())
     sync.close()
+
+
+def test_control_sockets_of_ended_threads_are_closed(server):
+    """Each calling thread gets its own control socket; those of threads that have ended are closed when
+    another thread opens one, so a client used from many short-lived threads holds no more than it needs."""
+    client = djinn.connect(server.url)
+    backend = client._backend
+    for _ in range(6):
+        t = threading.Thread(target=lambda: client.models())
+        t.start()
+        t.join()
+    client.models()  # this thread's socket: the ended threads' sockets go
+    assert len(backend._controls) == 1 and backend._controls[0][0] is threading.current_thread()
+    client.close()

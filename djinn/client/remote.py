@@ -265,7 +265,7 @@ class RemoteBackend:
             socket_options=NODELAY), timeout=httpx.Timeout(timeout, connect=connect_timeout))
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self._local = threading.local()  # each calling thread's control socket
-        self._controls: list[_Stream] = []
+        self._controls: list[tuple[threading.Thread, _Stream]] = []  # all of them, with their threads
         self._controls_lock = threading.Lock()
         health = self._request("GET", "/healthz", None)
         if health.get("protocol") != PROTOCOL_VERSION:
@@ -320,8 +320,12 @@ class RemoteBackend:
             s.send(hello_frame())
             s.max_frame_bytes = check_hello(s.recv())
             self._local.control = s
-            with self._controls_lock:
-                self._controls = [c for c in self._controls if not c.closed] + [s]
+            with self._controls_lock:  # the sockets of threads that have ended are closed here
+                ended = [c for t, c in self._controls if not t.is_alive()]
+                self._controls = [(t, c) for t, c in self._controls if t.is_alive() and not c.closed]
+                self._controls.append((threading.current_thread(), s))
+            for c in ended:
+                c.close()
         return s
 
     def generate(self, sid: str, prompt: Any, params: dict) -> Any:
@@ -397,7 +401,7 @@ class RemoteBackend:
     def close(self) -> None:
         with self._controls_lock:
             controls, self._controls = self._controls, []
-        for s in controls:
+        for _, s in controls:
             s.close()
         self.http.close()
 

@@ -95,7 +95,7 @@ class StepGraphs:
         mt, mr, w = self.token_buckets[-1], self.max_rows, self.width
         # One host buffer and one device buffer hold every integer input, so a step is one copy. The host
         # runs a step ahead of the GPU, so two host buffers take turns, each reused only once its last copy
-        # has left (the event recorded after it). Per token: 9 arrays; per row: the last token's index and
+        # has left (the event recorded after it). Per token: 8 arrays; per row: the last token's index and
         # the block table, after table row 0, all scratch, which the padding tokens use. A step copies the
         # prefix it uses.
         self._layout = {name: (k * mt, (k + 1) * mt) for k, name in enumerate(
