@@ -176,3 +176,21 @@ def test_freed_blocks_come_back_in_order():
     assert first == [0, 1, 2, 3, 4, 5]
     a.decref(first[2:5])
     assert a.allocate(3) == [2, 3, 4]
+
+
+def test_sessions_stay_in_few_stretches_after_others_come_and_go(client):
+    """The allocator hands out the lowest free blocks first: after sessions of all lengths came and went, a
+    session's blocks still form one stretch, so its checkpoint is one copy."""
+    import random
+
+    from djinn.engine.kv_pool import runs
+
+    rnd = random.Random(0)
+    for _ in range(6):
+        sessions = [client.session() for _ in range(rnd.randint(1, 3))]
+        for s in sessions:
+            s.generate(list(range(1, rnd.randint(20, 200))), max_new_tokens=rnd.randint(1, 20))
+        blocks = engine_of(client).sessions[sessions[0].id].blocks
+        assert len(runs(blocks, list(range(len(blocks))))) == 1, blocks
+        for s in sessions:
+            s.close()

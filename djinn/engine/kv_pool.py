@@ -7,6 +7,7 @@ consecutive blocks.
 """
 from __future__ import annotations
 
+import heapq
 from typing import Optional
 
 import torch
@@ -16,11 +17,12 @@ from ..models.config import ModelConfig
 
 
 class BlockAllocator:
-    """Free list and reference counts for `n_blocks` blocks."""
+    """Free blocks and reference counts for `n_blocks` blocks. The lowest free ids go first, so a session's
+    blocks tend to be consecutive even after others came and went: moving it is then a few large copies."""
 
     def __init__(self, n_blocks: int):
         self.n_blocks = n_blocks
-        self._free = list(range(n_blocks - 1, -1, -1))
+        self._free = list(range(n_blocks))  # a heap
         self.refcount = [0] * n_blocks
 
     @property
@@ -34,7 +36,7 @@ class BlockAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise CapacityError(f"needs {n} KV blocks, {len(self._free)} free of {self.n_blocks}")
-        ids = [self._free.pop() for _ in range(n)]
+        ids = [heapq.heappop(self._free) for _ in range(n)]
         for i in ids:
             self.refcount[i] = 1
         return ids
@@ -44,10 +46,10 @@ class BlockAllocator:
             self.refcount[i] += 1
 
     def decref(self, ids: list[int]) -> None:
-        for i in reversed(ids):  # the free list pops from its end: later allocations get these ids in order
+        for i in ids:
             self.refcount[i] -= 1
             if self.refcount[i] == 0:
-                self._free.append(i)
+                heapq.heappush(self._free, i)
 
 
 def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
