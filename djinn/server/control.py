@@ -23,7 +23,7 @@ from ..errors import DjinnError, InternalError, InvalidRequest, MalformedFrame
 from .calls import CALLS
 from .protocol import encode_error
 from .state import ServerState
-from .stream import Conn, Gone, greet
+from .sockets import Conn, Gone, greet
 
 log = logging.getLogger("djinn.server")
 

@@ -24,66 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import WebSocket
 
-from .. import __version__
-from ..errors import (DjinnError, FrameTooLarge, InternalError, InvalidRequest, MalformedFrame,
-                      ProtocolMismatch)
+from ..errors import DjinnError, InternalError, InvalidRequest, MalformedFrame
 from ..events import Done, Error
-from .protocol import (PROTOCOL_VERSION, decode_params, decode_prompt, decode_tensor, encode_error, encode_event,
-                       mismatch_message, pack, pause_id, unpack_map)
+from .protocol import decode_params, decode_prompt, decode_tensor, encode_error, encode_event, pause_id
+from .sockets import Conn, Gone, greet
 from .state import ServerState, threadsafe_sink
 
 log = logging.getLogger("djinn.server")
-
-HELLO_TIMEOUT = 30.0
-
-
-class Gone(Exception):
-    """The client closed the connection."""
-
-
-class Conn:
-    """One WebSocket of binary msgpack frames, under the server's frame limit."""
-
-    def __init__(self, ws: WebSocket, state: ServerState):
-        self.ws, self.state = ws, state
-        self.open = True
-
-    async def recv(self) -> dict:
-        msg = await self.ws.receive()
-        if msg["type"] == "websocket.disconnect":
-            self.open = False
-            raise Gone()
-        data = msg.get("bytes")
-        if data is None:
-            raise MalformedFrame("frames must be binary msgpack, not text")
-        limit = self.state.limits.max_frame_bytes
-        if len(data) > limit:
-            raise FrameTooLarge(f"frame of {len(data)} bytes exceeds the limit of {limit} bytes")
-        return unpack_map(data)
-
-    async def send(self, frame: dict) -> None:
-        if not self.open:
-            raise Gone()
-        try:
-            await self.ws.send_bytes(pack(frame))
-        except Exception:
-            self.open = False
-            raise Gone() from None
-
-    async def fatal(self, e: DjinnError, code: int = 1000) -> None:
-        """Send the error that ends this stream, then close."""
-        self.state.metrics.error(e.code)
-        try:
-            await self.send({"type": "error", **encode_error(e)})
-            await self.ws.close(code=code, reason=e.message[:120])
-        except Exception:
-            pass
-        self.open = False
-
 
 async def stream_endpoint(ws: WebSocket, sid: str, state: ServerState) -> None:
     await ws.accept()
@@ -100,25 +51,6 @@ async def stream_endpoint(ws: WebSocket, sid: str, state: ServerState) -> None:
         await conn.fatal(InternalError(f"unexpected server error ({type(e).__name__})"), code=1011)
     finally:
         state.metrics.active_streams.dec()
-
-
-async def greet(conn: Conn, state: ServerState) -> Optional[str]:
-    """The hello exchange that opens every socket: the caller's identity, or None after a protocol mismatch
-    (told, and closed)."""
-    try:  # the hello comes first even for a bad key, so that a client can always send it and read why
-        hello = await asyncio.wait_for(conn.recv(), HELLO_TIMEOUT)
-    except asyncio.TimeoutError:
-        raise InvalidRequest(f"no hello frame within {HELLO_TIMEOUT:g} s") from None
-    if hello.get("type") != "hello" or "protocol" not in hello:
-        raise MalformedFrame("the first frame must be {'type': 'hello', 'protocol': %d}" % PROTOCOL_VERSION)
-    if type(hello["protocol"]) is not int or hello["protocol"] != PROTOCOL_VERSION:
-        e = ProtocolMismatch(mismatch_message(hello["protocol"]))
-        await conn.fatal(e, code=1002)
-        return None
-    owner = state.auth.identify(conn.ws.headers)
-    await conn.send({"type": "hello", "protocol": PROTOCOL_VERSION, "server": f"djinn/{__version__}",
-                     "max_frame_bytes": state.limits.max_frame_bytes})
-    return owner
 
 
 async def _serve(conn: Conn, sid: str, state: ServerState) -> None:
