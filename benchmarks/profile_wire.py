@@ -6,6 +6,7 @@ calls over the REST routes (httpx, one kept-alive connection).
 
     python3 benchmarks/profile_wire.py                  # GPT-2-small shape, float16, on the GPU
     python3 benchmarks/profile_wire.py --device cpu     # the same widths (0.8 MB activations), 2 layers, on the CPU
+    python3 benchmarks/profile_wire.py --device cpu --width 64    # 64 KB activations: the part that is not size
 
 The client runs the WebSocket trials twice: first with the process's default allocator settings
 (`djinn.connect(url)`, the default), then after `keep_freed_memory()`, which cannot be undone
@@ -53,17 +54,17 @@ def stamp_engine() -> None:
     worker_mod._emit, engine_mod.Engine.resume = emit_stamped, resume_stamped
 
 
-def model(device: str):
+def model(device: str, width: int = 768):
     if device == "cpu":
-        cfg = ModelConfig(family="gpt2", vocab_size=1024, d_model=768, n_layers=2, n_heads=12, n_kv_heads=12,
-                          d_mlp=3072, max_seq_len=1024, tie_embeddings=True)
-        return load_random(cfg, torch.float16, torch.device("cpu"), name="gpt2-width"), 1
+        cfg = ModelConfig(family="gpt2", vocab_size=1024, d_model=width, n_layers=2, n_heads=width // 64,
+                          n_kv_heads=width // 64, d_mlp=4 * width, max_seq_len=1024, tie_embeddings=True)
+        return load_random(cfg, torch.float16, torch.device("cpu"), name=f"gpt2-width-{width}"), 1
     cfg = ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_mlp=3072,
                       max_seq_len=1024, tie_embeddings=True)
     return load_random(cfg, torch.float16, torch.device(device), name="gpt2-shape"), 6
 
 
-def serve(device: str, port: int, stamps_path: str) -> None:
+def serve(device: str, width: int, port: int, stamps_path: str) -> None:
     from djinn.server.launch import run
 
     stamp_engine()
@@ -73,7 +74,7 @@ def serve(device: str, port: int, stamps_path: str) -> None:
             json.dump(STAMPS, f)
         os._exit(0)
     signal.signal(signal.SIGTERM, dump)
-    loaded, _ = model(device)
+    loaded, _ = model(device, width)
     run([loaded], port=port, api_keys=[], kv_memory=2 << 30, log_level="warning")
 
 
@@ -142,13 +143,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--trials", type=int, default=15)
+    ap.add_argument("--width", type=int, default=768, help="d_model of the CPU model (activations 512 x width)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--stamps", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        return serve(args.device, args.port, args.stamps)
-    loaded, layer = model(args.device)
+        return serve(args.device, args.width, args.port, args.stamps)
+    loaded, layer = model(args.device, args.width)
+    name = loaded.name
     vocab = loaded.config.vocab_size
     stamp_engine()
     embedded = djinn.connect(model=loaded, kv_memory=2 << 30)
@@ -162,7 +165,7 @@ def main() -> None:
         port = sock.getsockname()[1]
     stamps_path = os.path.join(tempfile.mkdtemp(), "server_stamps.json")
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", "--device", args.device,
-                             "--port", str(port), "--stamps", stamps_path])
+                             "--width", str(args.width), "--port", str(port), "--stamps", stamps_path])
     url = f"http://127.0.0.1:{port}"
     try:
         client = None
@@ -187,7 +190,7 @@ def main() -> None:
     results["websocket_default_allocator"] = hand_offs(server, got_default)
     results["websocket_keep_freed_memory"] = hand_offs(server, got_kept)
     where = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
-    print(f"{loaded_name(args.device)} on {where}, 512-token prompt paused at blocks.{layer}.hook_resid_post, "
+    print(f"{name} (float16) on {where}, 512-token prompt paused at blocks.{layer}.hook_resid_post, "
           f"{args.trials} trials; host hand-offs, medians in ms:")
     print(f"  {'':30s} {'Paused -> client':>17s} {'client -> resume':>17s} {'sum':>8s}")
     for mode in ("embedded", "websocket_default_allocator", "websocket_keep_freed_memory"):
@@ -197,10 +200,6 @@ def main() -> None:
     print("control calls, medians of 30, ms (control socket | REST route):")
     print(f"  checkpoint()   {c['checkpoint_control_socket_ms']:.3f} | {c['checkpoint_rest_ms']:.3f}")
     print(f"  session_info   {c['session_info_control_socket_ms']:.3f} | {c['session_info_rest_ms']:.3f}")
-
-
-def loaded_name(device: str) -> str:
-    return "gpt2-width (2 layers, float16)" if device == "cpu" else "gpt2-shape (float16)"
 
 
 if __name__ == "__main__":
