@@ -291,15 +291,16 @@ class RemoteBackend:
         frame = {"type": "call", "method": method, "args": wire_args(method, args)}
         s = self._control()
         try:
-            s.calls += 1
-            frame["id"] = s.calls
-            try:
-                s.send(pack(frame))
-            except StreamClosed:  # the socket had closed (a server restart, say): nothing went out, so again
-                s = self._control()
+            for again in (False, True):
                 s.calls += 1
                 frame["id"] = s.calls
-                s.send(pack(frame))
+                try:
+                    s.send(pack(frame))
+                    break
+                except StreamClosed:  # the socket had closed (a server restart, say): nothing went out
+                    if again:
+                        raise
+                    s = self._control()
             return control_result(method, s.recv(self.timeout), s.calls)
         except OutOfStep as e:
             s.close()

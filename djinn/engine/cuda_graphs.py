@@ -61,6 +61,10 @@ class StepPlan:
     edits: dict[int, list[list[Edit]]]  # site -> each row's edits there
     cuts: list[int]  # sites after which the forward is cut, ascending
     offsets: list[int]  # row i's tokens are offsets[i]:offsets[i + 1]
+    # set by StepGraphs._prepare: the padded token count, each segment's graph key, and whether any row needs it
+    tb: int = 0
+    keys: list[tuple] = field(default_factory=list)
+    needed: list[bool] = field(default_factory=list)
 
     @property
     def decode(self) -> bool:
@@ -129,7 +133,7 @@ class StepGraphs:
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.window = runner.window or 0
         self._ctx: Optional[ForwardContext] = None  # without capture: this step's attention layout
-        self._ahead: Optional[tuple] = None  # (rows' identity, their plans, step plan, tokens): loaded early
+        self._ahead: Optional[tuple] = None  # (rows' identity, their plans, step plan): loaded early
 
     def _field(self, buf, name: str):
         lo, hi = self._layout[name]
@@ -151,24 +155,20 @@ class StepGraphs:
             if len(r.span.block_table) > self.width:
                 return None
             plan, step = r.plan, r.step
-            first, last, pause = r.entry + 1, self.final, None
-            if not (plan.breakpoints or plan.captures or plan.edits):  # most rows: nothing declared
-                sites.append(RowSites(first, last, None))
-                if first > 0:
-                    cuts.add(first - 1)
-                continue
-            for s in sorted(k for k in plan.breakpoints if k >= first):
-                pause = next((p for p in plan.breakpoints[s] if p.applies(step)), None)
-                if pause is not None:
-                    last = s
-                    break
-            captures = [(s, p) for s in sorted(plan.captures) if first <= s <= last
-                        for p in plan.captures[s] if p.applies(step)]
-            for s, es in plan.edits.items():
-                if first <= s <= last:
-                    for e in es:
-                        if e.applies(step) and (e.positions is None or any(p in e.positions for p in r.positions)):
-                            edits.setdefault(s, [[] for _ in rows])[i].append(e)
+            first, last, pause, captures = r.entry + 1, self.final, None, []
+            if plan.breakpoints or plan.captures or plan.edits:  # most rows declare nothing: no walk
+                for s in sorted(k for k in plan.breakpoints if k >= first):
+                    pause = next((p for p in plan.breakpoints[s] if p.applies(step)), None)
+                    if pause is not None:
+                        last = s
+                        break
+                captures = [(s, p) for s in sorted(plan.captures) if first <= s <= last
+                            for p in plan.captures[s] if p.applies(step)]
+                for s, es in plan.edits.items():
+                    if first <= s <= last:
+                        for e in es:
+                            if e.applies(step) and (e.positions is None or any(p in e.positions for p in r.positions)):
+                                edits.setdefault(s, [[] for _ in rows])[i].append(e)
             sites.append(RowSites(first, last, pause, captures))
             if first > 0:
                 cuts.add(first - 1)
@@ -183,14 +183,14 @@ class StepGraphs:
         """Replay the step of `rows` if it fits the graphs (False: it must run eagerly); fills `out` (a
         runner.StepOutput) with pauses, captures and logits."""
         if self._ahead is not None and self._ahead[0] == self._identity(rows):
-            _, _, plan, tb = self._ahead  # its inputs are already on the device
+            _, _, plan = self._ahead  # its inputs are already on the device
             plan.rows, self._ahead = rows, None
         else:
             plan = self.plan_step(rows)
             if plan is None:
                 return False
-            tb = self._prepare(plan)
-        self._replay(plan, tb, out)
+            self._prepare(plan)
+        self._replay(plan, out)
         return True
 
     def load_ahead(self, rows) -> None:
@@ -202,8 +202,7 @@ class StepGraphs:
             self._prepare(plan)
             plan.rows = []  # not kept alive by this (their saved state is the resume's to drop)
             # the rows' plans are kept alive instead: their ids in the identity cannot come back as others'
-            self._ahead = (self._identity(rows), [r.plan for r in rows], plan,
-                           bucket_of(plan.offsets[-1], self.token_buckets))
+            self._ahead = (self._identity(rows), [r.plan for r in rows], plan)
 
     @staticmethod
     def _identity(rows) -> list:
@@ -211,38 +210,30 @@ class StepGraphs:
         return [(id(r), r.entry, r.step, id(r.plan), r.span.start, r.span.n_tokens, tuple(r.span.block_table))
                 for r in rows]
 
-    def _keys(self, plan: StepPlan, tb: int) -> list[tuple]:
+    def _prepare(self, plan: StepPlan) -> None:
+        """Derive the step's padded size and segment keys, capture the segments it needs, load its inputs."""
+        plan.tb = tb = bucket_of(plan.offsets[-1], self.token_buckets)
         rb = 0 if plan.decode else bucket_of(len(plan.rows), BUCKETS)  # 0: every token is its row's last
         segments = plan.segments(self.final)
-        return [(tb, rb, a, b, j == len(segments) - 1, tuple(s for s in sorted(plan.edits) if a <= s <= b))
-                for j, (a, b) in enumerate(segments)]
-
-    @staticmethod
-    def _needed(plan: StepPlan, segments: list[tuple[int, int]]) -> list[bool]:
-        """A segment no row computes for is skipped (a prompt paused or resumed alone costs no extra work)."""
-        return [any(s.first <= a and s.last >= b for s in plan.sites) for a, b in segments]
-
-    def _prepare(self, plan: StepPlan) -> int:
-        """Capture the segments the step needs, then load its inputs; returns its padded token count."""
-        tb = bucket_of(plan.offsets[-1], self.token_buckets)
-        keys = self._keys(plan, tb)
-        for key, need in zip(keys, self._needed(plan, plan.segments(self.final))):
+        plan.keys = [(tb, rb, a, b, j == len(segments) - 1, tuple(s for s in sorted(plan.edits) if a <= s <= b))
+                     for j, (a, b) in enumerate(segments)]
+        # a segment no row computes for is skipped (a prompt paused or resumed alone costs no extra work)
+        plan.needed = [any(s.first <= a and s.last >= b for s in plan.sites) for a, b in segments]
+        for key, need in zip(plan.keys, plan.needed):
             if need and key not in self._graphs:  # before the inputs go in: capturing runs the forward
                 self._graphs[key] = self._record(*key)
         self._load_inputs(plan, tb)
-        return tb
 
-    def _replay(self, plan: StepPlan, tb: int, out) -> None:
-        rows, n = plan.rows, len(plan.rows)
+    def _replay(self, plan: StepPlan, out) -> None:
+        rows, n, tb = plan.rows, len(plan.rows), plan.tb
         for site in sorted(plan.edits):
             self._load_edits(site, plan, tb)
-        segments = plan.segments(self.final)
         logits = None
-        for j, (need, key) in enumerate(zip(self._needed(plan, segments), self._keys(plan, tb))):
+        for j, (need, key) in enumerate(zip(plan.needed, plan.keys)):
             if need:
                 logits = self._graphs[key]()
             if j < len(plan.cuts):
-                self._at_cut(segments[j][1], plan, out)
+                self._at_cut(plan.cuts[j], plan, out)
         done = [i for i, s in enumerate(plan.sites) if s.pause is None]
         if len(done) == n:
             out.finished, out.logits = rows, logits[:n]
@@ -362,46 +353,23 @@ class StepGraphs:
             self._filled[site] = key if invariant else None
 
     def _fill_edits(self, site: int, plan: StepPlan, per_row: list[list[Edit]], tb: int) -> None:
-        """Compose each row's edits in order into one (mul, add): (x * m1 + a1) * m2 + a2, a replacement
-        being mul 0, add the new value; then write all rows with one indexed copy per buffer. Edits that
-        name positions fold per token (as the eager runner does, same bits); the rest once for the row."""
+        """Each row's edits folded per token into one (mul, add), as the eager runner folds them (same bits);
+        then all rows written with one indexed copy per buffer."""
         mul, add = self._buffers(site)
         mul[:tb].fill_(1)
         add[:tb].zero_()
-        shape = add.shape[1:]
-        mul_at, mul_vals, add_at, add_vals = [], [], [], []
+        at, muls, adds = [], [], []
         for i, es in enumerate(per_row):
-            if not es:
-                continue
-            r, lo = plan.rows[i], plan.offsets[i]
-            at = list(range(lo, lo + r.span.n_tokens))
-            if any(e.positions is not None for e in es):
-                m, a = fold_edits(es, r.span.start, r.span.n_tokens, shape, self.device)
-                mul_at += at
-                add_at += at
-                mul_vals.append(m)
-                add_vals.append(a)
-                continue
-            m = a = None
-            for e in es:
-                if e.replace is not None:
-                    m, a = torch.zeros_like(add[0]), e.replace
-                    continue
-                if e.mul is not None:
-                    m = e.mul if m is None else m * e.mul
-                    a = None if a is None else a * e.mul
-                if e.add is not None:
-                    a = e.add if a is None else a + e.add
-            if m is not None:
-                mul_at += at
-                mul_vals.append(m.expand(len(at), *shape))
-            if a is not None:
-                add_at += at
-                add_vals.append(a.expand(len(at), *shape))
-        if mul_at:
-            mul.index_copy_(0, to_device(torch.tensor(mul_at), self.device), torch.cat(mul_vals))
-        if add_at:
-            add.index_copy_(0, to_device(torch.tensor(add_at), self.device), torch.cat(add_vals))
+            if es:
+                r, lo = plan.rows[i], plan.offsets[i]
+                m, a = fold_edits(es, r.span.start, r.span.n_tokens, add.shape[1:], self.device)
+                at += range(lo, lo + r.span.n_tokens)
+                muls.append(m)
+                adds.append(a)
+        if at:
+            index = to_device(torch.tensor(at), self.device)
+            mul.index_copy_(0, index, torch.cat(muls))
+            add.index_copy_(0, index, torch.cat(adds))
 
     def _buffers(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
         if site not in self._edit_bufs:
