@@ -54,6 +54,29 @@ def reused_blocks_check() -> dict:
             "restores_equal_continuations": all(torch.equal(r.logits, c.logits) for _, c, r in runs)}
 
 
+def shrinking_prompts_check(loaded) -> dict:
+    """Fresh graphs, prompts of falling lengths (each records smaller graphs after a larger step ran, the
+    first paused at layer 6): tokens and logits equal the eager runner's, bit for bit."""
+    out = {}
+    for name, graphs in [("graphs", True), ("eager", False)]:
+        c = djinn.connect(model=loaded, kv_memory=2 << 30, cuda_graphs=graphs)
+        runs = []
+        for n in (512, 200, 63, 5):
+            prompt = torch.randint(0, GPT2_SMALL.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            bp = [djinn.Breakpoint("blocks.6.hook_resid_post", steps=[0])] if n == 512 else []
+            for ev in c.session().stream(prompt, max_new_tokens=4, return_logits=True, breakpoints=bp,
+                                         stop_tokens=[]):
+                if isinstance(ev, djinn.Paused):
+                    ev.resume()
+                elif isinstance(ev, djinn.Done):
+                    runs.append(ev.result)
+        out[name] = runs
+        c.close()
+    return {"prompts": 4, "tokens_and_logits_bit_identical": all(
+        g.token_ids == e.token_ids and torch.equal(g.logits, e.logits) for g, e in zip(out["graphs"], out["eager"]))
+        and len(out["graphs"]) == 4}
+
+
 def main() -> None:
     dev = torch.device("cuda")
     loaded = load_random(GPT2_SMALL, torch.float16, dev, seed=0, name="gpt2-small-random")
@@ -112,6 +135,8 @@ def main() -> None:
         and all(torch.equal(g.captures[k], e.captures[k]) for k in g.captures))
     ok = all(c["tokens_equal"] and c["logits_bit_identical"] for c in report["checks"].values())
     client.close()
+    report["shrinking_prompts_graphs_equal_eager"] = shrinking_prompts_check(loaded)
+    ok = ok and report["shrinking_prompts_graphs_equal_eager"]["tokens_and_logits_bit_identical"]
     report["mistral_shape_reused_blocks"] = reused_blocks_check()
     ok = ok and all(report["mistral_shape_reused_blocks"].values())
     ok = ok and report["edited_graphs_equal_eager_bitwise"]

@@ -435,11 +435,14 @@ class StepGraphs:
             self._buffers(site)
         if not self.capture:
             return lambda: self._forward(tb, rb, first, last, ends, signature)
-        # warm-up and capture run the forward for real: their key and value writes must go nowhere
+        # Warm-up and capture run the forward for real on whatever the inputs hold: indices left by a larger
+        # step (a last token at 511 for a 64-token graph) would read out of bounds, and key and value
+        # writes must go nowhere. So: every index 0, no fed tokens, every write and table into scratch.
         self._ahead = None
+        self._dev.zero_()
+        self.feed_from.fill_(-1)
         self.own_blocks.fill_(self.scratch_block)
         self.tables.fill_(self.scratch_block)
-        self.positions.zero_()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
