@@ -14,6 +14,7 @@ import torch
 
 from ..errors import CapacityError
 from ..models.config import ModelConfig
+from .side_stream import SideStream
 
 
 class BlockAllocator:
@@ -97,7 +98,7 @@ class KVPool:
                                 pin_memory=device.type == "cuda")
         self.device_blocks = BlockAllocator(n_blocks)
         self.host_blocks = BlockAllocator(max(n_host_blocks, 0))
-        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._side = SideStream(device) if device.type == "cuda" else None
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -118,22 +119,21 @@ class KVPool:
             for d, h, k in runs(device_ids, host_ids):
                 self.host[h:h + k].copy_(self.kv[d:d + k])
             return CopyJob(n_bytes)
-        self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._side):
+        with self._side.after_compute() as side:
             start, event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(self._side)
+            start.record(side)
             for d, h, k in runs(device_ids, host_ids):
                 self.host[h:h + k].copy_(self.kv[d:d + k], non_blocking=True)
-            event.record(self._side)
+            event.record(side)
         if fence:
-            torch.cuda.current_stream(self.device).wait_event(event)
+            self._side.compute.wait_event(event)
         return CopyJob(n_bytes, start, event)
 
     def settle(self) -> None:
         """Wait for every queued copy between the pools, before the host touches host blocks itself (swap-outs
         are fenced into the compute stream, so waiting for it covers them too)."""
         if self._side is not None:
-            torch.cuda.current_stream(self.device).synchronize()
+            self._side.compute.synchronize()
 
     def to_device(self, host_ids: list[int], device_ids: list[int]) -> None:
         """Copy host blocks into device blocks, ordered before any later work on the compute stream."""

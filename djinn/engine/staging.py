@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from .side_stream import SideStream
+
 
 class Staged:
     def __init__(self, tensor: torch.Tensor, event: Optional[torch.cuda.Event]):
@@ -26,16 +28,15 @@ class Staged:
 class HostStager:
     def __init__(self, device: torch.device):
         self.device = device
-        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._side = SideStream(device) if device.type == "cuda" else None
 
     def stage(self, t: torch.Tensor) -> Staged:
         if self._side is None:
             return Staged(t.clone(), None)
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._side):
+        with self._side.after_compute() as side:
             host.copy_(t, non_blocking=True)
-            t.record_stream(self._side)
+            t.record_stream(side)
             event = torch.cuda.Event()
-            event.record(self._side)
+            event.record(side)
         return Staged(host, event)

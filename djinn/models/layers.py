@@ -10,13 +10,20 @@ import torch.nn.functional as F
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose one-row products on the GPU run as a Triton GEMV (faster than cuBLAS at one row)."""
+    """nn.Linear whose few-row products on the GPU (decode steps) run as Triton kernels where they stream the
+    weights faster than cuBLAS: a GEMV for one row; up to 64 rows, a 64-row tile for outputs whose rows are
+    not 16-byte aligned (GPT-2's 50257-token head), which push cuBLAS off its fast kernels (0.7 against 3.0
+    TB/s at 64 rows, benchmarks/results/bench_skinny_matmul_h200.txt; aligned shapes are as fast or faster
+    in cuBLAS there)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
-            from ..kernels.gemv import gemv
+        if x.is_cuda and x.dim() == 2:
+            from ..kernels import gemv, skinny_matmul
 
-            return gemv(x, self.weight, self.bias)
+            if x.shape[0] == 1:
+                return gemv.gemv(x, self.weight, self.bias)
+            if x.shape[0] <= skinny_matmul.MAX_ROWS and (self.out_features * x.element_size()) % 16:
+                return skinny_matmul.skinny_matmul(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
