@@ -2,7 +2,8 @@
 
     python3 benchmarks/bench.py --part gpt2        # (a) seed experiment + batch-1 decode + HF eager, GPT-2-small shape
     python3 benchmarks/bench.py --part mistral     # (b) the same on a Mistral-7B shape + HF eager
-    python3 benchmarks/bench.py --part throughput  # (c) Mistral-7B shape, 1..128 sessions: plain, Steer, 25% pausing,
+    python3 benchmarks/bench.py --part throughput  # (c) Mistral-7B shape, 1..128 sessions: plain, Steer, 25% pausing
+                                                   #     (medians of 3 trials, the modes taking turns),
                                                    #     each with one client thread per session and with no
                                                    #     client threads (events to sinks on the engine thread)
 
@@ -442,20 +443,23 @@ def serve(shape: str, port: int) -> None:
     run([loaded], port=port, api_keys=[], kv_memory=16 << 30, log_level="warning")
 
 
-def part_throughput() -> dict:
+def part_throughput(trials: int = 3) -> dict:
     spec = SHAPES["mistral"]
     bw = copy_bandwidth()
     _, loaded = hf_model("mistral")
     wbytes = step_weight_bytes(loaded.model)
     client = djinn.connect(model=loaded, kv_memory=40 << 30)
-    out = {"copy_bandwidth_GBps": bw / 1e9, "rows": []}
+    out = {"copy_bandwidth_GBps": bw / 1e9, "trials": trials, "rows": []}
+    modes = ("plain", "steer", "pause25")
     for n in (1, 8, 32, 64, 128):
-        for mode in ("plain", "steer", "pause25"):  # warm-up: graphs for this batch size, kernels compiled
+        for mode in modes:  # warm-up: graphs for this batch size, kernels compiled
             throughput(client, n, mode, n_new=8)
-        row = {"sessions": n}
-        for mode in ("plain", "steer", "pause25"):
-            row[mode] = throughput(client, n, mode)
-            row[mode + "_engine_sinks"] = throughput_engine_sinks(client, n, mode)
+        runs: dict[str, list[float]] = {}
+        for _ in range(trials):  # the modes take turns, so a slow stretch of the host hits them alike
+            for mode in modes:
+                runs.setdefault(mode, []).append(throughput(client, n, mode))
+                runs.setdefault(mode + "_engine_sinks", []).append(throughput_engine_sinks(client, n, mode))
+        row = {"sessions": n, **{k: med(v) for k, v in runs.items()}, **{k + "_trials": v for k, v in runs.items()}}
         # floor: each step reads the weights once and every session's KV (mean context 128 + 128)
         step_bytes = wbytes + n * 256 * kv_bytes_per_token(spec["cfg"], spec["dtype"])
         row["floor_tokens_per_s"] = n / (step_bytes / bw)
