@@ -1,6 +1,7 @@
 """Where an embedded `checkpoint()` call's time goes: the caller's wall time, the engine's own `checkpoint`
 (stamped on the engine thread), and a cProfile of the engine's checkpoints by function. GPT-2-small shape,
-float16, a session of 512 + 128 tokens, right after its generation (as bench.py calls it) and again idle.
+float16, a session of 512 + 128 tokens: right after a generation (as bench.py calls it), back to back, and
+after 50 ms idle.
 
     python3 benchmarks/profile_checkpoint.py            # on the GPU
     python3 benchmarks/profile_checkpoint.py --device cpu
@@ -46,13 +47,15 @@ def main() -> None:
     client = djinn.connect(model=loaded, kv_memory=2 << 30)
     prompt = torch.randint(0, loaded.config.vocab_size, (512,), generator=torch.Generator().manual_seed(1)).tolist()
     results = {}
-    for mode in ("after_generate", "idle"):
+    for mode in ("after_generate", "back_to_back", "after_50ms_idle"):
         wall, inside[:] = [], []
         s = client.session()
         s.generate(prompt, max_new_tokens=128, stop_tokens=[])
         for _ in range(args.trials):
             if mode == "after_generate":
                 s.generate([], max_new_tokens=1, stop_tokens=[])
+            elif mode == "after_50ms_idle":  # as after a user's pause: the threads have gone to sleep
+                time.sleep(0.05)
             t = time.perf_counter()
             ck = s.checkpoint()
             wall.append((time.perf_counter() - t) * 1000)

@@ -126,15 +126,19 @@ def control_calls(client, url: str, trials: int) -> dict:
             f()
             xs.append((time.perf_counter() - t) * 1000)
         return statistics.median(xs)
+    def checkpoint_after(before) -> float:
+        xs = []
+        for _ in range(trials):
+            before()
+            t = time.perf_counter()
+            ck = s.checkpoint()
+            xs.append((time.perf_counter() - t) * 1000)
+            ck.delete()  # within the server's per-key checkpoint limit
+        return statistics.median(xs)
     made: list[str] = []
-    after_stream = []
-    for _ in range(trials):  # as bench.py calls it: right after a generation's stream has ended
-        s.generate([], max_new_tokens=1, stop_tokens=[])
-        t = time.perf_counter()
-        ck = s.checkpoint()
-        after_stream.append((time.perf_counter() - t) * 1000)
-        ck.delete()  # within the server's per-key checkpoint limit
-    out = {"checkpoint_after_stream_ms": statistics.median(after_stream),
+    out = {"checkpoint_after_stream_ms": checkpoint_after(  # as bench.py calls it: right after a stream ended
+               lambda: s.generate([], max_new_tokens=1, stop_tokens=[])),
+           "checkpoint_after_idle_ms": checkpoint_after(lambda: time.sleep(0.05)),  # as after a user's pause
            "checkpoint_control_socket_ms": med(lambda: made.append(s.checkpoint().id)),
            "checkpoint_rest_ms": med(lambda: made.append(
                unpack(http.post(f"/api/sessions/{s.id}/checkpoint").content)["id"])),
@@ -207,7 +211,8 @@ def main() -> None:
     c = results["control"]
     print("control calls, medians of 30, ms (control socket | REST route):")
     print(f"  checkpoint()   {c['checkpoint_control_socket_ms']:.3f} | {c['checkpoint_rest_ms']:.3f}"
-          f"   (control socket, right after a stream ended: {c['checkpoint_after_stream_ms']:.3f})")
+          f"   (control socket, right after a stream ended: {c['checkpoint_after_stream_ms']:.3f}, "
+          f"after 50 ms idle: {c['checkpoint_after_idle_ms']:.3f})")
     print(f"  session_info   {c['session_info_control_socket_ms']:.3f} | {c['session_info_rest_ms']:.3f}")
 
 
