@@ -17,6 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn.kernels.skinny_matmul as sm  # noqa: E402
 from benchmarks.bench_gemv import LAYERS, SHAPES  # noqa: E402
+from benchmarks.tune_attention import gpu_us  # noqa: E402
 
 ROWS = (2, 8, 32, 64)
 SETTINGS = list(itertools.product((16, 32, 64), (64, 128, 256), (4,), (3, 4, 5))) + [
@@ -25,22 +26,7 @@ SETTINGS = list(itertools.product((16, 32, 64), (64, 128, 256), (4,), (3, 4, 5))
 
 def gpu_us_rotating(fns, replays: int = 15) -> float:
     """Median GPU time of one call, the calls cycling through `fns` (one per weight copy) inside a graph."""
-    for f in fns[:1]:
-        f()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / len(fns))
-    return sorted(times)[len(times) // 2]
+    return gpu_us(lambda: [f() for f in fns], calls=1, replays=replays) / len(fns)
 
 
 def main() -> None:
