@@ -13,8 +13,8 @@ class Linear(nn.Linear):
     """nn.Linear whose few-row products on the GPU (decode steps) run as Triton kernels where they stream the
     weights faster than cuBLAS: a GEMV for one row; up to 64 rows, a 64-row tile for outputs whose rows are
     not 16-byte aligned (GPT-2's 50257-token head), which push cuBLAS off its fast kernels (0.7 against 3.0
-    TB/s at 64 rows, benchmarks/results/bench_skinny_matmul_h200.txt; aligned shapes are as fast or faster
-    in cuBLAS there)."""
+    TB/s at 64 rows, benchmarks/results/bench_skinny_matmul_h200.txt; on aligned shapes the tile is within a
+    few percent of cuBLAS at best, and slower with any one setting)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.dim() == 2:
