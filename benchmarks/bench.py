@@ -7,10 +7,11 @@
                                                    #     each with one client thread per session and with no
                                                    #     client threads (events to sinks on the engine thread)
 
-Each part runs in under 10 minutes on an H200 and writes JSON into the folder named by the OUT environment
-variable (default: the current folder). The seed experiment runs embedded and over loopback WebSocket to a
-server process of its own (the server's packages must be importable on the GPU machine; see
-benchmarks/results/README.md).
+Each part runs in under 10 minutes on an H200, writes JSON into the folder named by the OUT environment
+variable (default: the current folder) and prints, last, a table of its figures beside the targets
+(benchmarks/bench_report.py, which also renders saved results). The seed experiment runs embedded and over
+loopback WebSocket to a server process of its own (the server's packages must be importable on the GPU
+machine; see benchmarks/results/README.md).
 All weights are random (seeded); every figure is a median over the stated trials, measured in this run.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import LoadedModel, _materialize, _to_djinn_state  # noqa: E402
+from benchmarks.bench_report import report  # noqa: E402
 
 SHAPES = {
     "gpt2": dict(cfg=ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
@@ -487,6 +489,7 @@ def main() -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
+    print("\n" + report(result))
 
 
 if __name__ == "__main__":

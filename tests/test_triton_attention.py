@@ -1,5 +1,5 @@
 """The Triton kernels (paged attention, rotary + KV write, RMSNorm and LayerNorm with a fused residual add,
-SwiGLU, one-row GEMV) compute what the portable PyTorch path computes. Runs through Triton's CPU interpreter
+SwiGLU, one-row GEMV, few-row product) compute what the portable PyTorch path computes. Runs through Triton's CPU interpreter
 here; on GPUs they run compiled."""
 import os
 import subprocess
@@ -35,6 +35,13 @@ SCRIPT = textwrap.dedent("""
     for n_out, n_in, bias in ((37, 600, torch.randn(37)), (64, 1024, None)):  # a ragged and an even shape
         w, x = torch.randn(n_out, n_in), torch.randn(1, n_in)
         assert (gemv(x, w, bias) - F.linear(x, w, bias)).abs().max() < 1e-4
+    from djinn.kernels.skinny_matmul import skinny_matmul
+    for n_out, n_in, bias in ((37, 200, torch.randn(37)), (96, 256, None)):  # K ragged for the tile, and even
+        w, x = torch.randn(n_out, n_in), torch.randn(64, n_in)
+        for m in (2, 5, 64):
+            got = skinny_matmul(x[:m], w, bias)
+            assert got.shape == (m, n_out) and (got - F.linear(x[:m], w, bias)).abs().max() < 1e-3
+            assert torch.equal(got[0], skinny_matmul(x[:1], w, bias)[0])  # a row's bits: whatever the row count
     gu = torch.randn(6, 2 * 40)
     assert (silu_mul(gu) - F.silu(gu[:, :40]) * gu[:, 40:]).abs().max() < 1e-5
     cases = [(4, 2, 16, None, 4, (0, 5, 9, 2)), (8, 8, 8, None, 4, (0, 5, 9, 2)), (8, 2, 32, 5, 4, (0, 5, 9, 2)), (6, 3, 12, None, 4, (0, 5, 9, 2)), (4, 1, 16, None, 16, (130, 250, 3, 120)), (4, 2, 16, 40, 16, (200, 140, 7, 66))]
