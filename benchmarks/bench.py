@@ -3,7 +3,8 @@
     python3 benchmarks/bench.py --part gpt2        # (a) seed experiment + batch-1 decode + HF eager, GPT-2-small shape
     python3 benchmarks/bench.py --part mistral     # (b) the same on a Mistral-7B shape + HF eager
     python3 benchmarks/bench.py --part throughput  # (c) Mistral-7B shape, 1..128 sessions: plain, Steer, 25% pausing
-                                                   #     (medians of 3 trials, the modes taking turns),
+                                                   #     (medians of 3 trials, the modes taking turns; also
+                                                   #     the tokens/s of the sessions that never pause),
                                                    #     each with one client thread per session and with no
                                                    #     client threads (events to sinks on the engine thread)
 
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Optional
 
 import torch
 
@@ -293,61 +295,78 @@ def seed_experiment(client, shape: str, n_new=128, trials=3, rt_trials=15) -> di
     return result
 
 
+def pauses(i: int) -> bool:
+    """In the pause25 mode, whether session i is one of the quarter that pause."""
+    return i % 4 == 0
+
+
+def rates(tokens: list[int], start: float, finished: list[float]) -> tuple[float, Optional[float]]:
+    """tokens/s of all sessions (until the last finished), and of the sessions that never pause in the pause25
+    mode (until the last of them finished: what the sessions that keep running get; None with no such session).
+    Every mode reports both, over the same sessions."""
+    running = [i for i in range(len(tokens)) if not pauses(i)]
+    total = sum(tokens) / (max(finished) - start)
+    if not running:
+        return total, None
+    return total, sum(tokens[i] for i in running) / (max(finished[i] for i in running) - start)
+
+
 def mode_options(client, n_sessions: int, mode: str, g: torch.Generator, n_new: int):
     """Per session i: (interventions, breakpoints) of a throughput mode. steer: a Steer on every session;
     pause25: every fourth session pauses once, halfway."""
     vec = torch.randn(client.models()[0].d_model, generator=g) * 0.1
     site = "blocks.16.hook_resid_post"
     steer = [djinn.Steer(site, vec)] if mode == "steer" else []
-    return [(steer, [djinn.Breakpoint(site, steps=[n_new // 2])] if mode == "pause25" and i % 4 == 0 else [])
+    return [(steer, [djinn.Breakpoint(site, steps=[n_new // 2])] if mode == "pause25" and pauses(i) else [])
             for i in range(n_sessions)]
 
 
-def throughput_engine_sinks(client, n_sessions: int, mode: str, n_prompt=128, n_new=256) -> float:
+def throughput_engine_sinks(client, n_sessions: int, mode: str, n_prompt=128, n_new=256) -> tuple:
     """The same load with no client threads: events go to sinks on the engine thread (the engine's own rate);
-    a paused session is resumed from its sink, through the engine's command queue."""
+    a paused session is resumed from its sink, through the engine's command queue. Returns `rates`."""
     service = client._backend.service
     owner = client._backend.owner
     vocab = client.models()[0].vocab_size
     g = torch.Generator().manual_seed(n_sessions)
-    done, count = threading.Event(), [0, 0]
+    done, ended = threading.Event(), [0]
+    tokens, finished = [0] * n_sessions, [0.0] * n_sessions
     sids = [service.call("create_session", owner) for _ in range(n_sessions)]
     prompts = [torch.randint(0, vocab, (n_prompt,), generator=g).tolist() for _ in sids]
     options = mode_options(client, n_sessions, mode, g, n_new)
 
-    def sink_for(sid):
+    def sink_for(i, sid):
         def sink(ev):
             if isinstance(ev, djinn.Token):
-                count[0] += 1
+                tokens[i] += 1
             elif isinstance(ev, djinn.Paused):
                 service.post("resume", sid, owner, None, ev.pause_id)
             elif isinstance(ev, (djinn.Done, djinn.Error)):
-                count[1] += 1
-                if count[1] == n_sessions:
+                finished[i] = time.perf_counter()
+                ended[0] += 1
+                if ended[0] == n_sessions:
                     done.set()
         return sink
     t = now()
-    submitted = [service.post("generate", sid, owner, p, sink_for(sid), max_new_tokens=n_new, stop_tokens=[],
+    submitted = [service.post("generate", sid, owner, p, sink_for(i, sid), max_new_tokens=n_new, stop_tokens=[],
                               interventions=items, breakpoints=bps)
-                 for sid, p, (items, bps) in zip(sids, prompts, options)]  # queued together: taken in one go
+                 for i, (sid, p, (items, bps)) in enumerate(zip(sids, prompts, options))]  # queued together
     for f in submitted:
         f.result()
     done.wait()
-    dt = now() - t
     for sid in sids:
         service.call("close_session", sid, owner)
-    assert count[0] == n_sessions * n_new
-    return count[0] / dt
+    assert tokens == [n_new] * n_sessions
+    return rates(tokens, t, finished)
 
 
-def throughput(client, n_sessions: int, mode: str, n_prompt=128, n_new=256) -> float:
-    """One client thread per session, as an embedded user with many sessions would run them."""
+def throughput(client, n_sessions: int, mode: str, n_prompt=128, n_new=256) -> tuple:
+    """One client thread per session, as an embedded user with many sessions would run them. Returns `rates`."""
     vocab = client.models()[0].vocab_size
     g = torch.Generator().manual_seed(n_sessions)
     prompts = [torch.randint(0, vocab, (n_prompt,), generator=g).tolist() for _ in range(n_sessions)]
     options = mode_options(client, n_sessions, mode, g, n_new)
     sessions = [client.session() for _ in range(n_sessions)]
-    done = [0] * n_sessions
+    done, finished = [0] * n_sessions, [0.0] * n_sessions
 
     def work(i):
         items, bps = options[i]
@@ -358,18 +377,17 @@ def throughput(client, n_sessions: int, mode: str, n_prompt=128, n_new=256) -> f
                 ev.resume()
             elif isinstance(ev, djinn.Token):
                 tokens += 1
-        done[i] = tokens
+        done[i], finished[i] = tokens, time.perf_counter()
     threads = [threading.Thread(target=work, args=(i,)) for i in range(n_sessions)]
     t = now()
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    dt = now() - t
     for s in sessions:
         s.close()
     assert all(x == n_new for x in done)
-    return sum(done) / dt
+    return rates(done, t, finished)
 
 
 # ---------------------------------------------------------------- parts
@@ -459,8 +477,11 @@ def part_throughput(trials: int = 3) -> dict:
         runs: dict[str, list[float]] = {}
         for _ in range(trials):  # the modes take turns, so a slow stretch of the host hits them alike
             for mode in modes:
-                runs.setdefault(mode, []).append(throughput(client, n, mode))
-                runs.setdefault(mode + "_engine_sinks", []).append(throughput_engine_sinks(client, n, mode))
+                for key, (total, running) in ((mode, throughput(client, n, mode)),
+                                              (mode + "_engine_sinks", throughput_engine_sinks(client, n, mode))):
+                    runs.setdefault(key, []).append(total)
+                    if running is not None:  # the sessions that never pause in pause25, in every mode
+                        runs.setdefault(key.replace(mode, mode + "_running"), []).append(running)
         row = {"sessions": n, **{k: med(v) for k, v in runs.items()}, **{k + "_trials": v for k, v in runs.items()}}
         # floor: each step reads the weights once and every session's KV (mean context 128 + 128)
         step_bytes = wbytes + n * 256 * kv_bytes_per_token(spec["cfg"], spec["dtype"])
