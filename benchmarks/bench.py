@@ -463,6 +463,24 @@ def serve(shape: str, port: int) -> None:
     run([loaded], port=port, api_keys=[], kv_memory=16 << 30, log_level="warning")
 
 
+def throughput_row(client, n: int, trials: int, n_prompt=128, n_new=256) -> dict:
+    """Every mode at `n` sessions, through client threads and through engine sinks: medians of `trials`
+    (the modes taking turns, so a slow stretch of the host hits them alike), with every trial."""
+    modes = ("plain", "steer", "pause25")
+    for mode in modes:  # warm-up: graphs for this batch size, kernels compiled
+        throughput(client, n, mode, n_prompt=n_prompt, n_new=8)
+    runs: dict[str, list[float]] = {}
+    for _ in range(trials):
+        for mode in modes:
+            for key, (total, running) in (
+                    (mode, throughput(client, n, mode, n_prompt=n_prompt, n_new=n_new)),
+                    (mode + "_engine_sinks", throughput_engine_sinks(client, n, mode, n_prompt=n_prompt, n_new=n_new))):
+                runs.setdefault(key, []).append(total)
+                if running is not None:  # the sessions that never pause in pause25, in every mode
+                    runs.setdefault(key.replace(mode, mode + "_running"), []).append(running)
+    return {"sessions": n, **{k: med(v) for k, v in runs.items()}, **{k + "_trials": v for k, v in runs.items()}}
+
+
 def part_throughput(trials: int = 3) -> dict:
     spec = SHAPES["mistral"]
     bw = copy_bandwidth()
@@ -470,19 +488,8 @@ def part_throughput(trials: int = 3) -> dict:
     wbytes = step_weight_bytes(loaded.model)
     client = djinn.connect(model=loaded, kv_memory=40 << 30)
     out = {"copy_bandwidth_GBps": bw / 1e9, "trials": trials, "rows": []}
-    modes = ("plain", "steer", "pause25")
     for n in (1, 8, 32, 64, 128):
-        for mode in modes:  # warm-up: graphs for this batch size, kernels compiled
-            throughput(client, n, mode, n_new=8)
-        runs: dict[str, list[float]] = {}
-        for _ in range(trials):  # the modes take turns, so a slow stretch of the host hits them alike
-            for mode in modes:
-                for key, (total, running) in ((mode, throughput(client, n, mode)),
-                                              (mode + "_engine_sinks", throughput_engine_sinks(client, n, mode))):
-                    runs.setdefault(key, []).append(total)
-                    if running is not None:  # the sessions that never pause in pause25, in every mode
-                        runs.setdefault(key.replace(mode, mode + "_running"), []).append(running)
-        row = {"sessions": n, **{k: med(v) for k, v in runs.items()}, **{k + "_trials": v for k, v in runs.items()}}
+        row = throughput_row(client, n, trials)
         # floor: each step reads the weights once and every session's KV (mean context 128 + 128)
         step_bytes = wbytes + n * 256 * kv_bytes_per_token(spec["cfg"], spec["dtype"])
         row["floor_tokens_per_s"] = n / (step_bytes / bw)
