@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU runs behind benchmarks/results, as two groups of under 10 minutes each on an H200:
+#
+#   benchmarks/run_gpu.sh latency      # GPU smoke test, GPT-2 part, round-trip / wire / checkpoint / host profiles
+#   benchmarks/run_gpu.sh throughput   # Mistral part, throughput part
+#
+# Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
+# that hangs cannot take the group's others with it. The WebSocket halves need the server's packages.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-.}
+export OUT PYTHONUNBUFFERED=1
+
+run() {  # run <limit in s> <log name> <command...>: the command's output goes to $OUT/<log name>
+    local limit=$1 log=$2
+    shift 2
+    echo "== $* (limit ${limit} s)"
+    timeout "$limit" "$@" >"$OUT/$log" 2>&1
+    echo "   exit $? after ${SECONDS} s in all"
+}
+
+case "${1:-}" in
+latency)
+    run 130 gpu_smoke.log python3 benchmarks/gpu_smoke.py
+    run 50 profile_round_trip.txt python3 benchmarks/profile_round_trip.py
+    run 180 bench_gpt2.log python3 benchmarks/bench.py --part gpt2
+    run 80 profile_wire.txt python3 benchmarks/profile_wire.py
+    run 50 profile_checkpoint.txt python3 benchmarks/profile_checkpoint.py
+    run 50 profile_host.txt python3 benchmarks/profile_host.py
+    ;;
+throughput)
+    run 200 bench_mistral.log python3 benchmarks/bench.py --part mistral
+    run 380 bench_throughput.log python3 benchmarks/bench.py --part throughput
+    ;;
+*)
+    echo "usage: $0 latency|throughput" >&2
+    exit 2
+    ;;
+esac
