@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Optional
@@ -36,6 +37,7 @@ import djinn  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import LoadedModel, _materialize, _to_djinn_state  # noqa: E402
 from benchmarks.bench_report import report  # noqa: E402
+from benchmarks.engine_stamps import STAMPS, dump_on_sigterm, load, paused_to_client_ms, stamp_engine  # noqa: E402
 
 SHAPES = {
     "gpt2": dict(cfg=ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
@@ -233,6 +235,14 @@ def run_stream(session, prompt, n_new, site=None, steps=(0,), edit=None, **kw):
     return tokens, pauses
 
 
+def add_pause_to_client(result: dict, engine_stamps: Optional[list]) -> None:
+    """Each layer's time from the engine emitting a round trip's Paused event (the activation staged in host
+    memory) to the client holding it, from the client's stamps and the engine's (None: no engine stamps)."""
+    for x in result["layers"].values():
+        seen = x.pop("paused_seen_at")
+        x["pause_to_client_ms"] = None if engine_stamps is None else paused_to_client_ms(engine_stamps, seen)
+
+
 def seed_experiment(client, shape: str, n_new=128, trials=3, rt_trials=15) -> dict:
     layers = SHAPES[shape]["layers"]
     prompt = torch.randint(0, SHAPES[shape]["cfg"].vocab_size, (512,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -242,12 +252,14 @@ def seed_experiment(client, shape: str, n_new=128, trials=3, rt_trials=15) -> di
     for layer in layers:
         site = f"blocks.{layer}.hook_resid_post"
         agree, added, resume_lat, ck_dispatch, ck_copy, ck_gbps, restore_t, restore_agree = [], [], [], [], [], [], [], []
+        seen = []  # when the client had each round trip's Paused event (matched to the engine's stamps later)
         for _ in range(rt_trials):
             # round trip: prefill alone, uninterrupted vs paused at the site and resumed unchanged at once
             plain, paused = client.session(), client.session()
             t0 = now(); run_stream(plain, prompt, 1); t1 = now()
             _, p = run_stream(paused, prompt, 1, site=site); t2 = now()
             added.append(((t2 - t1) - (t1 - t0)) * 1000)
+            seen.append(p[0][0])
             resume_lat.append((p[0][2] - p[0][1]) * 1000)
             plain.close()
             paused.close()
@@ -269,7 +281,8 @@ def seed_experiment(client, shape: str, n_new=128, trials=3, rt_trials=15) -> di
             "token_agreement_unmodified": med(agree), "breakpoint_round_trip_added_ms": med(added),
             "resume_to_token_ms": med(resume_lat), "checkpoint_dispatch_ms": med(ck_dispatch),
             "checkpoint_copy_ms": med(ck_copy), "checkpoint_copy_GBps": med(ck_gbps),
-            "restore_plus_8_tokens_ms": med(restore_t), "restore_continues_identically": all(restore_agree)}
+            "restore_plus_8_tokens_ms": med(restore_t), "restore_continues_identically": all(restore_agree),
+            "paused_seen_at": seen}
     mid = layers[1]
     steered, _ = run_stream(client.session(), prompt, n_new, site=f"blocks.{mid}.hook_resid_post",
                             steps=range(0, n_new + 1), edit=lambda a: a * 0.9)
@@ -393,6 +406,7 @@ def throughput(client, n_sessions: int, mode: str, n_prompt=128, n_new=256) -> t
 # ---------------------------------------------------------------- parts
 
 def part_latency(shape: str) -> dict:
+    stamp_engine()  # the embedded engine's Paused events, for the time to the client's hands
     spec = SHAPES[shape]
     bw = copy_bandwidth()
     hf, loaded = hf_model(shape)
@@ -410,30 +424,40 @@ def part_latency(shape: str) -> dict:
     out["hf_generate_ms_per_token"] = hf_generate_ms_per_token(hf)
     out["djinn_pause_every_step_ms_per_token"] = pause_every_step_ms_per_token(client, spec["layers"][1])
     out["seed_experiment"] = {"embedded": seed_experiment(client, shape)}
+    add_pause_to_client(out["seed_experiment"]["embedded"], STAMPS)
     print(json.dumps(out, indent=2), flush=True)  # kept even if the server part below fails
     client.close()
     del hf, loaded
     torch.cuda.empty_cache()
+    stamps_path = os.path.join(tempfile.mkdtemp(), "server_stamps.json")
     try:
-        with served(shape) as url:
+        with served(shape, stamps_path) as url:
             remote = djinn.connect(url)
             out["seed_experiment"]["websocket"] = seed_experiment(remote, shape)
             remote.close()
+        try:  # the server wrote its engine's stamps as it stopped
+            server_stamps = load(stamps_path)
+        except OSError as e:
+            print(f"the server left no engine stamps ({e}): pause_to_client_ms is not measured", flush=True)
+            server_stamps = None
+        add_pause_to_client(out["seed_experiment"]["websocket"], server_stamps)
     except (ImportError, RuntimeError) as e:  # the server's packages are missing here, or it did not start
         out["seed_experiment"]["websocket"] = f"not run: {e}"
     return out
 
 
 @contextlib.contextmanager
-def served(shape: str):
+def served(shape: str, stamps_path: str):
     """The same weights (same seed) behind `djinn serve`'s code in another process, as a user reaches a server:
-    over loopback WebSocket and HTTP, with client and server each holding their own interpreter lock."""
+    over loopback WebSocket and HTTP, with client and server each holding their own interpreter lock. The
+    server writes its engine's stamps to `stamps_path` as it stops."""
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", shape, "--port", str(port)])
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", shape, "--port", str(port),
+                             "--stamps", stamps_path])
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -454,8 +478,11 @@ def served(shape: str):
         proc.wait(timeout=60)
 
 
-def serve(shape: str, port: int) -> None:
+def serve(shape: str, port: int, stamps_path: str) -> None:
     from djinn.server.launch import run
+
+    stamp_engine()
+    dump_on_sigterm(stamps_path)
 
     hf, loaded = hf_model(shape)
     del hf
@@ -504,9 +531,10 @@ def main() -> None:
     ap.add_argument("--part", choices=["gpt2", "mistral", "throughput"])
     ap.add_argument("--serve", choices=sorted(SHAPES), help="(internal) serve this shape for the WebSocket half")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--stamps", default="", help="(internal) where the server writes its engine's stamps")
     args = ap.parse_args()
     if args.serve:
-        return serve(args.serve, args.port)
+        return serve(args.serve, args.port, args.stamps)
     if not args.part:
         ap.error("--part is required")
     info = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -51,7 +51,10 @@ def latency_report(r: dict) -> str:
         for layer, x in se["layers"].items():
             rt = x["breakpoint_round_trip_added_ms"]
             rt_target = 0.5 if mode == "embedded" else 3.0
+            to_client = x.get("pause_to_client_ms")  # older results lack it; None: not measured
             rows.append([f"layer {layer}", f"{x['token_agreement_unmodified']:.0%}",
+                         "" if "pause_to_client_ms" not in x else
+                         "not measured" if to_client is None else f"{to_client:.3f}",
                          f"{rt:.3f} {verdict(rt <= rt_target) if gpt2 else ''}".strip(),
                          f"{x['resume_to_token_ms']:.2f}",
                          f"{x['checkpoint_dispatch_ms']:.3f} {verdict(x['checkpoint_dispatch_ms'] <= 1.0)}",
@@ -61,7 +64,8 @@ def latency_report(r: dict) -> str:
         alone, beside = se["other_session_tokens_per_s_alone"], se["other_session_tokens_per_s_while_one_paused"]
         out += ["", f"seed experiment, {mode} ({se['prompt_tokens']}-token prompt, {se['new_tokens']} new tokens; "
                 f"round trip over {se['round_trip_trials']} trials, the rest over {se['trials']}):",
-                table(["pause at", "agreement", f"round trip ms (<= {'0.5' if mode == 'embedded' else '3'})",
+                table(["pause at", "agreement", "pause->client ms",
+                       f"round trip ms (<= {'0.5' if mode == 'embedded' else '3'})",
                        "resume->token ms", "checkpoint ms (<= 1)", "copy ms", "copy GB/s (>= 25)",
                        "restore+8 ms", "restore same"], rows),
                 f"steering (scale 0.9 at the middle layer) changed {se['steer_scale_0.9_changed_fraction']:.0%} of "

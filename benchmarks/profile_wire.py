@@ -16,7 +16,6 @@ has it; the client has it -> the engine runs its resume; and their sum.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -31,28 +30,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn  # noqa: E402
 from djinn.allocator import keep_freed_memory  # noqa: E402
-from djinn.engine import engine as engine_mod, worker as worker_mod  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
 from djinn.server.protocol import unpack  # noqa: E402
-
-STAMPS: list[tuple[str, float]] = []
-
-
-def stamp_engine() -> None:
-    """Stamp the engine's Paused events and its resume commands (wrapped from outside)."""
-    emit, resume = worker_mod._emit, engine_mod.Engine.resume
-
-    def emit_stamped(req, event):
-        if isinstance(event, djinn.Paused):
-            STAMPS.append(("paused", time.perf_counter()))
-        emit(req, event)
-
-    def resume_stamped(self, *args, **kwargs):
-        STAMPS.append(("resume", time.perf_counter()))
-        return resume(self, *args, **kwargs)
-    worker_mod._emit, engine_mod.Engine.resume = emit_stamped, resume_stamped
-
+from benchmarks.engine_stamps import STAMPS, dump_on_sigterm, load, paused_to_client_ms, stamp_engine  # noqa: E402
 
 def model(device: str, width: int = 768):
     if device == "cpu":
@@ -68,12 +49,7 @@ def serve(device: str, width: int, port: int, stamps_path: str) -> None:
     from djinn.server.launch import run
 
     stamp_engine()
-
-    def dump(*_):
-        with open(stamps_path, "w") as f:
-            json.dump(STAMPS, f)
-        os._exit(0)
-    signal.signal(signal.SIGTERM, dump)
+    dump_on_sigterm(stamps_path)
     loaded, _ = model(device, width)
     run([loaded], port=port, api_keys=[], kv_memory=2 << 30, log_level="warning")
 
@@ -99,17 +75,11 @@ def round_trips(client, layer: int, trials: int, vocab: int) -> list[tuple[float
 def hand_offs(engine_stamps: list[tuple[str, float]], client_got: list[float]) -> dict:
     """Medians of engine Paused -> client has it -> engine resume, matching each client stamp to the engine's
     Paused just before it and the resume just after it."""
-    to_client, to_engine = [], []
-    paused = [t for n, t in engine_stamps if n == "paused"]
     resumed = [t for n, t in engine_stamps if n == "resume"]
-    for got in client_got:
-        p = max(t for t in paused if t <= got)
-        r = min(t for t in resumed if t >= got)
-        to_client.append((got - p) * 1000)
-        to_engine.append((r - got) * 1000)
-    a, b = statistics.median(to_client), statistics.median(to_engine)
-    return {"paused_to_client_ms": a, "client_to_resume_ms": b, "sum_ms": statistics.median(
-        x + y for x, y in zip(to_client, to_engine))}
+    to_engine = [(min(t for t in resumed if t >= got) - got) * 1000 for got in client_got]
+    to_client = [paused_to_client_ms(engine_stamps, [got]) for got in client_got]
+    return {"paused_to_client_ms": statistics.median(to_client), "client_to_resume_ms": statistics.median(to_engine),
+            "sum_ms": statistics.median(x + y for x, y in zip(to_client, to_engine))}
 
 
 def control_calls(client, url: str, trials: int) -> dict:
@@ -197,8 +167,7 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    with open(stamps_path) as f:
-        server = [(n, t) for n, t in json.load(f)]
+    server = load(stamps_path)
     results["websocket_default_allocator"] = hand_offs(server, got_default)
     results["websocket_keep_freed_memory"] = hand_offs(server, got_kept)
     where = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"

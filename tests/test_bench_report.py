@@ -41,6 +41,13 @@ def test_verdicts_follow_the_targets():
     ws = report(slow).split("seed experiment, websocket")[1]
     assert "3.010 MISSED" in line_of(ws.split("\n", 1)[1], "layer 6") and "1.000 met" in ws
 
+    # the time to the client's hands: shown where measured, said where the server left no stamps
+    layer["pause_to_client_ms"] = 1.234
+    slow["seed_experiment"]["embedded"]["layers"]["6"]["pause_to_client_ms"] = None
+    text = report(slow)
+    assert "1.234" in line_of(text.split("seed experiment, websocket")[1].split("\n", 1)[1], "layer 6")
+    assert "not measured" in line_of(text.split("seed experiment, embedded")[1].split("\n", 1)[1], "layer 6")
+
     t = load("bench_throughput_h200.json")
     row = next(x for x in t["rows"] if x["sessions"] == 64)
     row["plain"], row["steer"], row["pause25"] = 0.605 * row["floor_tokens_per_s"], 0.5 * row["floor_tokens_per_s"], 0.0
