@@ -1,13 +1,18 @@
 """Times the Triton paged attention over its settings for the shapes the benchmarks run (decode at batch 1
 and 64, a 512-token prefill), to pick the defaults in djinn/kernels/paged_attention.py. Calls are timed
 inside a CUDA graph, as decode steps run them, so the figures are GPU time without launch overhead. Prints
-one line per setting, then the settings ranked by decode time (prefill as the tie-break)."""
+one line per setting, then the settings ranked by decode time (prefill as the tie-break), then prompts with
+their tokens taken 1, 2, 4, 8 and 16 at a time (PREFILL_QUERY_TILE).
+
+    python3 benchmarks/tune_attention.py             # everything
+    python3 benchmarks/tune_attention.py --prompts   # only the prompts' query tiles
+"""
+import argparse
 import itertools
 import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn.kernels.paged_attention as pa  # noqa: E402
@@ -20,9 +25,14 @@ SHAPES = {
     "gpt2 decode 1 x 600": (12, 12, 64, torch.float16, [599], 1, 1024),
     "mistral prefill 512": (32, 8, 128, torch.bfloat16, list(range(512)), 1, 512),
 }
+PROMPTS = {
+    "gpt2 prefill 512": (12, 12, 64, torch.float16, list(range(512)), 1, 1024),
+    "mistral prefill 512": (32, 8, 128, torch.bfloat16, list(range(512)), 1, 4096),
+    "mistral 4 prompts of 128": (32, 8, 128, torch.bfloat16, list(range(128)), 4, 4096),
+}
 
 
-def case(h, kvh, d, dtype, qpos, n_rows, max_context):
+def case(h, kvh, d, dtype, qpos, n_rows, max_context, query_tile=1):
     ctx = max(qpos) + 1
     per_row = -(-ctx // BS)
     kv = torch.randn(n_rows * per_row, 2, BS, kvh, d, device="cuda", dtype=dtype)
@@ -31,7 +41,7 @@ def case(h, kvh, d, dtype, qpos, n_rows, max_context):
     q = torch.randn(n, h, d, device="cuda", dtype=dtype)
     rows = torch.arange(n_rows, device="cuda", dtype=torch.int32).repeat_interleave(len(qpos))
     pos = torch.tensor(qpos * n_rows, device="cuda", dtype=torch.int32)
-    return lambda: pa.paged_attention_triton(q, kv, tables, rows, pos, d ** -0.5, 0, max_context)
+    return lambda: pa.paged_attention_triton(q, kv, tables, rows, pos, d ** -0.5, 0, max_context, query_tile)
 
 
 def gpu_us(f, calls: int = 10, replays: int = 20) -> float:
@@ -54,6 +64,7 @@ def gpu_us(f, calls: int = 10, replays: int = 20) -> float:
 
 def main() -> None:
     cases = {name: case(*shape) for name, shape in SHAPES.items()}
+    defaults = pa.CHUNK, pa.BLOCK_N, pa.NUM_STAGES, pa.PROGRAMS, pa.PROGRAMS_SMALL
     results = {}
     for chunk, block_n, stages, programs in itertools.product((64, 128, 256), (32, 64), (1, 2, 3), (8, 16, 32)):
         if block_n > chunk:
@@ -66,7 +77,28 @@ def main() -> None:
     print("\nranked by decode time (" + ", ".join(cases) + "):")
     for key, t in sorted(results.items(), key=lambda kv: (sum(kv[1][:3]), kv[1][3]))[:10]:
         print(f"{sum(t[:3]):7.1f} us decode  {key}  ({', '.join(f'{x:.1f}' for x in t)})")
+    pa.CHUNK, pa.BLOCK_N, pa.NUM_STAGES, pa.PROGRAMS, pa.PROGRAMS_SMALL = defaults
+    prompts_query_tile()
+
+
+def prompts_query_tile() -> None:
+    """Prompts with a prompt's tokens taken 1, 2, ... at a time (PREFILL_QUERY_TILE), at the module's
+    defaults; every tile's output against one token at a time."""
+    print("\nprompts, tokens a program takes together (PREFILL_QUERY_TILE):")
+    for name, shape in PROMPTS.items():
+        torch.manual_seed(0)
+        one = case(*shape)()
+        for tile in (1, 2, 4, 8, 16):
+            torch.manual_seed(0)  # the same inputs as `one`
+            f = case(*shape, query_tile=tile)
+            diff = (f().float() - one.float()).abs().max().item()
+            print(f"  {name}, tile {tile}: {gpu_us(f):.1f} us (max difference from tile 1: {diff:.2e})", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", action="store_true", help="only the prompts' query tiles")
+    if ap.parse_args().prompts:
+        prompts_query_tile()
+    else:
+        main()

@@ -63,6 +63,7 @@ def build_context(spans: list[RowSpan], tokens: list[int], kv: torch.Tensor, blo
         write_blocks=w_blocks, write_offsets=w_offsets,
         block_tables=dev[5 * n:5 * n + n_tables].view(n_rows, n_tbl) if use_kernel else torch.from_numpy(tables),
         token_row=rows, token_pos=pos, window=sliding_window or 0, max_context=int((starts + lens).max()),
+        prefill=bool(lens.max() > 1),
     )
     if not use_kernel:  # the portable path runs where the host is (tests, CPU serving)
         portable_layout(meta, torch.from_numpy(starts), torch.from_numpy(lens), torch.from_numpy(tables), block_size,

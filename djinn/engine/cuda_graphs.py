@@ -405,6 +405,7 @@ class StepGraphs:
         row's last token), else the new state in the static buffers."""
         ctx = self._ctx if not self.capture else self._static_context(tb, self.own_blocks[:tb])
         ctx.attention.write_blocks = self._write_blocks(tb, first, last, ends)
+        ctx.attention.prefill = rb != 0  # rb 0: a decode step, one token a row
         self.model.prepare(ctx)
         tokens = None
         if first == 0:

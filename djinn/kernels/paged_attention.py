@@ -6,6 +6,10 @@ PROGRAMS programs share out the token's chunks; each chunk gets all the query he
 time, in order. The arithmetic depends only on positions, never on the batch or the grid, so a token's
 result is the same bits whether it runs eagerly or inside a CUDA graph, alone or with others. All metadata
 lives in device tensors, so both kernels can be captured.
+
+Steps with prompts may instead give each program PREFILL_QUERY_TILE consecutive tokens, which read each key
+tile once for all of their row's tokens among them. A token's result then stays independent of the grid
+and of eager vs graph, but a decode token computed in a step that also holds a prompt takes this kernel.
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ PROGRAMS = 8  # programs per (token, KV head) for big batches; small ones spread
 PROGRAMS_SMALL = 16
 SMALL = 256  # (token, KV head) pairs up to which a batch counts as small
 MERGE = 8  # partial results merged per iteration
+# Consecutive tokens of a prompt a program takes together, sharing its key reads (1: each token alone, the
+# kernel decode steps use). Not yet timed on a GPU (benchmarks/tune_attention.py sweeps it): 1 until it is.
+PREFILL_QUERY_TILE = 1
 MERGE_WARPS = 1
 
 
@@ -32,6 +39,23 @@ def _first_key(pos, window):
     if window > 0:
         first = tl.maximum(pos - window + 1, 0)
     return first
+
+
+@triton.jit
+def _attend_tile(q, k_ptrs, stride_kv, kv_mask, valid, scale, m, denom, acc):
+    """One tile of keys (values `stride_kv` past them) into each query row's online softmax: the rows' running
+    max, denominator and weighted sum of values; `valid` says which keys each row may see."""
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep everything at 0
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    denom = denom * alpha + tl.sum(p, axis=1)
+    v = tl.load(k_ptrs + stride_kv, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, denom, acc
 
 
 @triton.jit
@@ -68,22 +92,69 @@ def _chunk_kernel(
             block = tl.load(tables_ptr + row * stride_table + kp // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
             base = block * stride_blk + (kp % BLOCK_SIZE) * stride_tok + kv_head * stride_head
             kv_mask = valid[:, None] & (d < D)[None, :]
-            k = tl.load(kv_ptr + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep everything at 0
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
-            denom = denom * alpha + tl.sum(p, axis=1)
-            v = tl.load(kv_ptr + base[:, None] + stride_kv + d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            m = m_new
+            m, denom, acc = _attend_tile(q, kv_ptr + base[:, None] + d[None, :], stride_kv, kv_mask,
+                                         valid[None, :], scale, m, denom, acc)
         slot = (tok * n_heads + heads) * n_chunks + chunk  # [GROUP_P]
         tl.store(acc_ptr + slot[:, None] * D_P + d[None, :], acc, mask=(g < GROUP)[:, None])
         tl.store(ml_ptr + slot * 2, m, mask=g < GROUP)
         tl.store(ml_ptr + slot * 2 + 1, denom, mask=g < GROUP)
         chunk += tl.num_programs(2)
+
+
+@triton.jit
+def _tile_chunk_kernel(
+    q_ptr, kv_ptr, acc_ptr, ml_ptr, tables_ptr, rows_ptr, pos_ptr,
+    stride_qn, stride_qh, stride_blk, stride_kv, stride_tok, stride_head, stride_table,
+    scale, window, n_heads, n_chunks, n_tokens,
+    QT: tl.constexpr, GROUP: tl.constexpr, ROWS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """The chunk kernel for prompts: a program takes QT consecutive tokens and, for each run of them in one
+    row, reads each key tile once for all of the run's queries (QT x GROUP rows of one product) instead of
+    once per token. Each row's masks and online softmax are its own, and a chunk's result is written only
+    for the tokens whose range holds it, in the layout the merge kernel reads."""
+    t0 = tl.program_id(0).to(tl.int64) * QT
+    kv_head = tl.program_id(1)
+    r = tl.arange(0, ROWS_P)
+    d = tl.arange(0, D_P)
+    tok = t0 + r // GROUP  # each product row: (token, query head of this KV head)
+    heads = kv_head * GROUP + r % GROUP
+    live = (r < QT * GROUP) & (tok < n_tokens)
+    row = tl.load(rows_ptr + tok, mask=live, other=-1).to(tl.int64)
+    pos = tl.load(pos_ptr + tok, mask=live, other=0).to(tl.int32)
+    first = _first_key(pos, window)
+    q = tl.load(q_ptr + tok[:, None] * stride_qn + heads[:, None] * stride_qh + d[None, :],
+                mask=live[:, None] & (d < D)[None, :], other=0.0)
+    for sub in range(QT):  # each run of the tile's tokens that share a row
+        lead = t0 + sub
+        lead_row = tl.load(rows_ptr + lead, mask=lead < n_tokens, other=-1).to(tl.int64)
+        prev_row = tl.load(rows_ptr + lead - 1, mask=(sub > 0) & (lead < n_tokens), other=-1).to(tl.int64)
+        if (lead < n_tokens) & ((sub == 0) | (prev_row != lead_row)):
+            run = live & (row == lead_row)
+            lo_key = tl.min(tl.where(run, first, 2147483647), axis=0)
+            hi_pos = tl.max(tl.where(run, pos, -1), axis=0)
+            chunk = lo_key // CHUNK_SIZE + tl.program_id(2)
+            while chunk <= hi_pos // CHUNK_SIZE:
+                lo = chunk * CHUNK_SIZE
+                m = tl.full([ROWS_P], float("-inf"), tl.float32)
+                denom = tl.zeros([ROWS_P], tl.float32)
+                acc = tl.zeros([ROWS_P, D_P], tl.float32)
+                for t in tl.range(0, CHUNK_SIZE // BLOCK_N, num_stages=NUM_STAGES):
+                    kp = lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
+                    any_key = (kp <= hi_pos) & (kp >= lo_key)
+                    block = tl.load(tables_ptr + lead_row * stride_table + kp // BLOCK_SIZE, mask=any_key,
+                                    other=0).to(tl.int64)
+                    base = block * stride_blk + (kp % BLOCK_SIZE) * stride_tok + kv_head * stride_head
+                    kv_mask = any_key[:, None] & (d < D)[None, :]
+                    valid = run[:, None] & (kp[None, :] <= pos[:, None]) & (kp[None, :] >= first[:, None])
+                    m, denom, acc = _attend_tile(q, kv_ptr + base[:, None] + d[None, :], stride_kv, kv_mask,
+                                                 valid, scale, m, denom, acc)
+                mine = run & (chunk >= first // CHUNK_SIZE) & (chunk <= pos // CHUNK_SIZE)
+                slot = (tok * n_heads + heads) * n_chunks + chunk
+                tl.store(acc_ptr + slot[:, None] * D_P + d[None, :], acc, mask=mine[:, None])
+                tl.store(ml_ptr + slot * 2, m, mask=mine)
+                tl.store(ml_ptr + slot * 2 + 1, denom, mask=mine)
+                chunk += tl.num_programs(2)
 
 
 @triton.jit
@@ -127,10 +198,11 @@ def partials_bytes(n_tokens: int, n_heads: int, d_head: int, max_context: int) -
 
 def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            token_row: torch.Tensor, token_pos: torch.Tensor, scale: float, window: int,
-                           max_context: int) -> torch.Tensor:
+                           max_context: int, query_tile: int = 1) -> torch.Tensor:
     """q: [N, n_heads, d_head]; kv_layer: [n_blocks, 2, block_size, n_kv_heads, d_head] (any strides with a
     contiguous last dim); block_tables: [B, max_blocks]; token_row, token_pos: [N]; max_context bounds every
-    token's position + 1 (it sizes the grid only). Returns [N, n_heads, d_head]."""
+    token's position + 1 (it sizes the grid only); query_tile > 1: programs take that many consecutive
+    tokens, sharing key reads within a row (for prompts). Returns [N, n_heads, d_head]."""
     n, n_heads, d_head = q.shape
     n_kv = kv_layer.shape[3]
     group = n_heads // n_kv
@@ -143,13 +215,18 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     acc = torch.empty((n, n_heads, n_chunks, d_p), dtype=torch.float32, device=q.device)
     ml = torch.empty((n, n_heads, n_chunks, 2), dtype=torch.float32, device=q.device)
     programs = PROGRAMS_SMALL if n * n_kv <= SMALL else PROGRAMS
-    _chunk_kernel[(n, n_kv, min(n_chunks, programs))](
-        q, kv_layer, acc, ml, block_tables, token_row, token_pos,
-        q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
-        block_tables.stride(0), scale, window, n_heads, n_chunks,
-        GROUP=group, GROUP_P=group_p, D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=BLOCK_N,
-        CHUNK_SIZE=CHUNK, NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS,
-    )
+    strides = (q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2),
+               kv_layer.stride(3), block_tables.stride(0))
+    common = dict(D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=BLOCK_N, CHUNK_SIZE=CHUNK,
+                  NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
+    if query_tile == 1:
+        _chunk_kernel[(n, n_kv, min(n_chunks, programs))](
+            q, kv_layer, acc, ml, block_tables, token_row, token_pos, *strides, scale, window, n_heads, n_chunks,
+            GROUP=group, GROUP_P=group_p, **common)
+    else:
+        _tile_chunk_kernel[(triton.cdiv(n, query_tile), n_kv, min(n_chunks, programs))](
+            q, kv_layer, acc, ml, block_tables, token_row, token_pos, *strides, scale, window, n_heads, n_chunks,
+            n, QT=query_tile, GROUP=group, ROWS_P=max(16, triton.next_power_of_2(query_tile * group)), **common)
     _merge_kernel[(n, n_heads)](acc, ml, out, token_pos, out.stride(0), out.stride(1), window, n_heads, n_chunks,
                                 D=d_head, D_P=d_p, CHUNK_SIZE=CHUNK, MERGE=MERGE, num_warps=MERGE_WARPS)
     return out

@@ -28,6 +28,7 @@ class AttentionMetadata:
     token_pos: torch.Tensor  # [N] int32, the position of each token
     window: int  # sliding window (0: none)
     max_context: int  # no token's position + 1 exceeds this (sizes the kernel's grid)
+    prefill: bool = False  # some row has several tokens (a prompt): the kernel may take them together
     # The portable path's padded layout (None when the Triton kernel runs):
     query_row: Optional[torch.Tensor] = None  # [N] row of each token in the padded query batch
     query_col: Optional[torch.Tensor] = None  # [N] column of each token in the padded query batch
@@ -49,12 +50,13 @@ def paged_attention(
     """Rotates q and k (with `rope`), writes this step's keys and values into the cache, then attends.
     Returns z: [N, n_heads, d_head]."""
     if meta.mask is None:
+        from ..kernels import paged_attention as kernel
         from ..kernels.fused import rope_and_write_kv
-        from ..kernels.paged_attention import paged_attention_triton
 
         q = rope_and_write_kv(q, k, v, kv_layer, meta.write_blocks, meta.write_offsets, meta.token_pos, rope)
-        return paged_attention_triton(q, kv_layer, meta.block_tables, meta.token_row, meta.token_pos, scale,
-                                      meta.window, meta.max_context)
+        return kernel.paged_attention_triton(q, kv_layer, meta.block_tables, meta.token_row, meta.token_pos, scale,
+                                             meta.window, meta.max_context,
+                                             kernel.PREFILL_QUERY_TILE if meta.prefill else 1)
     if rope is not None:
         positions = meta.token_pos.long()
         q, k = rope.apply(q, positions), rope.apply(k, positions)
