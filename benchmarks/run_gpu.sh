@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU runs behind benchmarks/results, as two groups of under 10 minutes each on an H200:
+# The GPU runs behind benchmarks/results, as groups of under 10 minutes each on an H200:
 #
 #   benchmarks/run_gpu.sh latency      # GPU smoke test, GPT-2 part, round-trip / wire / checkpoint / host profiles
 #   benchmarks/run_gpu.sh throughput   # Mistral part, throughput part
+#   benchmarks/run_gpu.sh kernels      # the prompt attention's query tiles (benchmarks/tune_attention.py --prompts)
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
 # that hangs cannot take the group's others with it. The WebSocket halves need the server's packages.
@@ -32,8 +33,11 @@ throughput)
     run 200 bench_mistral.log python3 benchmarks/bench.py --part mistral
     run 380 bench_throughput.log python3 benchmarks/bench.py --part throughput
     ;;
+kernels)
+    run 150 tune_attention_prompts.txt python3 benchmarks/tune_attention.py --prompts
+    ;;
 *)
-    echo "usage: $0 latency|throughput" >&2
+    echo "usage: $0 latency|throughput|kernels" >&2
     exit 2
     ;;
 esac
