@@ -240,7 +240,7 @@ def add_pause_to_client(result: dict, engine_stamps: Optional[list]) -> None:
     memory) to the client holding it, from the client's stamps and the engine's (None: no engine stamps)."""
     for x in result["layers"].values():
         seen = x.pop("paused_seen_at")
-        x["pause_to_client_ms"] = None if engine_stamps is None else paused_to_client_ms(engine_stamps, seen)
+        x["pause_to_client_ms"] = None if engine_stamps is None else med(paused_to_client_ms(engine_stamps, seen))
 
 
 def seed_experiment(client, shape: str, n_new=128, trials=3, rt_trials=15) -> dict:
@@ -499,12 +499,11 @@ def throughput_row(client, n: int, trials: int, n_prompt=128, n_new=256) -> dict
     runs: dict[str, list[float]] = {}
     for _ in range(trials):
         for mode in modes:
-            for key, (total, running) in (
-                    (mode, throughput(client, n, mode, n_prompt=n_prompt, n_new=n_new)),
-                    (mode + "_engine_sinks", throughput_engine_sinks(client, n, mode, n_prompt=n_prompt, n_new=n_new))):
-                runs.setdefault(key, []).append(total)
+            for suffix, measure in (("", throughput), ("_engine_sinks", throughput_engine_sinks)):
+                total, running = measure(client, n, mode, n_prompt=n_prompt, n_new=n_new)
+                runs.setdefault(mode + suffix, []).append(total)
                 if running is not None:  # the sessions that never pause in pause25, in every mode
-                    runs.setdefault(key.replace(mode, mode + "_running"), []).append(running)
+                    runs.setdefault(mode + "_running" + suffix, []).append(running)
     return {"sessions": n, **{k: med(v) for k, v in runs.items()}, **{k + "_trials": v for k, v in runs.items()}}
 
 

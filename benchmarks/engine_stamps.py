@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import statistics
 import time
 
 import djinn
@@ -44,8 +43,8 @@ def load(path: str) -> list[tuple[str, float]]:
         return [(n, t) for n, t in json.load(f)]
 
 
-def paused_to_client_ms(engine_stamps: list[tuple[str, float]], client_got: list[float]) -> float:
-    """Median time from the engine emitting a Paused event to the client holding it: each client stamp is
-    matched to the engine's last Paused before it (one pause in flight at a time)."""
+def paused_to_client_ms(engine_stamps: list[tuple[str, float]], client_got: list[float]) -> list[float]:
+    """Per client stamp, the ms since the engine emitted that Paused event: each client stamp is matched to
+    the engine's last Paused before it (one pause in flight at a time)."""
     paused = [t for n, t in engine_stamps if n == "paused"]
-    return statistics.median((got - max(t for t in paused if t <= got)) * 1000 for got in client_got)
+    return [(got - max(t for t in paused if t <= got)) * 1000 for got in client_got]

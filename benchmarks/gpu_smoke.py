@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -91,18 +92,22 @@ def few_row_head_check(loaded) -> dict:
         try:
             c = djinn.connect(model=loaded, kv_memory=2 << 30)
             service, owner = c._backend.service, c._backend.owner
-            results, futures = [None] * 3, []
+            results, futures, done = [None] * 3, [], threading.Semaphore(0)
             for i, p in enumerate(prompts):
                 def sink(ev, i=i):
-                    if isinstance(ev, djinn.Done):
-                        results[i] = ev.result
+                    if isinstance(ev, (djinn.Done, djinn.Error)):
+                        results[i] = ev
+                        done.release()
                 futures.append(service.post("generate", service.call("create_session", owner), owner, p, sink,
                                             max_new_tokens=4, stop_tokens=[], return_logits=True))
             for f in futures:
                 f.result()
-            while any(r is None for r in results):
-                time.sleep(0.01)
-            logits[name] = [r.logits[0].float() for r in results]  # the prompts' last tokens: same inputs
+            for _ in results:
+                done.acquire()
+            errors = [ev.error for ev in results if isinstance(ev, djinn.Error)]
+            if errors:
+                raise errors[0]
+            logits[name] = [ev.result.logits[0].float() for ev in results]  # the prompts' last tokens: same inputs
             c.close()
         finally:
             skinny_matmul.MAX_ROWS = kept

@@ -77,7 +77,7 @@ def hand_offs(engine_stamps: list[tuple[str, float]], client_got: list[float]) -
     Paused just before it and the resume just after it."""
     resumed = [t for n, t in engine_stamps if n == "resume"]
     to_engine = [(min(t for t in resumed if t >= got) - got) * 1000 for got in client_got]
-    to_client = [paused_to_client_ms(engine_stamps, [got]) for got in client_got]
+    to_client = paused_to_client_ms(engine_stamps, client_got)
     return {"paused_to_client_ms": statistics.median(to_client), "client_to_resume_ms": statistics.median(to_engine),
             "sum_ms": statistics.median(x + y for x, y in zip(to_client, to_engine))}
 
