@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/results, as groups of under 10 minutes each on an H200:
 #
-#   benchmarks/run_gpu.sh latency      # GPU smoke test, GPT-2 part, round-trip / wire / checkpoint / host profiles
+#   benchmarks/run_gpu.sh latency      # GPU smoke test, GPT-2 part, round-trip / wire / control / checkpoint profiles
 #   benchmarks/run_gpu.sh throughput   # Mistral part, throughput part
-#   benchmarks/run_gpu.sh kernels      # the prompt attention's query tiles (benchmarks/tune_attention.py --prompts)
+#   benchmarks/run_gpu.sh kernels      # the prompt attention's query tiles, host time per step by phase
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
 # that hangs cannot take the group's others with it. The WebSocket halves need the server's packages.
@@ -26,8 +26,8 @@ latency)
     run 50 profile_round_trip.txt python3 benchmarks/profile_round_trip.py
     run 180 bench_gpt2.log python3 benchmarks/bench.py --part gpt2
     run 80 profile_wire.txt python3 benchmarks/profile_wire.py
+    run 80 profile_control.txt python3 benchmarks/profile_control.py
     run 50 profile_checkpoint.txt python3 benchmarks/profile_checkpoint.py
-    run 50 profile_host.txt python3 benchmarks/profile_host.py
     ;;
 throughput)
     run 200 bench_mistral.log python3 benchmarks/bench.py --part mistral
@@ -35,6 +35,7 @@ throughput)
     ;;
 kernels)
     run 150 tune_attention_prompts.txt python3 benchmarks/tune_attention.py --prompts
+    run 50 profile_host.txt python3 benchmarks/profile_host.py
     ;;
 *)
     echo "usage: $0 latency|throughput|kernels" >&2

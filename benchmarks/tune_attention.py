@@ -2,7 +2,8 @@
 and 64, a 512-token prefill), to pick the defaults in djinn/kernels/paged_attention.py. Calls are timed
 inside a CUDA graph, as decode steps run them, so the figures are GPU time without launch overhead. Prints
 one line per setting, then the settings ranked by decode time (prefill as the tie-break), then prompts with
-their tokens taken 1, 2, 4, 8 and 16 at a time (PREFILL_QUERY_TILE).
+their tokens taken 1, 2, 4, ... 32 at a time (the prompt kernel's query tile), each checked bit for bit
+against one token at a time (the decode kernel).
 
     python3 benchmarks/tune_attention.py             # everything
     python3 benchmarks/tune_attention.py --prompts   # only the prompts' query tiles
@@ -13,6 +14,7 @@ import os
 import sys
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn.kernels.paged_attention as pa  # noqa: E402
@@ -29,6 +31,7 @@ PROMPTS = {
     "gpt2 prefill 512": (12, 12, 64, torch.float16, list(range(512)), 1, 1024),
     "mistral prefill 512": (32, 8, 128, torch.bfloat16, list(range(512)), 1, 4096),
     "mistral 4 prompts of 128": (32, 8, 128, torch.bfloat16, list(range(128)), 4, 4096),
+    "qwen2-7b shape (7 heads a KV head) prefill 512": (28, 4, 128, torch.bfloat16, list(range(512)), 1, 4096),
 }
 
 
@@ -82,17 +85,21 @@ def main() -> None:
 
 
 def prompts_query_tile() -> None:
-    """Prompts with a prompt's tokens taken 1, 2, ... at a time (PREFILL_QUERY_TILE), at the module's
-    defaults; every tile's output against one token at a time."""
-    print("\nprompts, tokens a program takes together (PREFILL_QUERY_TILE):")
+    """Prompts with a prompt's tokens taken 1, 2, ... at a time, at the module's other defaults; every tile's
+    output against one token at a time, and the tile prefill_query_tile picks."""
+    print("\nprompts, tokens a program takes together (the query tile; * marks the default's pick):")
     for name, shape in PROMPTS.items():
         torch.manual_seed(0)
         one = case(*shape)()
-        for tile in (1, 2, 4, 8, 16):
+        pick = pa.prefill_query_tile(shape[0], shape[1])
+        for tile in (1, 2, 4, 8, 16, 32):
             torch.manual_seed(0)  # the same inputs as `one`
             f = case(*shape, query_tile=tile)
-            diff = (f().float() - one.float()).abs().max().item()
-            print(f"  {name}, tile {tile}: {gpu_us(f):.1f} us (max difference from tile 1: {diff:.2e})", flush=True)
+            got = f()
+            rows = tile * triton.next_power_of_2(shape[0] // shape[1])
+            print(f"  {name}, tile {tile}{' *' if tile == pick else ''} ({rows} query rows): {gpu_us(f):.1f} us "
+                  f"(bit-identical to tile 1: {torch.equal(got, one)}; max difference "
+                  f"{(got.float() - one.float()).abs().max().item():.2e})", flush=True)
 
 
 if __name__ == "__main__":

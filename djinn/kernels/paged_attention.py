@@ -7,9 +7,10 @@ time, in order. The arithmetic depends only on positions, never on the batch or 
 result is the same bits whether it runs eagerly or inside a CUDA graph, alone or with others. All metadata
 lives in device tensors, so both kernels can be captured.
 
-Steps with prompts may instead give each program PREFILL_QUERY_TILE consecutive tokens, which read each key
-tile once for all of their row's tokens among them. A token's result then stays independent of the grid
-and of eager vs graph, but a decode token computed in a step that also holds a prompt takes this kernel.
+Steps with prompts give each program several consecutive tokens instead (prefill_query_tile), which read
+each key tile once for all of their row's tokens among them. A token's result stays independent of the grid
+and of eager vs graph; a decode token computed in a step that also holds a prompt takes this kernel, and up
+to PREFILL_QUERY_ROWS query rows its sums are the decode kernel's bits (measured, see below).
 """
 from __future__ import annotations
 
@@ -26,9 +27,13 @@ PROGRAMS = 8  # programs per (token, KV head) for big batches; small ones spread
 PROGRAMS_SMALL = 16
 SMALL = 256  # (token, KV head) pairs up to which a batch counts as small
 MERGE = 8  # partial results merged per iteration
-# Consecutive tokens of a prompt a program takes together, sharing its key reads (1: each token alone, the
-# kernel decode steps use). Not yet timed on a GPU (benchmarks/tune_attention.py sweeps it): 1 until it is.
-PREFILL_QUERY_TILE = 1
+# Query rows (a prompt's consecutive tokens x the query heads of one KV head) a program of the prompt kernel
+# holds, sharing its key reads, and at most PREFILL_QUERY_TOKENS tokens; 1 row turns the prompt kernel off.
+# On an H200 (benchmarks/results/tune_attention_prompts_h200.txt) up to 32 rows gave the decode kernel's bits,
+# at 64 Triton chose another matrix instruction and sums rounded differently; 16 tokens were GPT-2's fastest
+# (4.5x one at a time for a 512-token prompt), 8 Mistral's within the 32 rows (1.9x).
+PREFILL_QUERY_ROWS = 32
+PREFILL_QUERY_TOKENS = 16
 MERGE_WARPS = 1
 
 
@@ -194,6 +199,11 @@ def partials_bytes(n_tokens: int, n_heads: int, d_head: int, max_context: int) -
     """Device memory the kernels' partial results take for a call."""
     n_chunks = max(1, -(-max_context // CHUNK))
     return n_tokens * n_heads * n_chunks * (max(16, triton.next_power_of_2(d_head)) + 2) * 4
+
+
+def prefill_query_tile(n_heads: int, n_kv_heads: int) -> int:
+    """Consecutive tokens a program of the prompt kernel takes for this head layout (1: each token alone)."""
+    return max(1, min(PREFILL_QUERY_TOKENS, PREFILL_QUERY_ROWS // triton.next_power_of_2(n_heads // n_kv_heads)))
 
 
 def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,

@@ -56,7 +56,7 @@ def paged_attention(
         q = rope_and_write_kv(q, k, v, kv_layer, meta.write_blocks, meta.write_offsets, meta.token_pos, rope)
         return kernel.paged_attention_triton(q, kv_layer, meta.block_tables, meta.token_row, meta.token_pos, scale,
                                              meta.window, meta.max_context,
-                                             kernel.PREFILL_QUERY_TILE if meta.prefill else 1)
+                                             kernel.prefill_query_tile(q.shape[1], kv_layer.shape[3]) if meta.prefill else 1)
     if rope is not None:
         positions = meta.token_pos.long()
         q, k = rope.apply(q, positions), rope.apply(k, positions)
