@@ -50,6 +50,8 @@ def test_verdicts_follow_the_targets():
 
     t = load("bench_throughput_h200.json")
     row = next(x for x in t["rows"] if x["sessions"] == 64)
+    for key in [k for k in row if "_running" in k]:  # as results made before the running sessions' figures
+        del row[key]
     row["plain"], row["steer"], row["pause25"] = 0.605 * row["floor_tokens_per_s"], 0.5 * row["floor_tokens_per_s"], 0.0
     line = line_of(report(t), "64 (threads)")
     assert "60.5% met" in line and "82.6% MISSED" in line and "-100.0% MISSED" in line
