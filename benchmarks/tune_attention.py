@@ -7,6 +7,7 @@ against one token at a time (the decode kernel).
 
     python3 benchmarks/tune_attention.py             # everything
     python3 benchmarks/tune_attention.py --prompts   # only the prompts' query tiles
+    python3 benchmarks/tune_attention.py --defaults  # only the module's settings, timed on each shape
 """
 import argparse
 import itertools
@@ -105,7 +106,12 @@ def prompts_query_tile() -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", action="store_true", help="only the prompts' query tiles")
-    if ap.parse_args().prompts:
+    ap.add_argument("--defaults", action="store_true", help="only the module's settings, on the decode shapes")
+    args = ap.parse_args()
+    if args.prompts:
         prompts_query_tile()
+    elif args.defaults:
+        for name, shape in SHAPES.items():
+            print(f"{name}: {gpu_us(case(*shape)):.1f} us", flush=True)
     else:
         main()
