@@ -3,7 +3,7 @@
 #
 #   benchmarks/run_gpu.sh latency      # GPU smoke test, GPT-2 part, round-trip / wire / control / checkpoint profiles
 #   benchmarks/run_gpu.sh throughput   # Mistral part, throughput part
-#   benchmarks/run_gpu.sh kernels      # the prompt attention's query tiles, host time per step by phase
+#   benchmarks/run_gpu.sh kernels      # the prompt attention's query tiles, large decode batches' programs, host time per step
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
 # that hangs cannot take the group's others with it. The WebSocket halves need the server's packages.
@@ -35,6 +35,7 @@ throughput)
     ;;
 kernels)
     run 150 tune_attention_prompts.txt python3 benchmarks/tune_attention.py --prompts
+    run 150 tune_attention_programs.txt python3 benchmarks/tune_attention.py --programs
     run 50 profile_host.txt python3 benchmarks/profile_host.py
     ;;
 *)

@@ -3,11 +3,13 @@ and 64, a 512-token prefill), to pick the defaults in djinn/kernels/paged_attent
 inside a CUDA graph, as decode steps run them, so the figures are GPU time without launch overhead. Prints
 one line per setting, then the settings ranked by decode time (prefill as the tie-break), then prompts with
 their tokens taken 1, 2, 4, ... 32 at a time (the prompt kernel's query tile), each checked bit for bit
-against one token at a time (the decode kernel).
+against one token at a time (the decode kernel), then large decode batches with 1 to 16 programs per token
+and KV head, each checked bit for bit against the default.
 
     python3 benchmarks/tune_attention.py             # everything
     python3 benchmarks/tune_attention.py --prompts   # only the prompts' query tiles
     python3 benchmarks/tune_attention.py --defaults  # only the module's settings, timed on each shape
+    python3 benchmarks/tune_attention.py --programs  # only large decode batches' programs per token
 """
 import argparse
 import itertools
@@ -83,6 +85,7 @@ def main() -> None:
         print(f"{sum(t[:3]):7.1f} us decode  {key}  ({', '.join(f'{x:.1f}' for x in t)})")
     pa.CHUNK, pa.BLOCK_N, pa.NUM_STAGES, pa.PROGRAMS, pa.PROGRAMS_SMALL = defaults
     prompts_query_tile()
+    large_batch_programs()
 
 
 def prompts_query_tile() -> None:
@@ -103,13 +106,45 @@ def prompts_query_tile() -> None:
                   f"{(got.float() - one.float()).abs().max().item():.2e})", flush=True)
 
 
+LARGE_BATCHES = {
+    "mistral decode 64 x 130": (32, 8, 128, torch.bfloat16, [129], 64, 4096),
+    "mistral decode 64 x 260": (32, 8, 128, torch.bfloat16, [259], 64, 4096),
+    "mistral decode 64 x 380": (32, 8, 128, torch.bfloat16, [379], 64, 4096),
+    "mistral decode 128 x 260": (32, 8, 128, torch.bfloat16, [259], 128, 4096),
+}
+
+
+def large_batch_programs() -> None:
+    """Decode batches past SMALL with PROGRAMS (programs per token and KV head) 1 to 16, at the module's
+    other defaults: the contexts of the throughput benchmark (128-token prompts, 256 new tokens), where a
+    token has 3 to 6 chunks and programs past its last chunk start only to stop. Each against the default's
+    output bit for bit (a chunk's result must not depend on which program computes it)."""
+    print(f"\nlarge batches, programs per (token, KV head) (default {pa.PROGRAMS}):")
+    kept = pa.PROGRAMS
+    try:
+        for name, shape in LARGE_BATCHES.items():
+            torch.manual_seed(0)
+            ref = case(*shape)()
+            for programs in (1, 2, 4, 8, 16):
+                pa.PROGRAMS = programs
+                torch.manual_seed(0)  # the same inputs as `ref`
+                f = case(*shape)
+                print(f"  {name}, programs {programs}: {gpu_us(f):.1f} us "
+                      f"(bit-identical to the default: {torch.equal(f(), ref)})", flush=True)
+    finally:
+        pa.PROGRAMS = kept
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", action="store_true", help="only the prompts' query tiles")
     ap.add_argument("--defaults", action="store_true", help="only the module's settings, on the decode shapes")
+    ap.add_argument("--programs", action="store_true", help="only large decode batches' programs per token")
     args = ap.parse_args()
     if args.prompts:
         prompts_query_tile()
+    elif args.programs:
+        large_batch_programs()
     elif args.defaults:
         for name, shape in SHAPES.items():
             print(f"{name}: {gpu_us(case(*shape)):.1f} us", flush=True)
