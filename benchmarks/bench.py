@@ -18,12 +18,9 @@ All weights are random (seeded); every figure is a median over the stated trials
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +34,7 @@ import djinn  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import LoadedModel, _materialize, _to_djinn_state  # noqa: E402
 from benchmarks.bench_report import report  # noqa: E402
-from benchmarks.engine_stamps import STAMPS, dump_on_sigterm, load, paused_to_client_ms, stamp_engine  # noqa: E402
+from benchmarks.engine_stamps import STAMPS, dump_on_sigterm, load, paused_to_client_ms, served, stamp_engine  # noqa: E402
 
 SHAPES = {
     "gpt2": dict(cfg=ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
@@ -431,7 +428,7 @@ def part_latency(shape: str) -> dict:
     torch.cuda.empty_cache()
     stamps_path = os.path.join(tempfile.mkdtemp(), "server_stamps.json")
     try:
-        with served(shape, stamps_path) as url:
+        with served([os.path.abspath(__file__), "--serve", shape, "--stamps", stamps_path]) as url:
             remote = djinn.connect(url)
             out["seed_experiment"]["websocket"] = seed_experiment(remote, shape)
             remote.close()
@@ -444,38 +441,6 @@ def part_latency(shape: str) -> dict:
     except (ImportError, RuntimeError) as e:  # the server's packages are missing here, or it did not start
         out["seed_experiment"]["websocket"] = f"not run: {e}"
     return out
-
-
-@contextlib.contextmanager
-def served(shape: str, stamps_path: str):
-    """The same weights (same seed) behind `djinn serve`'s code in another process, as a user reaches a server:
-    over loopback WebSocket and HTTP, with client and server each holding their own interpreter lock. The
-    server writes its engine's stamps to `stamps_path` as it stops."""
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", shape, "--port", str(port),
-                             "--stamps", stamps_path])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server process exited with {proc.returncode}")
-            try:
-                if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server process did not start in 300 s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def serve(shape: str, port: int, stamps_path: str) -> None:

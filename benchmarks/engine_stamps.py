@@ -1,12 +1,18 @@
 """Host stamps of the engine's Paused events and resume commands, taken by wrapping them from outside, so
 that the hand-offs between the engine and a client can be timed in-process or across processes
-(`time.perf_counter` is the system's monotonic clock, so two processes' stamps compare)."""
+(`time.perf_counter` is the system's monotonic clock, so two processes' stamps compare); and a server in a
+process of its own that writes its stamps as it stops."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+from typing import Iterator
 
 import djinn
 from djinn.engine import engine as engine_mod, worker as worker_mod
@@ -48,3 +54,34 @@ def paused_to_client_ms(engine_stamps: list[tuple[str, float]], client_got: list
     the engine's last Paused before it (one pause in flight at a time)."""
     paused = [t for n, t in engine_stamps if n == "paused"]
     return [(got - max(t for t in paused if t <= got)) * 1000 for got in client_got]
+
+
+@contextlib.contextmanager
+def served(argv: list[str], timeout: float = 300.0) -> Iterator[str]:
+    """`python3 <argv> --port N` on a free loopback port, as a user reaches a server (client and server each
+    with their own interpreter lock): yields its URL once /healthz answers; on the way out SIGTERM stops it
+    (and has it write its stamps, see dump_on_sigterm)."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, *argv, "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server process exited with {proc.returncode}")
+            try:
+                if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server process did not start in {timeout:g} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -10,12 +10,8 @@ clock, so the two processes' stamps compare). Four situations, taking turns: bac
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn  # noqa: E402
+from benchmarks.engine_stamps import STAMPS, dump_on_sigterm, load, served  # noqa: E402
 from benchmarks.profile_wire import model  # noqa: E402
 
 HOPS = ("client -> loop", "loop -> engine thread", "drain", "Engine.checkpoint", "engine -> loop",
@@ -36,41 +33,28 @@ def serve(device: str, port: int, stamps_path: str) -> None:
     from djinn.server import calls, control
     from djinn.server.launch import run
 
-    stamps: list[tuple[str, float]] = []
-
     def stamped(name: str, fn):
         def wrapper(*args, **kwargs):
-            stamps.append((name, time.perf_counter()))
-            return fn(*args, **kwargs)
+            STAMPS.append((name + "_start", time.perf_counter()))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                STAMPS.append((name + "_end", time.perf_counter()))
         return wrapper
-
-    checkpoint = engine_mod.Engine.checkpoint
-
-    def engine_checkpoint(self, *args, **kwargs):
-        stamps.append(("engine_start", time.perf_counter()))
-        try:
-            return checkpoint(self, *args, **kwargs)
-        finally:
-            stamps.append(("engine_end", time.perf_counter()))
 
     call = calls.CALLS["checkpoint"]
 
     async def control_call(*args):
-        stamps.append(("call_start", time.perf_counter()))
+        STAMPS.append(("call_start", time.perf_counter()))
         try:
             return await call(*args)
         finally:
-            stamps.append(("call_end", time.perf_counter()))
+            STAMPS.append(("call_end", time.perf_counter()))
 
-    engine_mod.Engine.checkpoint = engine_checkpoint
-    engine_mod.Engine.drain = stamped("drain_start", engine_mod.Engine.drain)
+    engine_mod.Engine.checkpoint = stamped("engine", engine_mod.Engine.checkpoint)
+    engine_mod.Engine.drain = stamped("drain", engine_mod.Engine.drain)
     control.CALLS["checkpoint"] = control_call  # the call table the control socket looks methods up in
-
-    def dump(*_):
-        with open(stamps_path, "w") as f:
-            json.dump(stamps, f)
-        os._exit(0)
-    signal.signal(signal.SIGTERM, dump)
+    dump_on_sigterm(stamps_path)
     loaded, _ = model(device)
     run([loaded], port=port, api_keys=[], kv_memory=2 << 30, log_level="warning")
 
@@ -96,23 +80,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.serve:
         return serve(args.device, args.port, args.stamps)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     stamps_path = os.path.join(tempfile.mkdtemp(), "server_stamps.json")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", "--device", args.device,
-                             "--port", str(port), "--stamps", stamps_path])
     calls: list[tuple[str, float, float]] = []
-    try:
-        client = None
-        for _ in range(600):
-            try:
-                client = djinn.connect(f"http://127.0.0.1:{port}")
-                break
-            except djinn.DjinnError:
-                if proc.poll() is not None:
-                    raise SystemExit(f"the server exited with {proc.returncode}")
-                time.sleep(0.5)
+    with served([os.path.abspath(__file__), "--serve", "--device", args.device, "--stamps", stamps_path]) as url:
+        client = djinn.connect(url)
         prompt = list(range(1, 64))
         state = {"session": client.session()}
         state["session"].generate(prompt, max_new_tokens=1, stop_tokens=[])
@@ -135,11 +106,7 @@ def main() -> None:
                 if trial >= 2:
                     calls.append((name, sent, got))
         client.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    with open(stamps_path) as f:
-        server = [(n, t) for n, t in json.load(f)]
+    server = load(stamps_path)
     where = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
     print(f"checkpoint() over the control socket, GPT-2 widths (float16) on {where}, sessions of 63-95 tokens, "
           f"{args.trials} trials per situation; medians in ms per hop:")

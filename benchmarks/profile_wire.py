@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +30,7 @@ from djinn.allocator import keep_freed_memory  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
 from djinn.server.protocol import unpack  # noqa: E402
-from benchmarks.engine_stamps import STAMPS, dump_on_sigterm, load, paused_to_client_ms, stamp_engine  # noqa: E402
+from benchmarks.engine_stamps import STAMPS, dump_on_sigterm, load, paused_to_client_ms, served, stamp_engine  # noqa: E402
 
 def model(device: str, width: int = 768):
     if device == "cpu":
@@ -142,31 +139,15 @@ def main() -> None:
     embedded.close()
     del embedded, loaded
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     stamps_path = os.path.join(tempfile.mkdtemp(), "server_stamps.json")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", "--device", args.device,
-                             "--width", str(args.width), "--port", str(port), "--stamps", stamps_path])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        client = None
-        for _ in range(600):
-            try:
-                client = djinn.connect(url, keep_freed_memory=False)
-                break
-            except djinn.DjinnError:
-                if proc.poll() is not None:
-                    raise SystemExit(f"the server exited with {proc.returncode}")
-                time.sleep(0.5)
+    with served([os.path.abspath(__file__), "--serve", "--device", args.device, "--width", str(args.width),
+                 "--stamps", stamps_path]) as url:
+        client = djinn.connect(url, keep_freed_memory=False)
         got_default = round_trips(client, layer, args.trials, vocab)
         keep_freed_memory()
         got_kept = round_trips(client, layer, args.trials, vocab)
         results["control"] = control_calls(client, url, 30)
         client.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
     server = load(stamps_path)
     results["websocket_default_allocator"] = hand_offs(server, got_default)
     results["websocket_keep_freed_memory"] = hand_offs(server, got_kept)

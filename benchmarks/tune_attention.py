@@ -88,6 +88,12 @@ def main() -> None:
     large_batch_programs()
 
 
+def defaults_only() -> None:
+    """Every shape at the module's settings."""
+    for name, shape in SHAPES.items():
+        print(f"{name}: {gpu_us(case(*shape)):.1f} us", flush=True)
+
+
 def prompts_query_tile() -> None:
     """Prompts with a prompt's tokens taken 1, 2, ... at a time, at the module's other defaults; every tile's
     output against one token at a time, and the tile prefill_query_tile picks."""
@@ -146,7 +152,6 @@ if __name__ == "__main__":
     elif args.programs:
         large_batch_programs()
     elif args.defaults:
-        for name, shape in SHAPES.items():
-            print(f"{name}: {gpu_us(case(*shape)):.1f} us", flush=True)
+        defaults_only()
     else:
         main()
