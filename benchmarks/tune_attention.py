@@ -3,13 +3,13 @@ and 64, a 512-token prefill), to pick the defaults in djinn/kernels/paged_attent
 inside a CUDA graph, as decode steps run them, so the figures are GPU time without launch overhead. Prints
 one line per setting, then the settings ranked by decode time (prefill as the tie-break), then prompts with
 their tokens taken 1, 2, 4, ... 32 at a time (the prompt kernel's query tile), each checked bit for bit
-against one token at a time (the decode kernel), then large decode batches with 1 to 16 programs per token
-and KV head, each checked bit for bit against the default.
+against one token at a time (the decode kernel), then large decode batches over the chunk kernel's and
+the heads-loop kernel's settings, each checked bit for bit against the chunk kernel.
 
     python3 benchmarks/tune_attention.py             # everything
     python3 benchmarks/tune_attention.py --prompts   # only the prompts' query tiles
     python3 benchmarks/tune_attention.py --defaults  # only the module's settings, timed on each shape
-    python3 benchmarks/tune_attention.py --programs  # only large decode batches' programs per token
+    python3 benchmarks/tune_attention.py --programs  # only large decode batches' kernels and programs
 """
 import argparse
 import itertools
@@ -117,28 +117,44 @@ LARGE_BATCHES = {
     "mistral decode 64 x 260": (32, 8, 128, torch.bfloat16, [259], 64, 4096),
     "mistral decode 64 x 380": (32, 8, 128, torch.bfloat16, [379], 64, 4096),
     "mistral decode 128 x 260": (32, 8, 128, torch.bfloat16, [259], 128, 4096),
+    "gpt2 decode 64 x 260": (12, 12, 64, torch.float16, [259], 64, 1024),
 }
 
 
 def large_batch_programs() -> None:
-    """Decode batches past SMALL with PROGRAMS (programs per token and KV head) 1 to 16, at the module's
-    other defaults: the contexts of the throughput benchmark (128-token prompts, 256 new tokens), where a
-    token has 3 to 6 chunks and programs past its last chunk start only to stop. Each against the default's
-    output bit for bit (a chunk's result must not depend on which program computes it)."""
-    print(f"\nlarge batches, programs per (token, KV head) (default {pa.PROGRAMS}):")
-    kept = pa.PROGRAMS
+    """Decode batches past SMALL at the throughput benchmark's contexts (128-token prompts, 256 new tokens),
+    where a token has 3 to 6 chunks: the chunk kernel with PROGRAMS 2 to 16 per (token, KV head), then the
+    heads-loop kernel over its programs per token, heads' tiles in flight and warps. Each against the chunk
+    kernel's output at PROGRAMS 8 bit for bit (a chunk's result must not depend on which program computes it)."""
+    names = ("HEADS_LOOP", "PROGRAMS", "HEADS_PROGRAMS", "HEAD_STAGES", "HEADS_WARPS")
+    kept = {k: getattr(pa, k) for k in names}
+    settings = [dict(HEADS_LOOP=False, PROGRAMS=p) for p in (2, 4, 8, 16)] + [
+        dict(HEADS_LOOP=True, HEADS_PROGRAMS=p, HEAD_STAGES=st, HEADS_WARPS=w)
+        for p, st, w in itertools.product((2, 4, 8, 16), (1, 2, 3, 4), (4, 8))]
+    print(f"\nlarge batches (defaults {kept}):")
+    best = {}
     try:
         for name, shape in LARGE_BATCHES.items():
+            pa.HEADS_LOOP, pa.PROGRAMS = False, 8
             torch.manual_seed(0)
             ref = case(*shape)()
-            for programs in (1, 2, 4, 8, 16):
-                pa.PROGRAMS = programs
+            for setting in settings:
+                for k, v in setting.items():
+                    setattr(pa, k, v)
                 torch.manual_seed(0)  # the same inputs as `ref`
                 f = case(*shape)
-                print(f"  {name}, programs {programs}: {gpu_us(f):.1f} us "
-                      f"(bit-identical to the default: {torch.equal(f(), ref)})", flush=True)
+                same = torch.equal(f(), ref)
+                t = gpu_us(f)
+                print(f"  {name}, {setting}: {t:.1f} us (bit-identical to the chunk kernel: {same})", flush=True)
+                if same:
+                    best.setdefault(str(setting), []).append(t)
     finally:
-        pa.PROGRAMS = kept
+        for k, v in kept.items():
+            setattr(pa, k, v)
+    print("\nbit-identical settings ranked by their summed time over the batches:")
+    for key, ts in sorted((kv for kv in best.items() if len(kv[1]) == len(LARGE_BATCHES)),
+                          key=lambda kv: sum(kv[1]))[:10]:
+        print(f"  {sum(ts):7.1f} us  {key}  ({', '.join(f'{t:.1f}' for t in ts)})")
 
 
 if __name__ == "__main__":

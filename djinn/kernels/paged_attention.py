@@ -27,6 +27,10 @@ PROGRAMS = 8  # programs per (token, KV head) for big batches; small ones spread
 PROGRAMS_SMALL = 16
 SMALL = 256  # (token, KV head) pairs up to which a batch counts as small
 MERGE = 8  # partial results merged per iteration
+HEADS_LOOP = True  # large batches: a program per (token, chunk) loops over the KV heads
+HEADS_PROGRAMS = 8  # its programs per token
+HEAD_STAGES = 3  # KV heads' tiles in flight per program
+HEADS_WARPS = 4
 # Query rows (a prompt's consecutive tokens x the query heads of one KV head) a program of the prompt kernel
 # holds, sharing its key reads, and at most PREFILL_QUERY_TOKENS tokens; 1 row turns the prompt kernel off.
 # On an H200 (benchmarks/results/tune_attention_prompts_h200.txt) up to 32 rows gave the decode kernel's bits,
@@ -104,6 +108,48 @@ def _chunk_kernel(
         tl.store(ml_ptr + slot * 2, m, mask=g < GROUP)
         tl.store(ml_ptr + slot * 2 + 1, denom, mask=g < GROUP)
         chunk += tl.num_programs(2)
+
+
+@triton.jit
+def _chunk_heads_kernel(
+    q_ptr, kv_ptr, acc_ptr, ml_ptr, tables_ptr, rows_ptr, pos_ptr,
+    stride_qn, stride_qh, stride_blk, stride_kv, stride_tok, stride_head, stride_table,
+    scale, window, n_heads, n_chunks, n_kv,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr, HEAD_STAGES: tl.constexpr,
+):
+    """The chunk kernel for large batches: a program takes a token's chunks for every KV head in turn, so it
+    looks up a chunk's blocks once and keeps the next heads' tiles in flight while one computes. Each
+    (token, KV head, chunk) is the chunk kernel's arithmetic on the same shapes."""
+    tl.static_assert(CHUNK_SIZE == BLOCK_N)
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + tok).to(tl.int32)
+    first = _first_key(pos, window)
+    row = tl.load(rows_ptr + tok).to(tl.int64)
+    g = tl.arange(0, GROUP_P)
+    d = tl.arange(0, D_P)
+    qd_mask = (g < GROUP)[:, None] & (d < D)[None, :]
+    chunk = first // CHUNK_SIZE + tl.program_id(1)
+    while chunk <= pos // CHUNK_SIZE:
+        lo = chunk * CHUNK_SIZE
+        kp = lo + tl.arange(0, BLOCK_N)
+        valid = (kp < tl.minimum(lo + CHUNK_SIZE, pos + 1)) & (kp >= first)
+        block = tl.load(tables_ptr + row * stride_table + kp // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        base = block * stride_blk + (kp % BLOCK_SIZE) * stride_tok
+        kv_mask = valid[:, None] & (d < D)[None, :]
+        for kv_head in tl.range(0, n_kv, num_stages=HEAD_STAGES):
+            heads = kv_head * GROUP + g
+            q = tl.load(q_ptr + tok * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=qd_mask, other=0.0)
+            m = tl.full([GROUP_P], float("-inf"), tl.float32)
+            denom = tl.zeros([GROUP_P], tl.float32)
+            acc = tl.zeros([GROUP_P, D_P], tl.float32)
+            m, denom, acc = _attend_tile(q, kv_ptr + (base + kv_head * stride_head)[:, None] + d[None, :],
+                                         stride_kv, kv_mask, valid[None, :], scale, m, denom, acc)
+            slot = (tok * n_heads + heads) * n_chunks + chunk
+            tl.store(acc_ptr + slot[:, None] * D_P + d[None, :], acc, mask=(g < GROUP)[:, None])
+            tl.store(ml_ptr + slot * 2, m, mask=g < GROUP)
+            tl.store(ml_ptr + slot * 2 + 1, denom, mask=g < GROUP)
+        chunk += tl.num_programs(1)
 
 
 @triton.jit
@@ -229,7 +275,12 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
                kv_layer.stride(3), block_tables.stride(0))
     common = dict(D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=BLOCK_N, CHUNK_SIZE=CHUNK,
                   NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
-    if query_tile == 1:
+    if query_tile == 1 and HEADS_LOOP and n * n_kv > SMALL and CHUNK == BLOCK_N:
+        _chunk_heads_kernel[(n, min(n_chunks, HEADS_PROGRAMS))](
+            q, kv_layer, acc, ml, block_tables, token_row, token_pos, *strides, scale, window, n_heads, n_chunks,
+            n_kv, GROUP=group, GROUP_P=group_p, D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=BLOCK_N,
+            CHUNK_SIZE=CHUNK, HEAD_STAGES=HEAD_STAGES, num_warps=HEADS_WARPS)
+    elif query_tile == 1:
         _chunk_kernel[(n, n_kv, min(n_chunks, programs))](
             q, kv_layer, acc, ml, block_tables, token_row, token_pos, *strides, scale, window, n_heads, n_chunks,
             GROUP=group, GROUP_P=group_p, **common)
