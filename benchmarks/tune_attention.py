@@ -3,13 +3,13 @@ and 64, a 512-token prefill), to pick the defaults in djinn/kernels/paged_attent
 inside a CUDA graph, as decode steps run them, so the figures are GPU time without launch overhead. Prints
 one line per setting, then the settings ranked by decode time (prefill as the tie-break), then prompts with
 their tokens taken 1, 2, 4, ... 32 at a time (the prompt kernel's query tile), each checked bit for bit
-against one token at a time (the decode kernel), then large decode batches over the chunk kernel's and
-the heads-loop kernel's settings, each checked bit for bit against the chunk kernel.
+against one token at a time (the decode kernel), then decode batches over programs per token and chunks
+in flight per program, each checked bit for bit against the defaults.
 
     python3 benchmarks/tune_attention.py             # everything
     python3 benchmarks/tune_attention.py --prompts   # only the prompts' query tiles
     python3 benchmarks/tune_attention.py --defaults  # only the module's settings, timed on each shape
-    python3 benchmarks/tune_attention.py --programs  # only large decode batches' kernels and programs
+    python3 benchmarks/tune_attention.py --programs  # only decode batches' programs and chunks in flight
 """
 import argparse
 import itertools
@@ -123,38 +123,40 @@ LARGE_BATCHES = {
 
 def large_batch_programs() -> None:
     """Decode batches past SMALL at the throughput benchmark's contexts (128-token prompts, 256 new tokens),
-    where a token has 3 to 6 chunks: the chunk kernel with PROGRAMS 2 to 16 per (token, KV head), then the
-    heads-loop kernel over its programs per token, heads' tiles in flight and warps. Each against the chunk
-    kernel's output at PROGRAMS 8 bit for bit (a chunk's result must not depend on which program computes it)."""
-    names = ("HEADS_LOOP", "PROGRAMS", "HEADS_PROGRAMS", "HEAD_STAGES", "HEADS_WARPS")
-    kept = {k: getattr(pa, k) for k in names}
-    settings = [dict(HEADS_LOOP=False, PROGRAMS=p) for p in (2, 4, 8, 16)] + [
-        dict(HEADS_LOOP=True, HEADS_PROGRAMS=p, HEAD_STAGES=st, HEADS_WARPS=w)
-        for p, st, w in itertools.product((2, 4, 8, 16), (1, 2, 3, 4), (4, 8))]
-    print(f"\nlarge batches (defaults {kept}):")
-    best = {}
-    try:
-        for name, shape in LARGE_BATCHES.items():
-            pa.HEADS_LOOP, pa.PROGRAMS = False, 8
-            torch.manual_seed(0)
-            ref = case(*shape)()
-            for setting in settings:
-                for k, v in setting.items():
+    where a token has 3 to 6 chunks, over PROGRAMS (per token and KV head) and CHUNK_STAGES (chunks in flight
+    per program); then batch 1 over their small batches' twins. Each against the defaults' output bit for
+    bit (a chunk's result must not depend on which program computes it, or how)."""
+    kept = {k: getattr(pa, k) for k in ("PROGRAMS", "CHUNK_STAGES", "PROGRAMS_SMALL", "CHUNK_STAGES_SMALL")}
+    small = {k: v for k, v in SHAPES.items() if "decode 1 x" in k}
+    for label, shapes, (key, stage_key), counts in (
+            ("large", LARGE_BATCHES, ("PROGRAMS", "CHUNK_STAGES"), (1, 2, 4, 8)),
+            ("small", small, ("PROGRAMS_SMALL", "CHUNK_STAGES_SMALL"), (8, 16))):
+        print(f"\n{label} batches (defaults {kept}):", flush=True)
+        times: dict[tuple, list[float]] = {}
+        try:
+            for name, shape in shapes.items():
+                torch.manual_seed(0)
+                ref = case(*shape)()
+                for programs, stages in itertools.product(counts, (1, 2, 3, 4)):
+                    setattr(pa, key, programs)
+                    setattr(pa, stage_key, stages)
+                    torch.manual_seed(0)  # the same inputs as `ref`
+                    f = case(*shape)
+                    same = torch.equal(f(), ref)
+                    t = gpu_us(f)
+                    print(f"  {name}, {key} {programs}, {stage_key} {stages}: {t:.1f} us "
+                          f"(bit-identical to the defaults: {same})", flush=True)
+                    times.setdefault((programs, stages, same), []).append(t)
+                for k, v in kept.items():
                     setattr(pa, k, v)
-                torch.manual_seed(0)  # the same inputs as `ref`
-                f = case(*shape)
-                same = torch.equal(f(), ref)
-                t = gpu_us(f)
-                print(f"  {name}, {setting}: {t:.1f} us (bit-identical to the chunk kernel: {same})", flush=True)
-                if same:
-                    best.setdefault(str(setting), []).append(t)
-    finally:
-        for k, v in kept.items():
-            setattr(pa, k, v)
-    print("\nbit-identical settings ranked by their summed time over the batches:")
-    for key, ts in sorted((kv for kv in best.items() if len(kv[1]) == len(LARGE_BATCHES)),
-                          key=lambda kv: sum(kv[1]))[:10]:
-        print(f"  {sum(ts):7.1f} us  {key}  ({', '.join(f'{t:.1f}' for t in ts)})")
+        finally:
+            for k, v in kept.items():
+                setattr(pa, k, v)
+        print(f"{label} batches' bit-identical settings by their summed time:")
+        for (programs, stages, same), ts in sorted(times.items(), key=lambda kv: sum(kv[1])):
+            if same and len(ts) == len(shapes):
+                print(f"  {sum(ts):7.1f} us  {key} {programs}, {stage_key} {stages}  "
+                      f"({', '.join(f'{t:.1f}' for t in ts)})")
 
 
 if __name__ == "__main__":

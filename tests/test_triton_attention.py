@@ -46,16 +46,14 @@ SCRIPT = textwrap.dedent("""
     assert (silu_mul(gu) - F.silu(gu[:, :40]) * gu[:, 40:]).abs().max() < 1e-5
     cases = [(4, 2, 16, None, 4, (0, 5, 9, 2)), (8, 8, 8, None, 4, (0, 5, 9, 2)), (8, 2, 32, 5, 4, (0, 5, 9, 2)), (6, 3, 12, None, 4, (0, 5, 9, 2)), (4, 1, 16, None, 16, (130, 250, 3, 120)), (4, 2, 16, 40, 16, (200, 140, 7, 66))]
     # the defaults, then small chunks shared out over 2 programs and merged 2 at a time: rows span many chunks;
-    # then the large batches' kernel (every batch counts as large) at the defaults and with small chunks over
-    # 2 programs a token; then prompts' query rows at 16 and 6: their tokens taken 16/8/4 and 6/3/1 at a time
-    # by head layout (tiles that straddle rows, and one wider than the whole step)
-    small, heads_programs = pa.SMALL, pa.HEADS_PROGRAMS
-    settings = [(pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N, 1, small, heads_programs),
-                (16, 2, 2, 16, 1, small, heads_programs),
-                (pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N, 1, 0, heads_programs), (16, 2, 2, 16, 1, 0, 2),
-                (pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N, 16, small, heads_programs),
-                (16, 2, 2, 16, 6, small, heads_programs)]
-    for (pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N, pa.PREFILL_QUERY_ROWS, pa.SMALL, pa.HEADS_PROGRAMS), (n_heads, n_kv, d_head, window, bs, starts) in itertools.product(settings, cases):
+    # then every batch counted large (its programs stream several chunks each): at the defaults, and small
+    # chunks over 2 programs; then prompts' query rows at 16 and 6: their tokens taken 16/8/4 and 6/3/1 at a
+    # time by head layout (tiles that straddle rows, and one wider than the whole step)
+    small, programs = pa.SMALL, pa.PROGRAMS
+    settings = [(pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N, 1, small, programs), (16, 2, 2, 16, 1, small, programs),
+                (pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N, 1, 0, programs), (16, 2, 2, 16, 1, 0, 2),
+                (pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N, 16, small, programs), (16, 2, 2, 16, 6, small, programs)]
+    for (pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N, pa.PREFILL_QUERY_ROWS, pa.SMALL, pa.PROGRAMS), (n_heads, n_kv, d_head, window, bs, starts) in itertools.product(settings, cases):
         lens = (7, 1, 4, 3)
         n_blocks = sum(-(-(s + n) // bs) for s, n in zip(starts, lens)) + 1
         kv = torch.randn(n_blocks, 1, 2, bs, n_kv, d_head)
@@ -75,7 +73,7 @@ SCRIPT = textwrap.dedent("""
                 outs.append(paged_attention(q, k, v, cache[:, 0], ctx.attention, d_head ** -0.5, rope=rope))
                 caches.append(cache)
             err = (outs[0] - outs[1]).abs().max().item()
-            assert err < 1e-5, (pa.CHUNK, pa.PREFILL_QUERY_ROWS, pa.SMALL, n_heads, n_kv, d_head, window, rope is not None, err)
+            assert err < 1e-5, (pa.CHUNK, pa.PREFILL_QUERY_ROWS, pa.SMALL, pa.PROGRAMS, n_heads, n_kv, d_head, window, rope is not None, err)
             assert (caches[0] - caches[1]).abs().max().item() < 1e-5
     print("ok")
 """)

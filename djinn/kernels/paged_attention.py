@@ -1,9 +1,9 @@
 """Paged attention for a flat varlen batch, in Triton.
 
 Keys are split into fixed chunks of absolute positions (CHUNK). For each (query token, KV head) up to
-PROGRAMS programs share out the token's chunks; each chunk gets all the query heads that share the KV head
-(GQA) over its keys with an online softmax, and a second kernel merges the chunks of each token, MERGE at a
-time, in order. The arithmetic depends only on positions, never on the batch or the grid, so a token's
+PROGRAMS programs share out the token's chunks, each streaming its own; each chunk gets all the query heads
+that share the KV head (GQA) over its keys with an online softmax, and a second kernel merges the chunks of
+each token, MERGE at a time, in order. The arithmetic depends only on positions, never on the batch or the grid, so a token's
 result is the same bits whether it runs eagerly or inside a CUDA graph, alone or with others. All metadata
 lives in device tensors, so both kernels can be captured.
 
@@ -22,15 +22,15 @@ import triton.language as tl
 CHUNK = 64  # key positions per partial result
 BLOCK_N = 64  # keys per inner iteration
 NUM_WARPS = 4
-NUM_STAGES = 1  # tiles in flight per program
-PROGRAMS = 8  # programs per (token, KV head) for big batches; small ones spread wider (bits are the same)
-PROGRAMS_SMALL = 16
+NUM_STAGES = 1  # tiles in flight per program of the prompt kernel
+# Programs per (token, KV head) and chunks in flight per program of the decode kernel, for big batches and
+# small ones (the bits are the same whatever they are). On an H200 (tune_attention_programs_h200.txt) one
+# program streaming a token's chunks three at a time was fastest past SMALL (Mistral shape, 64 x 260: 33.2
+# -> 29.8 us against 8 programs one chunk at a time); small batches need the programs spread wide.
+PROGRAMS, CHUNK_STAGES = 1, 3
+PROGRAMS_SMALL, CHUNK_STAGES_SMALL = 16, 1
 SMALL = 256  # (token, KV head) pairs up to which a batch counts as small
 MERGE = 8  # partial results merged per iteration
-HEADS_LOOP = True  # large batches: a program per (token, chunk) loops over the KV heads
-HEADS_PROGRAMS = 8  # its programs per token
-HEAD_STAGES = 3  # KV heads' tiles in flight per program
-HEADS_WARPS = 4
 # Query rows (a prompt's consecutive tokens x the query heads of one KV head) a program of the prompt kernel
 # holds, sharing its key reads, and at most PREFILL_QUERY_TOKENS tokens; 1 row turns the prompt kernel off.
 # On an H200 (benchmarks/results/tune_attention_prompts_h200.txt) up to 32 rows gave the decode kernel's bits,
@@ -73,7 +73,7 @@ def _chunk_kernel(
     stride_qn, stride_qh, stride_blk, stride_kv, stride_tok, stride_head, stride_table,
     scale, window, n_heads, n_chunks,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr, CHUNK_STAGES: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -85,17 +85,19 @@ def _chunk_kernel(
     heads = kv_head * GROUP + g
     qd_mask = (g < GROUP)[:, None] & (d < D)[None, :]
     q = tl.load(q_ptr + tok * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=qd_mask, other=0.0)
-    # Program p of a token takes its chunks p, p + P, ...: each chunk's result is the same whatever P is.
-    chunk = first // CHUNK_SIZE + tl.program_id(2)
-    while chunk <= pos // CHUNK_SIZE:
+    # Program p of a token takes its chunks p, p + P, ...: each chunk's result is the same whatever P is. A
+    # counted loop lets Triton load the next chunks' tiles while one computes (CHUNK_STAGES in flight).
+    step = tl.num_programs(2)
+    first_chunk = first // CHUNK_SIZE + tl.program_id(2)
+    for i in tl.range(0, tl.cdiv(pos // CHUNK_SIZE + 1 - first_chunk, step), num_stages=CHUNK_STAGES):
+        chunk = first_chunk + i * step
         lo = chunk * CHUNK_SIZE
         hi = tl.minimum(lo + CHUNK_SIZE, pos + 1)
         m = tl.full([GROUP_P], float("-inf"), tl.float32)
         denom = tl.zeros([GROUP_P], tl.float32)
         acc = tl.zeros([GROUP_P, D_P], tl.float32)
-        # A fixed trip count lets Triton prefetch the next tile while this one computes. Tiles outside
-        # [first, hi) are masked: they load nothing and leave m, denom and acc exactly as they were.
-        for t in tl.range(0, CHUNK_SIZE // BLOCK_N, num_stages=NUM_STAGES):
+        # Tiles outside [first, hi) are masked: they load nothing and leave m, denom and acc exactly as they were.
+        for t in tl.static_range(CHUNK_SIZE // BLOCK_N):
             kp = lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = (kp < hi) & (kp >= first)
             block = tl.load(tables_ptr + row * stride_table + kp // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
@@ -107,49 +109,6 @@ def _chunk_kernel(
         tl.store(acc_ptr + slot[:, None] * D_P + d[None, :], acc, mask=(g < GROUP)[:, None])
         tl.store(ml_ptr + slot * 2, m, mask=g < GROUP)
         tl.store(ml_ptr + slot * 2 + 1, denom, mask=g < GROUP)
-        chunk += tl.num_programs(2)
-
-
-@triton.jit
-def _chunk_heads_kernel(
-    q_ptr, kv_ptr, acc_ptr, ml_ptr, tables_ptr, rows_ptr, pos_ptr,
-    stride_qn, stride_qh, stride_blk, stride_kv, stride_tok, stride_head, stride_table,
-    scale, window, n_heads, n_chunks, n_kv,
-    GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr, HEAD_STAGES: tl.constexpr,
-):
-    """The chunk kernel for large batches: a program takes a token's chunks for every KV head in turn, so it
-    looks up a chunk's blocks once and keeps the next heads' tiles in flight while one computes. Each
-    (token, KV head, chunk) is the chunk kernel's arithmetic on the same shapes."""
-    tl.static_assert(CHUNK_SIZE == BLOCK_N)
-    tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + tok).to(tl.int32)
-    first = _first_key(pos, window)
-    row = tl.load(rows_ptr + tok).to(tl.int64)
-    g = tl.arange(0, GROUP_P)
-    d = tl.arange(0, D_P)
-    qd_mask = (g < GROUP)[:, None] & (d < D)[None, :]
-    chunk = first // CHUNK_SIZE + tl.program_id(1)
-    while chunk <= pos // CHUNK_SIZE:
-        lo = chunk * CHUNK_SIZE
-        kp = lo + tl.arange(0, BLOCK_N)
-        valid = (kp < tl.minimum(lo + CHUNK_SIZE, pos + 1)) & (kp >= first)
-        block = tl.load(tables_ptr + row * stride_table + kp // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        base = block * stride_blk + (kp % BLOCK_SIZE) * stride_tok
-        kv_mask = valid[:, None] & (d < D)[None, :]
-        for kv_head in tl.range(0, n_kv, num_stages=HEAD_STAGES):
-            heads = kv_head * GROUP + g
-            q = tl.load(q_ptr + tok * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=qd_mask, other=0.0)
-            m = tl.full([GROUP_P], float("-inf"), tl.float32)
-            denom = tl.zeros([GROUP_P], tl.float32)
-            acc = tl.zeros([GROUP_P, D_P], tl.float32)
-            m, denom, acc = _attend_tile(q, kv_ptr + (base + kv_head * stride_head)[:, None] + d[None, :],
-                                         stride_kv, kv_mask, valid[None, :], scale, m, denom, acc)
-            slot = (tok * n_heads + heads) * n_chunks + chunk
-            tl.store(acc_ptr + slot[:, None] * D_P + d[None, :], acc, mask=(g < GROUP)[:, None])
-            tl.store(ml_ptr + slot * 2, m, mask=g < GROUP)
-            tl.store(ml_ptr + slot * 2 + 1, denom, mask=g < GROUP)
-        chunk += tl.num_programs(1)
 
 
 @triton.jit
@@ -270,24 +229,20 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     n_chunks = max(1, -(-max_context // CHUNK))
     acc = torch.empty((n, n_heads, n_chunks, d_p), dtype=torch.float32, device=q.device)
     ml = torch.empty((n, n_heads, n_chunks, 2), dtype=torch.float32, device=q.device)
-    programs = PROGRAMS_SMALL if n * n_kv <= SMALL else PROGRAMS
+    programs, stages = (PROGRAMS_SMALL, CHUNK_STAGES_SMALL) if n * n_kv <= SMALL else (PROGRAMS, CHUNK_STAGES)
     strides = (q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2),
                kv_layer.stride(3), block_tables.stride(0))
     common = dict(D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=BLOCK_N, CHUNK_SIZE=CHUNK,
-                  NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
-    if query_tile == 1 and HEADS_LOOP and n * n_kv > SMALL and CHUNK == BLOCK_N:
-        _chunk_heads_kernel[(n, min(n_chunks, HEADS_PROGRAMS))](
-            q, kv_layer, acc, ml, block_tables, token_row, token_pos, *strides, scale, window, n_heads, n_chunks,
-            n_kv, GROUP=group, GROUP_P=group_p, D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=BLOCK_N,
-            CHUNK_SIZE=CHUNK, HEAD_STAGES=HEAD_STAGES, num_warps=HEADS_WARPS)
-    elif query_tile == 1:
+                  num_warps=NUM_WARPS)
+    if query_tile == 1:
         _chunk_kernel[(n, n_kv, min(n_chunks, programs))](
             q, kv_layer, acc, ml, block_tables, token_row, token_pos, *strides, scale, window, n_heads, n_chunks,
-            GROUP=group, GROUP_P=group_p, **common)
+            GROUP=group, GROUP_P=group_p, CHUNK_STAGES=stages, **common)
     else:
         _tile_chunk_kernel[(triton.cdiv(n, query_tile), n_kv, min(n_chunks, programs))](
             q, kv_layer, acc, ml, block_tables, token_row, token_pos, *strides, scale, window, n_heads, n_chunks,
-            n, QT=query_tile, GROUP=group, ROWS_P=max(16, triton.next_power_of_2(query_tile * group)), **common)
+            n, QT=query_tile, GROUP=group, ROWS_P=max(16, triton.next_power_of_2(query_tile * group)),
+            NUM_STAGES=NUM_STAGES, **common)
     _merge_kernel[(n, n_heads)](acc, ml, out, token_pos, out.stride(0), out.stride(1), window, n_heads, n_chunks,
                                 D=d_head, D_P=d_p, CHUNK_SIZE=CHUNK, MERGE=MERGE, num_warps=MERGE_WARPS)
     return out
