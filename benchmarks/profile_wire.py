@@ -11,7 +11,9 @@ calls over the REST routes (httpx, one kept-alive connection).
 The client runs the WebSocket trials twice: first with the process's default allocator settings
 (`djinn.connect(url)`, the default), then after `keep_freed_memory()`, which cannot be undone
 in a process, so it comes second. Prints per mode the medians of: the engine's Paused event -> the client
-has it; the client has it -> the engine runs its resume; and their sum.
+has it; the client has it -> the engine runs its resume; and their sum. Then the first mode's Paused event
+piece by piece: the server's stream writer takes it, has encoded it, has sent it; the client's websockets
+connection hands the frame over, the client has decoded it.
 """
 from __future__ import annotations
 
@@ -42,10 +44,71 @@ def model(device: str, width: int = 768):
     return load_random(cfg, torch.float16, torch.device(device), name="gpt2-shape"), 6
 
 
+PIECES = ("writer has it", "encoded", "sent", "client reads it", "client decoded it")
+
+
+def stamp_server_frames() -> None:
+    """Stamp a Paused event's way through the server: its stream's writer takes it, the frame is encoded
+    (msgpack around the safetensors activation), the socket send returns."""
+    import djinn.server.sockets as sockets
+    import djinn.server.stream as stream
+
+    encode_event, pack, send = stream.encode_event, sockets.pack, sockets.Conn.send
+
+    def encode_event_stamped(ev):
+        if isinstance(ev, djinn.Paused):
+            STAMPS.append((PIECES[0], time.perf_counter()))
+        return encode_event(ev)
+
+    def pack_stamped(frame):
+        data = pack(frame)
+        if frame.get("type") == "paused":
+            STAMPS.append((PIECES[1], time.perf_counter()))
+        return data
+
+    async def send_stamped(self, frame):
+        await send(self, frame)
+        if frame.get("type") == "paused":
+            STAMPS.append((PIECES[2], time.perf_counter()))
+    stream.encode_event, sockets.pack, sockets.Conn.send = encode_event_stamped, pack_stamped, send_stamped
+
+
+def stamp_client_frames(stamps: list) -> None:
+    """Stamp the client's side of a large frame: the websockets connection hands it over, it is decoded."""
+    import djinn.client.remote as remote
+
+    unpack_frame = remote.unpack
+
+    def unpack_stamped(data, *args, **kwargs):
+        big = len(data) > 1 << 16
+        if big:
+            stamps.append((PIECES[3], time.perf_counter()))
+        msg = unpack_frame(data, *args, **kwargs)
+        if big:
+            stamps.append((PIECES[4], time.perf_counter()))
+        return msg
+    remote.unpack = unpack_stamped
+
+
+def pieces(server_stamps: list, client_stamps: list, client_got: list[float]) -> dict:
+    """Per piece, the median ms from the engine's Paused event to the first stamp of that piece after it."""
+    paused = [t for n, t in server_stamps if n == "paused"]
+    stamps = server_stamps + client_stamps
+    out = {}
+    for piece in PIECES:
+        xs = []
+        for got in client_got:
+            p = max(t for t in paused if t <= got)
+            xs.append((min(t for n, t in stamps if n == piece and t >= p) - p) * 1000)
+        out[piece] = statistics.median(xs)
+    return out
+
+
 def serve(device: str, width: int, port: int, stamps_path: str) -> None:
     from djinn.server.launch import run
 
     stamp_engine()
+    stamp_server_frames()
     dump_on_sigterm(stamps_path)
     loaded, _ = model(device, width)
     run([loaded], port=port, api_keys=[], kv_memory=2 << 30, log_level="warning")
@@ -143,6 +206,8 @@ def main() -> None:
     with served([os.path.abspath(__file__), "--serve", "--device", args.device, "--width", str(args.width),
                  "--stamps", stamps_path]) as url:
         client = djinn.connect(url, keep_freed_memory=False)
+        client_stamps: list = []
+        stamp_client_frames(client_stamps)
         got_default = round_trips(client, layer, args.trials, vocab)
         keep_freed_memory()
         got_kept = round_trips(client, layer, args.trials, vocab)
@@ -158,6 +223,9 @@ def main() -> None:
     for mode in ("embedded", "websocket_default_allocator", "websocket_keep_freed_memory"):
         r = results[mode]
         print(f"  {mode:30s} {r['paused_to_client_ms']:17.3f} {r['client_to_resume_ms']:17.3f} {r['sum_ms']:8.3f}")
+    split = pieces(server, client_stamps, got_default)
+    print("the Paused event over WebSocket (default allocator), medians in ms after the engine emitted it:")
+    print("  " + ", ".join(f"{piece} {split[piece]:.3f}" for piece in PIECES))
     c = results["control"]
     print("control calls, medians of 30, ms (control socket | REST route):")
     print(f"  checkpoint()   {c['checkpoint_control_socket_ms']:.3f} | {c['checkpoint_rest_ms']:.3f}"
