@@ -298,10 +298,10 @@ def seed_experiment(client, shape: str, n_new=128, trials=3, rt_trials=15) -> di
         if holder:
             holder.close()
         return n_new / dt
-    alone = med([tps(False) for _ in range(trials)])
-    beside = med([tps(True) for _ in range(trials)])
-    result["other_session_tokens_per_s_alone"] = alone
-    result["other_session_tokens_per_s_while_one_paused"] = beside
+    runs = [(tps(False), tps(True)) for _ in range(trials)]  # taking turns, so a slow stretch hits both alike
+    result["other_session_tokens_per_s_alone"] = med([a for a, _ in runs])
+    result["other_session_tokens_per_s_while_one_paused"] = med([b for _, b in runs])
+    result["other_session_trials"] = runs
     return result
 
 
