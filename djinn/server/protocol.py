@@ -15,13 +15,13 @@ dependencies.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any, Callable, Optional
 
 import msgpack
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from ..errors import DjinnError, InvalidRequest, InvalidTensor, MalformedFrame, error_from_code
 from ..events import Done, Error, GenerateResult, ModelInfo, Paused, Token
@@ -32,15 +32,29 @@ TENSOR_EXT = 1
 MSGPACK = "application/msgpack"
 PROTOCOL_HEADER = "X-Djinn-Protocol"
 
-# Tensors a client may send. (Integer tensors decode too, so that the engine can say "must be floating-point".)
-WIRE_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-               torch.int16, torch.int8, torch.uint8, torch.bool}
+# The dtypes a tensor may have on the wire, by their safetensors names. (Integer tensors decode too, so that
+# the engine can say "must be floating-point".)
+WIRE_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
 
 
 # ---------------------------------------------------------------- tensors and frames
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:
-    return st_save({"t": t.detach().to("cpu").contiguous()})
+    """`t` as a safetensors file holding one tensor "t": the little-endian header length, the JSON header
+    padded to 8 bytes, the raw data; the same bytes safetensors.torch.save writes (tests read them back with
+    the library), in one copy of the data. A paused activation is encoded on the server's event loop while
+    the client waits, and the library's way there took 0.4 ms for a 0.8 MB activation in a server against
+    0.05 in a tight loop (benchmarks/results/profile_wire_split_*)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype not in WIRE_DTYPES:
+        raise TypeError(f"tensor dtype {t.dtype} is not accepted on the wire")
+    data = t.reshape(-1).view(torch.uint8).numpy()
+    header = json.dumps({"t": {"dtype": WIRE_DTYPES[t.dtype], "shape": list(t.shape),
+                               "data_offsets": [0, data.nbytes]}}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return b"".join((len(header).to_bytes(8, "little"), header, data))
 
 
 def tensor_from_bytes(data: bytes) -> torch.Tensor:
