@@ -3,7 +3,8 @@
 #
 #   benchmarks/run_gpu.sh latency      # GPU smoke test, GPT-2 part, round-trip / wire / control / checkpoint profiles
 #   benchmarks/run_gpu.sh throughput   # Mistral part, throughput part
-#   benchmarks/run_gpu.sh kernels      # the prompt attention's query tiles, large decode batches' programs, host time per step
+#   benchmarks/run_gpu.sh kernels      # attention: prompts' tiles and programs, decode programs and chunks in
+#                                      # flight; host time per step
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
 # that hangs cannot take the group's others with it. The WebSocket halves need the server's packages.

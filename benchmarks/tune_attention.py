@@ -2,12 +2,12 @@
 and 64, a 512-token prefill), to pick the defaults in djinn/kernels/paged_attention.py. Calls are timed
 inside a CUDA graph, as decode steps run them, so the figures are GPU time without launch overhead. Prints
 one line per setting, then the settings ranked by decode time (prefill as the tie-break), then prompts with
-their tokens taken 1, 2, 4, ... 32 at a time (the prompt kernel's query tile), each checked bit for bit
-against one token at a time (the decode kernel), then decode batches over programs per token and chunks
-in flight per program, each checked bit for bit against the defaults.
+their tokens taken 1, 2, 4, ... 32 at a time (the prompt kernel's query tile) and over the prompt kernel's
+programs, each checked bit for bit against one token at a time (the decode kernel), then decode batches
+over programs per token and chunks in flight per program, each checked bit for bit against the defaults.
 
     python3 benchmarks/tune_attention.py             # everything
-    python3 benchmarks/tune_attention.py --prompts   # only the prompts' query tiles
+    python3 benchmarks/tune_attention.py --prompts   # only the prompts' query tiles and programs
     python3 benchmarks/tune_attention.py --defaults  # only the module's settings, timed on each shape
     python3 benchmarks/tune_attention.py --programs  # only decode batches' programs and chunks in flight
 """
@@ -33,6 +33,7 @@ SHAPES = {
 PROMPTS = {
     "gpt2 prefill 512": (12, 12, 64, torch.float16, list(range(512)), 1, 1024),
     "mistral prefill 512": (32, 8, 128, torch.bfloat16, list(range(512)), 1, 4096),
+    "mistral prefill 2048": (32, 8, 128, torch.bfloat16, list(range(2048)), 1, 4096),
     "mistral 4 prompts of 128": (32, 8, 128, torch.bfloat16, list(range(128)), 4, 4096),
     "qwen2-7b shape (7 heads a KV head) prefill 512": (28, 4, 128, torch.bfloat16, list(range(512)), 1, 4096),
 }
@@ -96,7 +97,8 @@ def defaults_only() -> None:
 
 def prompts_query_tile() -> None:
     """Prompts with a prompt's tokens taken 1, 2, ... at a time, at the module's other defaults; every tile's
-    output against one token at a time, and the tile prefill_query_tile picks."""
+    output against one token at a time, and the tile prefill_query_tile picks; then that tile over the
+    prompt kernel's programs per (tile, KV head)."""
     print("\nprompts, tokens a program takes together (the query tile; * marks the default's pick):")
     for name, shape in PROMPTS.items():
         torch.manual_seed(0)
@@ -110,6 +112,16 @@ def prompts_query_tile() -> None:
             print(f"  {name}, tile {tile}{' *' if tile == pick else ''} ({rows} query rows): {gpu_us(f):.1f} us "
                   f"(bit-identical to tile 1: {torch.equal(got, one)}; max difference "
                   f"{(got.float() - one.float()).abs().max().item():.2e})", flush=True)
+        kept = pa.PROMPT_PROGRAMS
+        try:
+            for programs in (1, 2, 4, 8, 16):  # the picked tile over programs per (tile, KV head)
+                pa.PROMPT_PROGRAMS = programs
+                torch.manual_seed(0)
+                f = case(*shape, query_tile=pick)
+                print(f"  {name}, tile {pick}, PROMPT_PROGRAMS {programs}{' *' if programs == kept else ''}: "
+                      f"{gpu_us(f):.1f} us (bit-identical to tile 1: {torch.equal(f(), one)})", flush=True)
+        finally:
+            pa.PROMPT_PROGRAMS = kept
 
 
 LARGE_BATCHES = {

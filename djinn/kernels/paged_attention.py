@@ -30,6 +30,9 @@ NUM_STAGES = 1  # tiles in flight per program of the prompt kernel
 PROGRAMS, CHUNK_STAGES = 1, 3
 PROGRAMS_SMALL, CHUNK_STAGES_SMALL = 16, 1
 SMALL = 256  # (token, KV head) pairs up to which a batch counts as small
+# Programs per (query tile, KV head) of the prompt kernel past SMALL (PROGRAMS_SMALL below it): a long
+# prompt's last tiles hold many chunks, and its sweep and profiles ran with 8.
+PROMPT_PROGRAMS = 8
 MERGE = 8  # partial results merged per iteration
 # Query rows (a prompt's consecutive tokens x the query heads of one KV head) a program of the prompt kernel
 # holds, sharing its key reads, and at most PREFILL_QUERY_TOKENS tokens; 1 row turns the prompt kernel off.
@@ -229,16 +232,18 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     n_chunks = max(1, -(-max_context // CHUNK))
     acc = torch.empty((n, n_heads, n_chunks, d_p), dtype=torch.float32, device=q.device)
     ml = torch.empty((n, n_heads, n_chunks, 2), dtype=torch.float32, device=q.device)
-    programs, stages = (PROGRAMS_SMALL, CHUNK_STAGES_SMALL) if n * n_kv <= SMALL else (PROGRAMS, CHUNK_STAGES)
+    small = n * n_kv <= SMALL
     strides = (q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2),
                kv_layer.stride(3), block_tables.stride(0))
     common = dict(D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=BLOCK_N, CHUNK_SIZE=CHUNK,
                   num_warps=NUM_WARPS)
     if query_tile == 1:
+        programs, stages = (PROGRAMS_SMALL, CHUNK_STAGES_SMALL) if small else (PROGRAMS, CHUNK_STAGES)
         _chunk_kernel[(n, n_kv, min(n_chunks, programs))](
             q, kv_layer, acc, ml, block_tables, token_row, token_pos, *strides, scale, window, n_heads, n_chunks,
             GROUP=group, GROUP_P=group_p, CHUNK_STAGES=stages, **common)
     else:
+        programs = PROGRAMS_SMALL if small else PROMPT_PROGRAMS
         _tile_chunk_kernel[(triton.cdiv(n, query_tile), n_kv, min(n_chunks, programs))](
             q, kv_layer, acc, ml, block_tables, token_row, token_pos, *strides, scale, window, n_heads, n_chunks,
             n, QT=query_tile, GROUP=group, ROWS_P=max(16, triton.next_power_of_2(query_tile * group)),
