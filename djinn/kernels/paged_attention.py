@@ -3,9 +3,9 @@
 Keys are split into fixed chunks of absolute positions (CHUNK). For each (query token, KV head) up to
 PROGRAMS programs share out the token's chunks, each streaming its own; each chunk gets all the query heads
 that share the KV head (GQA) over its keys with an online softmax, and a second kernel merges the chunks of
-each token, MERGE at a time, in order. The arithmetic depends only on positions, never on the batch or the grid, so a token's
-result is the same bits whether it runs eagerly or inside a CUDA graph, alone or with others. All metadata
-lives in device tensors, so both kernels can be captured.
+each token, MERGE at a time, in order. The arithmetic depends only on positions, never on the batch or the
+grid, so a token's result is the same bits whether it runs eagerly or inside a CUDA graph, alone or with
+others. All metadata lives in device tensors, so both kernels can be captured.
 
 Steps with prompts give each program several consecutive tokens instead (prefill_query_tile), which read
 each key tile once for all of their row's tokens among them. A token's result stays independent of the grid
