@@ -1,10 +1,11 @@
 """Times the Triton paged attention over its settings for the shapes the benchmarks run (decode at batch 1
 and 64, a 512-token prefill), to pick the defaults in djinn/kernels/paged_attention.py. Calls are timed
 inside a CUDA graph, as decode steps run them, so the figures are GPU time without launch overhead. Prints
-one line per setting, then the settings ranked by decode time (prefill as the tie-break), then prompts with
-their tokens taken 1, 2, 4, ... 32 at a time (the prompt kernel's query tile) and over the prompt kernel's
-programs, each checked bit for bit against one token at a time (the decode kernel), then decode batches
-over programs per token and chunks in flight per program, each checked bit for bit against the defaults.
+one line per chunk and tile size, then those ranked by decode time (prefill as the tie-break), then
+prompts with their tokens taken 1, 2, 4, ... 32 at a time (the prompt kernel's query tile) and over the
+prompt kernel's programs, each checked bit for bit against one token at a time (the decode kernel), then
+decode batches over programs per token and chunks in flight per program, each checked bit for bit against
+the defaults.
 
     python3 benchmarks/tune_attention.py             # everything
     python3 benchmarks/tune_attention.py --prompts   # only the prompts' query tiles and programs
@@ -70,21 +71,22 @@ def gpu_us(f, calls: int = 10, replays: int = 20) -> float:
 
 
 def main() -> None:
+    """Chunk and tile sizes (unlike the settings swept after them, they change a token's bits) at the module's
+    programs and chunks in flight; then the prompts' tiles and the decode batches' programs."""
     cases = {name: case(*shape) for name, shape in SHAPES.items()}
-    defaults = pa.CHUNK, pa.BLOCK_N, pa.NUM_STAGES, pa.PROGRAMS, pa.PROGRAMS_SMALL
+    defaults = pa.CHUNK, pa.BLOCK_N
     results = {}
-    for chunk, block_n, stages, programs in itertools.product((64, 128, 256), (32, 64), (1, 2, 3), (8, 16, 32)):
+    for chunk, block_n in itertools.product((64, 128, 256), (32, 64)):
         if block_n > chunk:
             continue
-        pa.CHUNK, pa.BLOCK_N, pa.NUM_STAGES = chunk, block_n, stages
-        pa.PROGRAMS = pa.PROGRAMS_SMALL = programs
-        key = f"chunk {chunk} block_n {block_n} stages {stages} programs {programs}"
+        pa.CHUNK, pa.BLOCK_N = chunk, block_n
+        key = f"chunk {chunk} block_n {block_n}"
         results[key] = [gpu_us(f) for f in cases.values()]
         print(key + ": " + ", ".join(f"{n} {t:.1f} us" for n, t in zip(cases, results[key])), flush=True)
     print("\nranked by decode time (" + ", ".join(cases) + "):")
-    for key, t in sorted(results.items(), key=lambda kv: (sum(kv[1][:3]), kv[1][3]))[:10]:
+    for key, t in sorted(results.items(), key=lambda kv: (sum(kv[1][:3]), kv[1][3])):
         print(f"{sum(t[:3]):7.1f} us decode  {key}  ({', '.join(f'{x:.1f}' for x in t)})")
-    pa.CHUNK, pa.BLOCK_N, pa.NUM_STAGES, pa.PROGRAMS, pa.PROGRAMS_SMALL = defaults
+    pa.CHUNK, pa.BLOCK_N = defaults
     prompts_query_tile()
     large_batch_programs()
 
