@@ -17,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from typing import Any, Callable, Optional
 
 import msgpack
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from ..errors import DjinnError, InvalidRequest, InvalidTensor, MalformedFrame, error_from_code
 from ..events import Done, Error, GenerateResult, ModelInfo, Paused, Token
@@ -50,6 +52,8 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
     t = t.detach().to("cpu").contiguous()
     if t.dtype not in WIRE_DTYPES:
         raise TypeError(f"tensor dtype {t.dtype} is not accepted on the wire")
+    if sys.byteorder != "little":  # the file's data is little-endian: the library swaps the bytes
+        return st_save({"t": t})
     data = t.reshape(-1).view(torch.uint8).numpy()
     header = json.dumps({"t": {"dtype": WIRE_DTYPES[t.dtype], "shape": list(t.shape),
                                "data_offsets": [0, data.nbytes]}}, separators=(",", ":")).encode()
