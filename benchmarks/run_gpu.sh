@@ -2,7 +2,7 @@
 # The GPU runs behind benchmarks/results, as groups of under 10 minutes each on an H200:
 #
 #   benchmarks/run_gpu.sh latency      # GPU smoke test, GPT-2 part, round-trip / wire / control / checkpoint profiles
-#   benchmarks/run_gpu.sh throughput   # Mistral part, throughput part
+#   benchmarks/run_gpu.sh throughput   # Mistral part, throughput part, the 64-session step profile
 #   benchmarks/run_gpu.sh kernels      # attention: prompts' tiles and programs, decode programs and chunks in
 #                                      # flight; host time per step
 #
@@ -31,8 +31,9 @@ latency)
     run 50 profile_checkpoint.txt python3 benchmarks/profile_checkpoint.py
     ;;
 throughput)
-    run 200 bench_mistral.log python3 benchmarks/bench.py --part mistral
-    run 380 bench_throughput.log python3 benchmarks/bench.py --part throughput
+    run 160 bench_mistral.log python3 benchmarks/bench.py --part mistral
+    run 300 bench_throughput.log python3 benchmarks/bench.py --part throughput
+    run 100 profile_mistral_64.txt python3 benchmarks/profile_step.py --sessions 64
     ;;
 kernels)
     run 150 tune_attention_prompts.txt python3 benchmarks/tune_attention.py --prompts
