@@ -31,9 +31,9 @@ latency)
     run 50 profile_checkpoint.txt python3 benchmarks/profile_checkpoint.py
     ;;
 throughput)
-    run 160 bench_mistral.log python3 benchmarks/bench.py --part mistral
-    run 300 bench_throughput.log python3 benchmarks/bench.py --part throughput
-    run 100 profile_mistral_64.txt python3 benchmarks/profile_step.py --sessions 64
+    run 150 bench_mistral.log python3 benchmarks/bench.py --part mistral
+    run 360 bench_throughput.log python3 benchmarks/bench.py --part throughput
+    run 80 profile_mistral_64.txt python3 benchmarks/profile_step.py --sessions 64
     ;;
 kernels)
     run 150 tune_attention_prompts.txt python3 benchmarks/tune_attention.py --prompts
