@@ -52,8 +52,12 @@ def load(path: str) -> list[tuple[str, float]]:
 def paused_to_client_ms(engine_stamps: list[tuple[str, float]], client_got: list[float]) -> list[float]:
     """Per client stamp, the ms since the engine emitted that Paused event: each client stamp is matched to
     the engine's last Paused before it (one pause in flight at a time)."""
-    paused = [t for n, t in engine_stamps if n == "paused"]
-    return [(got - max(t for t in paused if t <= got)) * 1000 for got in client_got]
+    return [(got - paused_before(engine_stamps, got)) * 1000 for got in client_got]
+
+
+def paused_before(engine_stamps: list[tuple[str, float]], t: float) -> float:
+    """The engine's last Paused stamp at or before `t`."""
+    return max(s for n, s in engine_stamps if n == "paused" and s <= t)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,8 @@ from djinn.allocator import keep_freed_memory  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
 from djinn.server.protocol import unpack  # noqa: E402
-from benchmarks.engine_stamps import STAMPS, dump_on_sigterm, load, paused_to_client_ms, served, stamp_engine  # noqa: E402
+from benchmarks.engine_stamps import (STAMPS, dump_on_sigterm, load, paused_before, paused_to_client_ms,  # noqa: E402
+                                     served, stamp_engine)
 
 def model(device: str, width: int = 768):
     if device == "cpu":
@@ -92,16 +93,10 @@ def stamp_client_frames(stamps: list) -> None:
 
 def pieces(server_stamps: list, client_stamps: list, client_got: list[float]) -> dict:
     """Per piece, the median ms from the engine's Paused event to the first stamp of that piece after it."""
-    paused = [t for n, t in server_stamps if n == "paused"]
     stamps = server_stamps + client_stamps
-    out = {}
-    for piece in PIECES:
-        xs = []
-        for got in client_got:
-            p = max(t for t in paused if t <= got)
-            xs.append((min(t for n, t in stamps if n == piece and t >= p) - p) * 1000)
-        out[piece] = statistics.median(xs)
-    return out
+    paused = [paused_before(server_stamps, got) for got in client_got]
+    return {piece: statistics.median((min(t for n, t in stamps if n == piece and t >= p) - p) * 1000 for p in paused)
+            for piece in PIECES}
 
 
 def serve(device: str, width: int, port: int, stamps_path: str) -> None:
