@@ -1,5 +1,6 @@
 """The Triton kernels (paged attention, rotary + KV write, RMSNorm and LayerNorm with a fused residual add,
-SwiGLU, one-row GEMV, few-row product) compute what the portable PyTorch path computes. Runs through Triton's CPU interpreter
+SwiGLU, one-row GEMV with and without the norm and GELU around it, few-row product, greedy pick) compute what
+the portable PyTorch path computes. Runs through Triton's CPU interpreter
 here; on GPUs they run compiled."""
 import os
 import subprocess
@@ -35,6 +36,26 @@ SCRIPT = textwrap.dedent("""
     for n_out, n_in, bias in ((37, 600, torch.randn(37)), (64, 1024, None)):  # a ragged and an even shape
         w, x = torch.randn(n_out, n_in), torch.randn(1, n_in)
         assert (gemv(x, w, bias) - F.linear(x, w, bias)).abs().max() < 1e-4
+    from djinn.kernels.gemv import norm_gemv
+    for (n_out, n_in), rms, dtype in itertools.product(((37, 600), (64, 1024)), (True, False), (torch.float32, torch.float16)):
+        x, r = torch.randn(1, n_in, dtype=dtype), torch.randn(1, n_in, dtype=dtype)
+        nw, nb = torch.randn(n_in), None if rms else torch.randn(n_in)
+        w, b = torch.randn(n_out, n_in, dtype=dtype), torch.randn(n_out, dtype=dtype)
+        for res, gelu in itertools.product((None, r), (False, True)):
+            total, out = norm_gemv(x, res, nw, nb, 1e-5, rms, w, b, gelu)
+            same, normed = norm(x, res, nw, nb, 1e-5, rms)  # the separate kernels: norm, product, activation
+            ref = F.linear(normed.float(), w.float(), b.float()).to(dtype).float()
+            ref = F.gelu(ref, approximate="tanh") if gelu else ref
+            assert torch.equal(total, same) and (res is not None or total is x)  # the add rounds as they do
+            assert ((out.float() - ref).abs() / (1 + ref.abs())).max() < (1e-4 if dtype == torch.float32 else 2e-3)
+    from djinn.kernels.argmax import argmax
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(5, 3000).to(dtype)
+        x[1, 2000] = x[1, 2900] = x[1].max() + 1  # a tie: the first index
+        x[2] = float("-inf")
+        x[3, 2500] = x[3, 2999] = float("nan")  # a NaN counts as the maximum, the first one
+        x[4] = 1.0
+        assert torch.equal(argmax(x), x.argmax(-1)), (dtype, argmax(x), x.argmax(-1))
     from djinn.kernels.skinny_matmul import skinny_matmul
     for n_out, n_in, bias in ((37, 200, torch.randn(37)), (96, 256, None)):  # K ragged for the tile, and even
         w, x = torch.randn(n_out, n_in), torch.randn(64, n_in)

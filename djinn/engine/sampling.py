@@ -49,9 +49,18 @@ class SamplingParams:
         return self.temperature <= 0.0
 
 
+def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1); on the GPU through a kernel that streams a row faster than PyTorch's reduction."""
+    if logits.is_cuda and logits.dim() == 2 and logits.stride(-1) == 1:
+        from ..kernels.argmax import argmax
+
+        return argmax(logits)
+    return logits.argmax(-1)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], counters: list[int]) -> torch.Tensor:
     """One token per row of `logits` [B, vocab]."""
-    greedy = logits.argmax(-1)
+    greedy = greedy_pick(logits)
     if all(p.greedy for p in params):
         return greedy
     dev = logits.device

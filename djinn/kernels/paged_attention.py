@@ -30,9 +30,10 @@ NUM_STAGES = 1  # tiles in flight per program of the prompt kernel
 PROGRAMS, CHUNK_STAGES = 1, 3
 PROGRAMS_SMALL, CHUNK_STAGES_SMALL = 16, 1
 SMALL = 256  # (token, KV head) pairs up to which a batch counts as small
-# Programs per (query tile, KV head) of the prompt kernel past SMALL (PROGRAMS_SMALL below it): a long
-# prompt's last tiles hold many chunks, and its sweep and profiles ran with 8.
-PROMPT_PROGRAMS = 8
+# Programs per (query tile, KV head) of the prompt kernel past SMALL (PROGRAMS_SMALL below it). On an H200
+# (tune_attention_prompts_h200.txt, 1-16 swept over five prompt shapes) 2 was fastest in sum: 938 us against
+# 964 for 1 and 1095 for 8; a 2048-token Mistral prompt 842 -> 738 us against 8.
+PROMPT_PROGRAMS = 2
 MERGE = 8  # partial results merged per iteration
 # Query rows (a prompt's consecutive tokens x the query heads of one KV head) a program of the prompt kernel
 # holds, sharing its key reads, and at most PREFILL_QUERY_TOKENS tokens; 1 row turns the prompt kernel off.

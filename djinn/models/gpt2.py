@@ -9,12 +9,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attention import paged_attention
 from .config import ModelConfig
 from .context import ForwardContext
-from .layers import LayerNorm, Linear
+from .layers import LayerNorm, Linear, normed_linear
 
 
 class GPT2Attention(nn.Module):
@@ -24,19 +23,19 @@ class GPT2Attention(nn.Module):
         self.qkv = Linear(cfg.d_model, 3 * cfg.n_heads * cfg.d_head)
         self.proj = Linear(cfg.n_heads * cfg.d_head, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv(x).view(x.shape[0], 3 * self.n_heads, self.d_head).split(self.n_heads, dim=1)
+    def forward(self, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """z from the fused projections `qkv` (self.qkv of the normalised residual)."""
+        q, k, v = qkv.view(qkv.shape[0], 3 * self.n_heads, self.d_head).split(self.n_heads, dim=1)
         return paged_attention(q, k, v, ctx.kv[:, self.layer], ctx.attention, self.d_head**-0.5)
 
 
 class GPT2MLP(nn.Module):
+    """proj(gelu(fc(x))); the block runs fc and the GELU together with the norm before them."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc = Linear(cfg.d_model, cfg.d_mlp)
         self.proj = Linear(cfg.d_mlp, cfg.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
 class GPT2Block(nn.Module):
@@ -50,16 +49,16 @@ class GPT2Block(nn.Module):
     def attn_z(self, resid: torch.Tensor, ctx: ForwardContext,
                pending: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(resid + pending, z): a residual add still pending is done together with the norm."""
-        resid, x = self.ln1.add_and_norm(resid, pending)
-        return resid, self.attn(x, ctx)
+        resid, qkv = normed_linear(self.ln1, self.attn.qkv, resid, pending)
+        return resid, self.attn(qkv, ctx)
 
     def attn_out(self, z: torch.Tensor) -> torch.Tensor:
         return self.attn.proj(z.flatten(1))
 
     def mlp_out(self, resid: torch.Tensor,
                 pending: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        resid, x = self.ln2.add_and_norm(resid, pending)
-        return resid, self.mlp(x)
+        resid, hidden = normed_linear(self.ln2, self.mlp.fc, resid, pending, gelu=True)
+        return resid, self.mlp.proj(hidden)
 
 
 class GPT2Model(nn.Module):

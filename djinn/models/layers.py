@@ -83,6 +83,20 @@ class LayerNorm(_Norm):
         return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
 
 
+def normed_linear(norm: _Norm, linear: Linear, resid: torch.Tensor, pending: Optional[torch.Tensor],
+                  gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(resid + pending, linear(norm(resid + pending))), with GELU (tanh) on the product when `gelu`: a block's
+    norm and first product. A one-token step on the GPU runs them, and the add, in one kernel."""
+    if resid.is_cuda and resid.dim() == 2 and resid.shape[0] == 1:
+        from ..kernels.gemv import norm_gemv
+
+        return norm_gemv(resid, pending, norm.weight, norm.bias, norm.eps, norm.rms, linear.weight, linear.bias,
+                         gelu)
+    resid, x = norm.add_and_norm(resid, pending)
+    out = linear(x)
+    return resid, F.gelu(out, approximate="tanh") if gelu else out
+
+
 def rope_inv_freq(d_head: int, theta: float, scaling: Optional[dict[str, Any]]) -> torch.Tensor:
     """Inverse frequencies for rotary embeddings, with Llama-3 or linear scaling."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64).float() / d_head))

@@ -19,7 +19,7 @@ import torch.nn as nn
 from .attention import paged_attention
 from .config import ModelConfig
 from .context import ForwardContext
-from .layers import Linear, RMSNorm, Rotary, silu_mul
+from .layers import Linear, RMSNorm, Rotary, normed_linear, silu_mul
 
 
 class LlamaAttention(nn.Module):
@@ -30,9 +30,10 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head, bias=cfg.qkv_bias)
         self.o_proj = Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=cfg.o_bias)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """z from the fused projections `qkv` (self.qkv_proj of the normalised residual)."""
         h, kv, dh = self.n_heads, self.n_kv_heads, self.d_head
-        q, k, v = self.qkv_proj(x).view(x.shape[0], h + 2 * kv, dh).split([h, kv, kv], dim=1)
+        q, k, v = qkv.view(qkv.shape[0], h + 2 * kv, dh).split([h, kv, kv], dim=1)
         return paged_attention(q, k, v, ctx.kv[:, self.layer], ctx.attention, dh**-0.5, rope=ctx.rope)
 
 
@@ -42,8 +43,9 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(cfg.d_model, 2 * cfg.d_mlp, bias=cfg.mlp_bias)  # gate rows, then up rows
         self.down_proj = Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The MLP's output from gate_up_proj of the normalised residual."""
+        return self.down_proj(silu_mul(gate_up))
 
 
 class LlamaBlock(nn.Module):
@@ -57,16 +59,16 @@ class LlamaBlock(nn.Module):
     def attn_z(self, resid: torch.Tensor, ctx: ForwardContext,
                pending: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(resid + pending, z): a residual add still pending is done together with the norm."""
-        resid, x = self.ln1.add_and_norm(resid, pending)
-        return resid, self.attn(x, ctx)
+        resid, qkv = normed_linear(self.ln1, self.attn.qkv_proj, resid, pending)
+        return resid, self.attn(qkv, ctx)
 
     def attn_out(self, z: torch.Tensor) -> torch.Tensor:
         return self.attn.o_proj(z.flatten(1))
 
     def mlp_out(self, resid: torch.Tensor,
                 pending: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        resid, x = self.ln2.add_and_norm(resid, pending)
-        return resid, self.mlp(x)
+        resid, gate_up = normed_linear(self.ln2, self.mlp.gate_up_proj, resid, pending)
+        return resid, self.mlp(gate_up)
 
 
 class LlamaModel(nn.Module):
