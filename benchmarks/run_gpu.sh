@@ -4,7 +4,7 @@
 #   benchmarks/run_gpu.sh latency      # GPU smoke test, GPT-2 part, round-trip / wire / control / checkpoint profiles
 #   benchmarks/run_gpu.sh throughput   # Mistral part, throughput part, the 64-session step profile
 #   benchmarks/run_gpu.sh kernels      # attention: prompts' tiles and programs, decode programs and chunks in
-#                                      # flight; host time per step
+#                                      # flight; host time per step; one-token steps' kernels (GPT-2, Mistral)
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
 # that hangs cannot take the group's others with it. The WebSocket halves need the server's packages.
@@ -39,6 +39,8 @@ kernels)
     run 150 tune_attention_prompts.txt python3 benchmarks/tune_attention.py --prompts
     run 150 tune_attention_programs.txt python3 benchmarks/tune_attention.py --programs
     run 50 profile_host.txt python3 benchmarks/profile_host.py
+    run 100 profile_gpt2_1.txt python3 benchmarks/profile_step.py --shape gpt2 --sessions 1
+    run 150 profile_mistral_1.txt python3 benchmarks/profile_step.py --shape mistral --sessions 1
     ;;
 *)
     echo "usage: $0 latency|throughput|kernels" >&2
