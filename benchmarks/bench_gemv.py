@@ -1,6 +1,12 @@
 """One-token matrix products: the Triton GEMV (djinn/kernels/gemv.py) over its settings against PyTorch's
 F.linear (cuBLAS) for the Mistral-7B and GPT-2-small shapes, timed inside CUDA graphs. Prints GB/s of
-weights streamed per shape, then the settings ranked by the matrix-product time of one decode step."""
+weights streamed per shape, then the settings ranked by the matrix-product time of one decode step.
+
+`--fused`: a block's add + norm + first product (+ GPT-2's GELU) as separate kernels against `norm_gemv`,
+with and without its first weight tile loaded ahead of the statistics, each product on its own copy of the
+weights (as a step's layers are: no copy is still in L2); and the greedy pick, torch.argmax against the
+Triton kernel (djinn/kernels/argmax.py), bit for bit."""
+import argparse
 import itertools
 import os
 import sys
@@ -58,5 +64,53 @@ def main() -> None:
             print(f"  {s}: {step_us(gemv_us[s], model):.0f} us")
 
 
+def fused() -> None:
+    from djinn.kernels.argmax import argmax
+    from djinn.kernels.fused import norm
+
+    shapes = {  # name: (N, K, dtype, rms, gelu)
+        "gpt2 ln1 + qkv": (2304, 768, torch.float16, False, False),
+        "gpt2 ln2 + fc + gelu": (3072, 768, torch.float16, False, True),
+        "mistral ln1 + qkv": (6144, 4096, torch.bfloat16, True, False),
+        "mistral ln2 + gate_up": (28672, 4096, torch.bfloat16, True, False),
+    }
+    for name, (n, k, dtype, rms, gelu) in shapes.items():
+        copies = max(1, (256 << 20) // (n * k * 2))
+        ws = [torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5 for _ in range(copies)]
+        b = None if rms else torch.randn(n, device="cuda", dtype=dtype)
+        nw, nb = torch.rand(k, device="cuda") + 0.5, None if rms else torch.randn(k, device="cuda")
+        x, r = torch.randn(1, k, device="cuda", dtype=dtype), torch.randn(1, k, device="cuda", dtype=dtype)
+
+        def separate():
+            for w in ws:
+                _, h = norm(x, r, nw, nb, 1e-5, rms)
+                out = gv.gemv(h, w, b)
+                if gelu:
+                    F.gelu(out, approximate="tanh")
+
+        def fused_kernel():
+            for w in ws:
+                gv.norm_gemv(x, r, nw, nb, 1e-5, rms, w, b, gelu)
+
+        times = {"separate kernels": gpu_us(separate, calls=1) / copies}
+        for peel in (False, True):
+            gv.PEEL_NORMED = peel
+            times[f"norm_gemv, first tile ahead {peel}"] = gpu_us(fused_kernel, calls=1) / copies
+        gv.PEEL_NORMED = True
+        print(f"{name} ({copies} weight copies): " + ", ".join(f"{m} {t:.2f} us" for m, t in times.items()),
+              flush=True)
+    for rows, vocab, dtype in ((1, 50257, torch.float16), (1, 32000, torch.bfloat16), (64, 32000, torch.bfloat16),
+                               (128, 32000, torch.bfloat16)):
+        logits = torch.randn(rows, vocab, device="cuda", dtype=dtype)
+        same = torch.equal(argmax(logits), logits.argmax(-1))
+        print(f"greedy pick {rows} x {vocab}: torch.argmax {gpu_us(lambda: logits.argmax(-1)):.2f} us, kernel "
+              f"{gpu_us(lambda: argmax(logits)):.2f} us (same indices: {same})", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fused", action="store_true", help="the fused one-token kernels against separate ones")
+    if ap.parse_args().fused:
+        fused()
+    else:
+        main()

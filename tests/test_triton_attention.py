@@ -48,14 +48,16 @@ SCRIPT = textwrap.dedent("""
             ref = F.gelu(ref, approximate="tanh") if gelu else ref
             assert torch.equal(total, same) and (res is not None or total is x)  # the add rounds as they do
             assert ((out.float() - ref).abs() / (1 + ref.abs())).max() < (1e-4 if dtype == torch.float32 else 2e-3)
-    from djinn.kernels.argmax import argmax
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        x = torch.randn(5, 3000).to(dtype)
-        x[1, 2000] = x[1, 2900] = x[1].max() + 1  # a tie: the first index
+    import djinn.kernels.argmax as am
+    for am.SLICE, dtype in itertools.product((am.SLICE, 1024), (torch.float32, torch.float16, torch.bfloat16)):
+        x = torch.randn(6, 3000).to(dtype)  # one slice a row, then three
+        x[1, 2000] = x[1, 2900] = x[1].max() + 1  # a tie (across slices): the first index
         x[2] = float("-inf")
         x[3, 2500] = x[3, 2999] = float("nan")  # a NaN counts as the maximum, the first one
         x[4] = 1.0
-        assert torch.equal(argmax(x), x.argmax(-1)), (dtype, argmax(x), x.argmax(-1))
+        x[5, 1500], x[5, 10] = float("nan"), float("inf")
+        for _ in range(2):  # the row counters are back at zero after each launch
+            assert torch.equal(am.argmax(x), x.argmax(-1)), (am.SLICE, dtype, am.argmax(x), x.argmax(-1))
     from djinn.kernels.skinny_matmul import skinny_matmul
     for n_out, n_in, bias in ((37, 200, torch.randn(37)), (96, 256, None)):  # K ragged for the tile, and even
         w, x = torch.randn(n_out, n_in), torch.randn(64, n_in)

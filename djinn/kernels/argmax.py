@@ -1,9 +1,10 @@
 """Greedy decoding's pick, the index of each row's largest logit, in Triton.
 
 PyTorch's argmax reduces one row of a large vocabulary in a single block (15 us for GPT-2's 50257 logits on
-an H200, more than any other kernel of its one-token step); here one program streams a row with several
-tiles in flight. The result is torch.argmax's: the first index of the maximum, a NaN counting as the
-maximum.
+an H200, more than any other kernel of its one-token step), and so does one program per row. Here each row
+is shared out over programs of SLICE logits each; each writes its slice's pick, and the row's last program
+to finish (a per-row counter tells it) reduces those picks in a fixed order and resets the counter, all in
+one launch. The result is torch.argmax's: the first index of the maximum, a NaN counting as the maximum.
 """
 from __future__ import annotations
 
@@ -11,44 +12,59 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048
+SLICE = 4096  # logits per program
 NUM_WARPS = 8
-NUM_STAGES = 3
+
+# one counter per row, zero between launches, per (device, stream): launches on one stream never overlap
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 @triton.jit
-def _better(v, i, best_v, best_i):
-    """Whether (v, i) beats (best_v, best_i): larger, or NaN over a number, or equal at a smaller index."""
-    v_nan, b_nan = v != v, best_v != best_v
-    return (v > best_v) | (v_nan & ~b_nan) | (((v == best_v) | (v_nan & b_nan)) & (i < best_i))
+def _first_best(v, i):
+    """(value, index) of the first NaN of (v, i) if there is one, else of the first maximum."""
+    is_nan = v != v
+    any_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
+    top = tl.max(tl.where(is_nan, float("-inf"), v), axis=0)
+    winners = tl.where(any_nan, is_nan, v == top)
+    return tl.where(any_nan, float("nan"), top), tl.min(tl.where(winners, i, 2147483647), axis=0)
 
 
 @triton.jit
-def _argmax_kernel(x_ptr, out_ptr, stride_x, V, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    best_v = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_i = tl.full([BLOCK], 2147483647, tl.int32)
-    for start in tl.range(0, V, BLOCK, num_stages=NUM_STAGES):
-        idx = start + cols
-        mask = idx < V
-        v = tl.load(x_ptr + row * stride_x + idx, mask=mask, other=float("-inf")).to(tl.float32)
-        take = mask & _better(v, idx, best_v, best_i)
-        best_v = tl.where(take, v, best_v)
-        best_i = tl.where(take, idx, best_i)
-    # across the lanes: the first NaN if there is one, else the first index of the maximum
-    is_nan = best_v != best_v
-    if tl.max(is_nan.to(tl.int32), axis=0) > 0:
-        winners = is_nan
-    else:
-        winners = best_v == tl.max(best_v, axis=0)
-    tl.store(out_ptr + row, tl.min(tl.where(winners, best_i, 2147483647), axis=0).to(tl.int64))
+def _argmax_kernel(x_ptr, out_ptr, part_v_ptr, part_i_ptr, count_ptr, stride_x, V, N_SLICES,
+                   SLICE: tl.constexpr, SLICES_P: tl.constexpr):
+    row = tl.program_id(0)
+    part = tl.program_id(1)
+    idx = part * SLICE + tl.arange(0, SLICE)
+    mask = idx < V
+    v = tl.load(x_ptr + row.to(tl.int64) * stride_x + idx, mask=mask, other=float("-inf")).to(tl.float32)
+    best_v, best_i = _first_best(v, tl.where(mask, idx, 2147483647))
+    tl.store(part_v_ptr + row * SLICES_P + part, best_v)
+    tl.store(part_i_ptr + row * SLICES_P + part, best_i)
+    # release our pick; the last of the row's programs acquires all of them
+    if tl.atomic_add(count_ptr + row, 1, sem="acq_rel") == N_SLICES - 1:
+        parts = tl.arange(0, SLICES_P)
+        pmask = parts < N_SLICES
+        pv = tl.load(part_v_ptr + row * SLICES_P + parts, mask=pmask, other=float("-inf"), volatile=True)
+        pi = tl.load(part_i_ptr + row * SLICES_P + parts, mask=pmask, other=2147483647, volatile=True)
+        _, index = _first_best(pv, pi)
+        tl.store(out_ptr + row, index.to(tl.int64))
+        tl.atomic_xchg(count_ptr + row, 0)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits: [B, V] with unit stride along V. Returns [B] int64, as logits.argmax(-1)."""
-    out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    if logits.shape[0]:
-        _argmax_kernel[(logits.shape[0],)](logits, out, logits.stride(0), logits.shape[1], BLOCK=BLOCK,
-                                           NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows == 0:
+        return out
+    key = (logits.device, torch.cuda.current_stream(logits.device).cuda_stream if logits.is_cuda else 0)
+    counters = _counters.get(key)
+    if counters is None or counters.numel() < rows:
+        counters = _counters[key] = torch.zeros(max(rows, 256), dtype=torch.int32, device=logits.device)
+    n_slices = triton.cdiv(vocab, SLICE)
+    slices_p = triton.next_power_of_2(n_slices)
+    part_v = torch.empty((rows, slices_p), dtype=torch.float32, device=logits.device)
+    part_i = torch.empty((rows, slices_p), dtype=torch.int32, device=logits.device)
+    _argmax_kernel[(rows, n_slices)](logits, out, part_v, part_i, counters, logits.stride(0), vocab, n_slices,
+                                     SLICE=SLICE, SLICES_P=slices_p, num_warps=NUM_WARPS)
     return out

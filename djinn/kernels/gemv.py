@@ -25,6 +25,7 @@ BLOCK_N = 8
 BLOCK_K = 256
 NUM_WARPS = 4
 NUM_STAGES = 4
+PEEL_NORMED = True  # a normed product loads its first weight tile before the norm's statistics
 
 _NO_NORM, _RMS, _LAYER = 0, 1, 2
 
@@ -39,14 +40,37 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _input_tile(x_ptr, r_ptr, nw_ptr, nb_ptr, offs, mask, mean, rstd, dtype: tl.constexpr, NORM: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr):
+    """A tile of the product's input in float32: x itself, or norm(x + residual) rounded as the norm kernel
+    rounds (the add, then the norm's output in the model's dtype)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if NORM != 0:
+        if HAS_RESIDUAL:
+            x = (x + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+        nw = tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if NORM == 1:  # normalise in float32, round, then scale by the weight (the reference Llama's order)
+            x = nw * (x * rstd).to(dtype).to(tl.float32)
+        else:
+            x = (x - mean) * rstd * nw + tl.load(nb_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, r_ptr, sum_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, eps,
                  K: tl.constexpr, K_P: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NUM_STAGES: tl.constexpr):
+                 HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, PEEL: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     dtype = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     cols = tl.arange(0, BLOCK_K)
+    if PEEL:  # the first weight tile is requested before the statistics, which it does not wait for
+        w_first = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
+    mean = 0.0
+    rstd = 1.0
     if NORM != 0:  # the input row's statistics, as the norm kernel computes them (djinn/kernels/fused.py)
         every = tl.arange(0, K_P)
         every_mask = every < K
@@ -57,28 +81,19 @@ def _gemv_kernel(x_ptr, r_ptr, sum_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, out_ptr, N
                 tl.store(sum_ptr + every, xr, mask=every_mask)
             xr = xr.to(tl.float32)
         if NORM == 1:
-            mean = 0.0
             rstd = tl.rsqrt(tl.sum(xr * xr, axis=0) / K + eps)
         else:
             mean = tl.sum(xr, axis=0) / K
             centred = tl.where(every_mask, xr - mean, 0.0)
             rstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    if PEEL:
+        x = _input_tile(x_ptr, r_ptr, nw_ptr, nb_ptr, cols, cols < K, mean, rstd, dtype, NORM, HAS_RESIDUAL)
+        acc += w_first.to(tl.float32) * x[None, :]
+    for k in tl.range(BLOCK_K if PEEL else 0, K, BLOCK_K, num_stages=NUM_STAGES):
         col_mask = k + cols < K
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + (k + cols)[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        x = tl.load(x_ptr + k + cols, mask=col_mask, other=0.0).to(tl.float32)
-        if NORM != 0:
-            if HAS_RESIDUAL:
-                x = (x + tl.load(r_ptr + k + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dtype)
-                x = x.to(tl.float32)
-            nw = tl.load(nw_ptr + k + cols, mask=col_mask, other=0.0).to(tl.float32)
-            if NORM == 1:  # normalise in float32, round, then scale by the weight (the reference Llama's order)
-                x = nw * (x * rstd).to(dtype).to(tl.float32)
-            else:
-                x = (x - mean) * rstd * nw + tl.load(nb_ptr + k + cols, mask=col_mask, other=0.0).to(tl.float32)
-            x = x.to(dtype).to(tl.float32)  # the norm's output, in the model's dtype
+        w = tl.load(w_rows + (k + cols)[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        x = _input_tile(x_ptr, r_ptr, nw_ptr, nb_ptr, k + cols, col_mask, mean, rstd, dtype, NORM, HAS_RESIDUAL)
         acc += w.to(tl.float32) * x[None, :]
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -97,7 +112,8 @@ def _launch(x: torch.Tensor, residual: Optional[torch.Tensor], total: torch.Tens
         x, residual if residual is not None else x, total, norm_weight,
         norm_bias if norm_bias is not None else norm_weight, weight, bias if bias is not None else weight, out, n,
         weight.stride(0), eps, K=k, K_P=triton.next_power_of_2(k), HAS_BIAS=bias is not None, NORM=norm_kind,
-        HAS_RESIDUAL=residual is not None, GELU=gelu, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NUM_STAGES=NUM_STAGES,
+        HAS_RESIDUAL=residual is not None, GELU=gelu, PEEL=norm_kind != _NO_NORM and PEEL_NORMED, BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K, NUM_STAGES=NUM_STAGES,
         num_warps=NUM_WARPS)
     return out
 
