@@ -83,11 +83,17 @@ class LayerNorm(_Norm):
         return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
 
 
+FUSED_NORM_MAX_WIDTH = 1024
+
+
 def normed_linear(norm: _Norm, linear: Linear, resid: torch.Tensor, pending: Optional[torch.Tensor],
                   gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(resid + pending, linear(norm(resid + pending))), with GELU (tanh) on the product when `gelu`: a block's
-    norm and first product. A one-token step on the GPU runs them, and the add, in one kernel."""
-    if resid.is_cuda and resid.dim() == 2 and resid.shape[0] == 1:
+    norm and first product. A one-token step on the GPU runs them, and the add, in one kernel where its row is
+    narrow: on an H200 (benchmarks/results/bench_gemv_fused_h200.txt) that saved a little at GPT-2's 768
+    (4.47 -> 4.39 us for ln1 + qkv) and cost at Mistral's 4096 (ln2 + gate_up 64.8 -> 67.2 us), where every
+    program's statistics and per-tile normalising outweigh the norm kernel."""
+    if resid.is_cuda and resid.dim() == 2 and resid.shape[0] == 1 and resid.shape[1] <= FUSED_NORM_MAX_WIDTH:
         from ..kernels.gemv import norm_gemv
 
         return norm_gemv(resid, pending, norm.weight, norm.bias, norm.eps, norm.rms, linear.weight, linear.bias,
