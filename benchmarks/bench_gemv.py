@@ -3,8 +3,7 @@ F.linear (cuBLAS) for the Mistral-7B and GPT-2-small shapes, timed inside CUDA g
 weights streamed per shape, then the settings ranked by the matrix-product time of one decode step.
 
 `--fused`: a block's add + norm + first product (+ GPT-2's GELU) as separate kernels against `norm_gemv`,
-with and without its first weight tile loaded ahead of the statistics, each product on its own copy of the
-weights (as a step's layers are: no copy is still in L2); and the greedy pick, torch.argmax against the
+each product on its own copy of the weights (as a step's layers are: no copy is still in L2); and the greedy pick, torch.argmax against the
 Triton kernel (djinn/kernels/argmax.py), bit for bit."""
 import argparse
 import itertools
@@ -92,11 +91,8 @@ def fused() -> None:
             for w in ws:
                 gv.norm_gemv(x, r, nw, nb, 1e-5, rms, w, b, gelu)
 
-        times = {"separate kernels": gpu_us(separate, calls=1) / copies}
-        for peel in (False, True):
-            gv.PEEL_NORMED = peel
-            times[f"norm_gemv, first tile ahead {peel}"] = gpu_us(fused_kernel, calls=1) / copies
-        gv.PEEL_NORMED = True
+        times = {"separate kernels": gpu_us(separate, calls=1) / copies,
+                 "norm_gemv": gpu_us(fused_kernel, calls=1) / copies}
         print(f"{name} ({copies} weight copies): " + ", ".join(f"{m} {t:.2f} us" for m, t in times.items()),
               flush=True)
     for rows, vocab, dtype in ((1, 50257, torch.float16), (1, 32000, torch.bfloat16), (64, 32000, torch.bfloat16),

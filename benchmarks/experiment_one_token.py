@@ -1,10 +1,12 @@
 """GPT-2-small shape, batch-1 decode through `generate()` (as bench.py times it) and through `engine.step()`
 driven directly, with the one-token steps' kernels switched in turns: the greedy pick by torch.argmax or the
-Triton kernel, and each block's add + norm + first product as separate kernels or one `norm_gemv` (with its
-first weight tile loaded ahead, or not). Variants take turns, several rounds, each on a fresh engine (graphs
-capture the kernels they meet). Prints ms/token per variant and round, then medians."""
+Triton kernel, and each block's add + norm + first product as separate kernels or one `norm_gemv`. Variants
+take turns, several rounds, each on a fresh engine (graphs capture the kernels they meet). Prints ms/token per
+variant and round, then medians."""
 from __future__ import annotations
 
+import argparse
+import gc
 import os
 import statistics
 import sys
@@ -15,7 +17,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn  # noqa: E402
 import djinn.engine.sampling as sampling  # noqa: E402
-import djinn.kernels.gemv as gv  # noqa: E402
 import djinn.models.gpt2 as gpt2  # noqa: E402
 from benchmarks.bench import batch1_ms_per_token  # noqa: E402
 from benchmarks.gpu_smoke import GPT2_SMALL  # noqa: E402
@@ -31,12 +32,11 @@ def separate_norm(norm, linear, resid, pending, gelu=False):
     return resid, torch.nn.functional.gelu(out, approximate="tanh") if gelu else out
 
 
-VARIANTS = {  # name: (greedy pick, norm + product, first tile ahead)
-    "torch argmax, separate norms": (lambda logits: logits.argmax(-1), separate_norm, True),
-    "torch argmax, norm_gemv": (lambda logits: logits.argmax(-1), FUSED_NORM, True),
-    "argmax kernel, separate norms": (FUSED_PICK, separate_norm, True),
-    "argmax kernel, norm_gemv": (FUSED_PICK, FUSED_NORM, True),
-    "argmax kernel, norm_gemv without the tile ahead": (FUSED_PICK, FUSED_NORM, False),
+VARIANTS = {  # name: (greedy pick, norm + product)
+    "torch argmax, separate norms": (lambda logits: logits.argmax(-1), separate_norm),
+    "torch argmax, norm_gemv": (lambda logits: logits.argmax(-1), FUSED_NORM),
+    "argmax kernel, separate norms": (FUSED_PICK, separate_norm),
+    "argmax kernel, norm_gemv": (FUSED_PICK, FUSED_NORM),
 }
 
 
@@ -55,12 +55,13 @@ def step_ms(loaded) -> float:
     return (time.perf_counter() - t) * 1000 / 200
 
 
-def main() -> None:
+def main(rounds: int) -> None:
     loaded = load_random(GPT2_SMALL, torch.float16, torch.device("cuda"), seed=0, name="gpt2-small-random")
     results: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
-    for round_ in range(3):
-        for name, (pick, norm_linear, ahead) in VARIANTS.items():
-            sampling.greedy_pick, gpt2.normed_linear, gv.PEEL_NORMED = pick, norm_linear, ahead
+    for round_ in range(rounds):
+        for name, (pick, norm_linear) in VARIANTS.items():
+            gc.collect()  # the last variant's engines, their graphs and KV memory, go first
+            sampling.greedy_pick, gpt2.normed_linear = pick, norm_linear
             client = djinn.connect(model=loaded, kv_memory=2 << 30)
             batch1_ms_per_token(client, trials=1)  # graphs captured
             gen = batch1_ms_per_token(client)
@@ -69,7 +70,7 @@ def main() -> None:
             print(f"round {round_}, {name}: generate {gen:.3f} ms/token, "
                   f"engine.step() {results[name][-1][1]:.3f} ms",
                   flush=True)
-    sampling.greedy_pick, gpt2.normed_linear, gv.PEEL_NORMED = FUSED_PICK, FUSED_NORM, True
+    sampling.greedy_pick, gpt2.normed_linear = FUSED_PICK, FUSED_NORM
     print("\nmedians over the rounds:")
     for name, rows in results.items():
         print(f"  {name}: generate {statistics.median(r[0] for r in rows):.3f} ms/token, engine.step() "
@@ -77,4 +78,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    main(ap.parse_args().rounds)

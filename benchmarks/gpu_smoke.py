@@ -4,6 +4,7 @@ transformers on the same weights. Writes JSON into the folder named by the OUT
 environment variable (default: the current folder)."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -116,6 +117,28 @@ def few_row_head_check(loaded) -> dict:
     same_argmax = all(a.argmax() == b.argmax() for a, b in zip(logits["few_row_kernel"], logits["cublas"]))
     return {"max_abs_logit_diff": diff, "same_argmax": bool(same_argmax),
             "within_float16_rounding": bool(same_argmax and diff <= 0.05)}
+
+
+def engines_in_turn_check(loaded, prompt: list[int], ref) -> dict:
+    """A second engine in the process while the first, closed, waits for the garbage collector in a reference
+    cycle, with collection due at almost every allocation: the second's graph captures must not see the first's
+    graphs freed under them, and its run must equal the reference bit for bit."""
+    first = djinn.connect(model=loaded, kv_memory=2 << 30)
+    first.session().generate(prompt, max_new_tokens=8)
+    first.close()
+    cycle = [first]
+    cycle.append(cycle)
+    del first, cycle
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        second = djinn.connect(model=loaded, kv_memory=2 << 30)
+        out = second.session().generate(prompt, max_new_tokens=64, return_logits=True)
+        second.close()
+    finally:
+        gc.set_threshold(*thresholds)
+    return {"tokens_equal": out.token_ids == ref.token_ids,
+            "logits_bit_identical": bool(torch.equal(out.logits, ref.logits))}
 
 
 def _randomize(model: torch.nn.Module) -> None:
@@ -231,6 +254,8 @@ def main() -> None:
         and all(torch.equal(g.captures[k], e.captures[k]) for k in g.captures))
     ok = all(c["tokens_equal"] and c["logits_bit_identical"] for c in report["checks"].values())
     client.close()
+    report["engine_after_closed_engine"] = engines_in_turn_check(loaded, prompt, ref)
+    ok = ok and all(report["engine_after_closed_engine"].values())
     report["shrinking_prompts_graphs_equal_eager"] = shrinking_prompts_check(loaded)
     report["few_row_head_vs_cublas"] = few_row_head_check(loaded)  # a tolerance check: not part of the bit checks
     ok = ok and report["shrinking_prompts_graphs_equal_eager"]["tokens_and_logits_bit_identical"]

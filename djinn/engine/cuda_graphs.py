@@ -22,6 +22,7 @@ against the eager runner on the CPU.
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -451,8 +452,16 @@ class StepGraphs:
                 self._forward(tb, rb, first, last, ends, signature)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(tb, rb, first, last, ends, signature)
+        # A garbage collection inside the capture could free an earlier engine's graph (a reference cycle),
+        # and destroying a graph while a stream captures breaks the capture: none runs until it ends.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._forward(tb, rb, first, last, ends, signature)
+        finally:
+            if collecting:
+                gc.enable()
 
         def replay() -> Optional[torch.Tensor]:
             graph.replay()

@@ -25,7 +25,6 @@ BLOCK_N = 8
 BLOCK_K = 256
 NUM_WARPS = 4
 NUM_STAGES = 4
-PEEL_NORMED = True  # a normed product loads its first weight tile before the norm's statistics
 
 _NO_NORM, _RMS, _LAYER = 0, 1, 2
 
@@ -60,15 +59,13 @@ def _input_tile(x_ptr, r_ptr, nw_ptr, nb_ptr, offs, mask, mean, rstd, dtype: tl.
 @triton.jit
 def _gemv_kernel(x_ptr, r_ptr, sum_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, eps,
                  K: tl.constexpr, K_P: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, PEEL: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     dtype = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     cols = tl.arange(0, BLOCK_K)
-    if PEEL:  # the first weight tile is requested before the statistics, which it does not wait for
-        w_first = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
     mean = 0.0
     rstd = 1.0
     if NORM != 0:  # the input row's statistics, as the norm kernel computes them (djinn/kernels/fused.py)
@@ -87,10 +84,7 @@ def _gemv_kernel(x_ptr, r_ptr, sum_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, out_ptr, N
             centred = tl.where(every_mask, xr - mean, 0.0)
             rstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    if PEEL:
-        x = _input_tile(x_ptr, r_ptr, nw_ptr, nb_ptr, cols, cols < K, mean, rstd, dtype, NORM, HAS_RESIDUAL)
-        acc += w_first.to(tl.float32) * x[None, :]
-    for k in tl.range(BLOCK_K if PEEL else 0, K, BLOCK_K, num_stages=NUM_STAGES):
+    for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         col_mask = k + cols < K
         w = tl.load(w_rows + (k + cols)[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         x = _input_tile(x_ptr, r_ptr, nw_ptr, nb_ptr, k + cols, col_mask, mean, rstd, dtype, NORM, HAS_RESIDUAL)
@@ -112,7 +106,7 @@ def _launch(x: torch.Tensor, residual: Optional[torch.Tensor], total: torch.Tens
         x, residual if residual is not None else x, total, norm_weight,
         norm_bias if norm_bias is not None else norm_weight, weight, bias if bias is not None else weight, out, n,
         weight.stride(0), eps, K=k, K_P=triton.next_power_of_2(k), HAS_BIAS=bias is not None, NORM=norm_kind,
-        HAS_RESIDUAL=residual is not None, GELU=gelu, PEEL=norm_kind != _NO_NORM and PEEL_NORMED, BLOCK_N=BLOCK_N,
+        HAS_RESIDUAL=residual is not None, GELU=gelu, BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K, NUM_STAGES=NUM_STAGES,
         num_warps=NUM_WARPS)
     return out
