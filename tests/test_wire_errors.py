@@ -591,3 +591,20 @@ def test_fuzz_frames_and_bodies(server, client):
     assert bystander.info()["state"] == "idle"
     assert client.session().generate(STORY, max_new_tokens=8).token_ids == expected
     assert httpx.get(server.url + "/healthz").json()["status"] == "ok"
+
+
+def test_closed_connections_and_odd_frames_read_as_typed_errors():
+    from websockets.exceptions import ConnectionClosed
+    from websockets.frames import Close
+
+    from djinn.client.remote import closed_error, frame_map
+
+    too_big = closed_error(ConnectionClosed(Close(1009, "message too big"), None))
+    assert isinstance(too_big, djinn.FrameTooLarge) and "message too big" in str(too_big)
+    gone = closed_error(ConnectionClosed(Close(1011, "engine stopped"), None))
+    assert isinstance(gone, djinn.DjinnError) and not isinstance(gone, djinn.FrameTooLarge)
+    assert "code 1011: engine stopped" in str(gone)
+    assert "code None" in str(closed_error(ConnectionClosed(None, None)))  # dropped without a close frame
+    assert frame_map(pack({"type": "token"})) == {"type": "token"} and frame_map("text") == {}
+    with pytest.raises(djinn.DjinnError, match="not a map"):
+        frame_map(pack([1, 2]))

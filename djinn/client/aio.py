@@ -24,10 +24,10 @@ import torch
 from ..errors import DjinnError, FrameTooLarge, ProtocolMismatch, error_from_code
 from ..events import Done, Error, GenerateResult, ModelInfo, Paused
 from ..interventions import Breakpoint
-from ..server.protocol import MSGPACK, PROTOCOL_VERSION, decode_event, mismatch_message, pack, unpack
+from ..server.protocol import MSGPACK, PROTOCOL_VERSION, decode_event, mismatch_message, pack
 from .remote import (API_KEY_ENV, NODELAY, OutOfStep, StreamClosed, _activation, _p, base_headers, check_hello,
-                     closed_error, control_result, decode_body, generate_frame, hello_frame, normalize_url, raise_for,
-                     wire_args, ws_url)
+                     closed_error, control_result, decode_body, frame_map, generate_frame, hello_frame, normalize_url,
+                     raise_for, wire_args, ws_url)
 
 
 class AsyncPaused(Paused):
@@ -54,12 +54,8 @@ class _AsyncStream:
             data = await self.ws.recv()
         except ConnectionClosed as e:
             self.closed = True
-            rcvd = e.rcvd
-            raise closed_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from None
-        msg = unpack(data) if isinstance(data, bytes) else {}
-        if not isinstance(msg, dict):
-            raise DjinnError("the server sent a frame that is not a map")
-        return msg
+            raise closed_error(e) from None
+        return frame_map(data)
 
     async def send(self, frame: bytes) -> None:
         from websockets.exceptions import ConnectionClosed
@@ -71,8 +67,7 @@ class _AsyncStream:
             await self.ws.send(frame)
         except ConnectionClosed as e:
             self.closed = True
-            rcvd = e.rcvd
-            raise closed_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from None
+            raise closed_error(e) from None
 
     async def next_event(self) -> dict:
         async with self.lock:

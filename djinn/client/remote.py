@@ -149,10 +149,20 @@ class StreamClosed(DjinnError):
     code = DjinnError.code
 
 
-def closed_error(code: Optional[int], reason: str) -> DjinnError:
+def closed_error(closed) -> DjinnError:
+    """The typed error for a websockets ConnectionClosed: the close frame the server sent, if any."""
+    code, reason = (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (None, "")
     if code == 1009:
         return FrameTooLarge(f"the server closed the stream: frame too large ({reason or 'message too big'})")
     return StreamClosed(f"the connection to the Djinn server closed (code {code}{': ' + reason if reason else ''})")
+
+
+def frame_map(data) -> dict:
+    """A received frame as the map every Djinn frame is (a text frame reads as an empty one)."""
+    msg = unpack(data) if isinstance(data, bytes) else {}
+    if not isinstance(msg, dict):
+        raise DjinnError("the server sent a frame that is not a map")
+    return msg
 
 
 def open_socket(url: str, timeout: float) -> socket.socket:
@@ -202,12 +212,8 @@ class _Stream:
             data = self.ws.recv(timeout)
         except ConnectionClosed as e:
             self.closed = True
-            rcvd = e.rcvd
-            raise closed_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from None
-        msg = unpack(data) if isinstance(data, bytes) else {}
-        if not isinstance(msg, dict):
-            raise DjinnError("the server sent a frame that is not a map")
-        return msg
+            raise closed_error(e) from None
+        return frame_map(data)
 
     def recv_or(self, error: DjinnError) -> dict:
         """The next frame if there is one still buffered, else `error`."""
@@ -229,8 +235,7 @@ class _Stream:
             self.ws.send(frame)
         except ConnectionClosed as e:
             self.closed = True
-            rcvd = e.rcvd
-            raise closed_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from None
+            raise closed_error(e) from None
 
     def request(self, frame: dict, kind: str) -> None:
         """Send a frame and wait for the server's reply to it; events that arrive meanwhile are kept."""
