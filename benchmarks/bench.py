@@ -7,6 +7,7 @@
                                                    #     the tokens/s of the sessions that never pause),
                                                    #     each with one client thread per session and with no
                                                    #     client threads (events to sinks on the engine thread)
+    python3 benchmarks/bench.py --part throughput --sessions 64 --trials 3   # some session counts only
 
 Each part runs in under 10 minutes on an H200, writes JSON into the folder named by the OUT environment
 variable (default: the current folder) and prints, last, a table of its figures beside the targets
@@ -472,14 +473,14 @@ def throughput_row(client, n: int, trials: int, n_prompt=128, n_new=256) -> dict
     return {"sessions": n, **{k: med(v) for k, v in runs.items()}, **{k + "_trials": v for k, v in runs.items()}}
 
 
-def part_throughput(trials: int = 3) -> dict:
+def part_throughput(trials: int = 3, sessions: tuple[int, ...] = (1, 8, 32, 64, 128)) -> dict:
     spec = SHAPES["mistral"]
     bw = copy_bandwidth()
     _, loaded = hf_model("mistral")
     wbytes = step_weight_bytes(loaded.model)
     client = djinn.connect(model=loaded, kv_memory=40 << 30)
     out = {"copy_bandwidth_GBps": bw / 1e9, "trials": trials, "rows": []}
-    for n in (1, 8, 32, 64, 128):
+    for n in sessions:
         row = throughput_row(client, n, trials)
         # floor: each step reads the weights once and every session's KV (mean context 128 + 128)
         step_bytes = wbytes + n * 256 * kv_bytes_per_token(spec["cfg"], spec["dtype"])
@@ -495,6 +496,8 @@ def main() -> None:
     ap.add_argument("--part", choices=["gpt2", "mistral", "throughput"])
     ap.add_argument("--serve", choices=sorted(SHAPES), help="(internal) serve this shape for the WebSocket half")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--sessions", default="1,8,32,64,128", help="throughput: the session counts, comma-separated")
+    ap.add_argument("--trials", type=int, default=3, help="throughput: trials per mode")
     ap.add_argument("--stamps", default="", help="(internal) where the server writes its engine's stamps")
     args = ap.parse_args()
     if args.serve:
@@ -502,8 +505,9 @@ def main() -> None:
     if not args.part:
         ap.error("--part is required")
     info = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "command": "python3 benchmarks/bench.py --part " + args.part}
-    result = part_throughput() if args.part == "throughput" else part_latency(args.part)
+            "command": " ".join(["python3", "benchmarks/bench.py"] + sys.argv[1:])}
+    sessions = tuple(int(n) for n in args.sessions.split(","))
+    result = part_throughput(args.trials, sessions) if args.part == "throughput" else part_latency(args.part)
     result = {**info, **result}
     path = os.path.join(os.environ.get("OUT", "."), f"bench_{args.part}.json")
     with open(path, "w") as f:
