@@ -3,8 +3,8 @@ F.linear (cuBLAS) for the Mistral-7B and GPT-2-small shapes, timed inside CUDA g
 weights streamed per shape, then the settings ranked by the matrix-product time of one decode step.
 
 `--fused`: a block's add + norm + first product (+ GPT-2's GELU) as separate kernels against `norm_gemv`,
-each product on its own copy of the weights (as a step's layers are: no copy is still in L2); and the greedy pick, torch.argmax against the
-Triton kernel (djinn/kernels/argmax.py), bit for bit."""
+each product on its own copy of the weights (as a step's layers are: no copy is still in L2); and the greedy
+pick, torch.argmax against the Triton kernel (djinn/kernels/argmax.py), bit for bit."""
 import argparse
 import itertools
 import os

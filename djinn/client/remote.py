@@ -13,7 +13,7 @@ import collections
 import os
 import socket
 import threading
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 from urllib.parse import quote
 
 import httpx
@@ -27,6 +27,9 @@ from ..events import Done, Error, Paused
 from ..server.protocol import (MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, decode_event, decode_model_info,
                                decode_result, encode_intervention, encode_params, encode_prompt, mismatch_message,
                                pack, unpack)
+
+if TYPE_CHECKING:  # websockets is imported where a socket opens
+    from websockets.exceptions import ConnectionClosed
 
 API_KEY_ENV = "DJINN_API_KEY"
 # Small requests go out at once: without TCP_NODELAY a body written after its headers waits for the
@@ -149,7 +152,7 @@ class StreamClosed(DjinnError):
     code = DjinnError.code
 
 
-def closed_error(closed) -> DjinnError:
+def closed_error(closed: ConnectionClosed) -> DjinnError:
     """The typed error for a websockets ConnectionClosed: the close frame the server sent, if any."""
     code, reason = (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (None, "")
     if code == 1009:
@@ -157,7 +160,7 @@ def closed_error(closed) -> DjinnError:
     return StreamClosed(f"the connection to the Djinn server closed (code {code}{': ' + reason if reason else ''})")
 
 
-def frame_map(data) -> dict:
+def frame_map(data: Union[bytes, str]) -> dict:
     """A received frame as the map every Djinn frame is (a text frame reads as an empty one)."""
     msg = unpack(data) if isinstance(data, bytes) else {}
     if not isinstance(msg, dict):

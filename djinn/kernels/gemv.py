@@ -59,8 +59,8 @@ def _input_tile(x_ptr, r_ptr, nw_ptr, nb_ptr, offs, mask, mean, rstd, dtype: tl.
 @triton.jit
 def _gemv_kernel(x_ptr, r_ptr, sum_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, eps,
                  K: tl.constexpr, K_P: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+                 HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NUM_STAGES: tl.constexpr):
     dtype = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -106,8 +106,7 @@ def _launch(x: torch.Tensor, residual: Optional[torch.Tensor], total: torch.Tens
         x, residual if residual is not None else x, total, norm_weight,
         norm_bias if norm_bias is not None else norm_weight, weight, bias if bias is not None else weight, out, n,
         weight.stride(0), eps, K=k, K_P=triton.next_power_of_2(k), HAS_BIAS=bias is not None, NORM=norm_kind,
-        HAS_RESIDUAL=residual is not None, GELU=gelu, BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K, NUM_STAGES=NUM_STAGES,
+        HAS_RESIDUAL=residual is not None, GELU=gelu, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NUM_STAGES=NUM_STAGES,
         num_warps=NUM_WARPS)
     return out
 
