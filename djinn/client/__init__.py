@@ -25,9 +25,11 @@ def load_models(model: Union[None, ModelSpec, Sequence[ModelSpec]], dtype: str, 
 
 def connect(url: Optional[str] = None, *, api_key: Optional[str] = None,
             model: Union[None, ModelSpec, Sequence[ModelSpec]] = None, dtype: str = "float32",
-            device: str = "cpu", keep_freed_memory: bool = False, **engine_options) -> Client:
+            device: str = "cpu", timeout: float = 300.0, connect_timeout: float = 10.0,
+            keep_freed_memory: bool = False, **engine_options) -> Client:
     """Without `url`: an in-process engine over `model` (default: the embedded model). With `url`: a client of a
-    running `djinn serve`, same API; `keep_freed_memory=True` also sets this process's allocator to keep the
+    running `djinn serve`, same API: `timeout` bounds the wait for each reply (REST or a socket's opening),
+    `connect_timeout` each TCP connect; `keep_freed_memory=True` also sets this process's allocator to keep the
     memory it frees (`djinn.allocator.keep_freed_memory`: decoding each large activation then touches no
     fresh pages; it changes the whole process, so it is the caller's choice). `engine_options` go to
     `djinn.engine.Engine` (kv_memory, kv_blocks, host_kv_blocks, block_size, max_step_tokens, pause_ttl,
@@ -35,7 +37,8 @@ def connect(url: Optional[str] = None, *, api_key: Optional[str] = None,
     if url is not None:
         from .remote import RemoteBackend
 
-        return Client(RemoteBackend(url, api_key, keep_freed_memory=keep_freed_memory))
+        return Client(RemoteBackend(url, api_key, timeout=timeout, connect_timeout=connect_timeout,
+                                    keep_freed_memory=keep_freed_memory))
     from ..engine.engine import Engine
     from .embedded import EmbeddedBackend
 

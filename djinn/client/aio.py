@@ -27,7 +27,7 @@ from ..interventions import Breakpoint
 from ..server.protocol import MSGPACK, PROTOCOL_VERSION, decode_event, mismatch_message, pack
 from .remote import (API_KEY_ENV, NODELAY, OutOfStep, StreamClosed, _activation, _p, base_headers, check_hello,
                      closed_error, control_result, decode_body, frame_map, generate_frame, hello_frame, normalize_url,
-                     raise_for, wire_args, ws_url)
+                     open_socket, raise_for, wire_args, ws_url)
 
 
 class AsyncPaused(Paused):
@@ -157,10 +157,12 @@ class AsyncRemoteBackend:
         from websockets.exceptions import InvalidHandshake, InvalidStatus
 
         headers = {k: v for k, v in self._headers.items() if k != "Accept"}
-        try:
-            return await connect(ws_url(self.url) + path, additional_headers=headers, max_size=None,
-                                 compression=None, proxy=None, open_timeout=self.connect_timeout,
-                                 user_agent_header=None)
+        url = ws_url(self.url) + path
+        try:  # the TCP connect under connect_timeout, the upgrade's reply under timeout (as the sync client)
+            sock = await asyncio.to_thread(open_socket, url, self.connect_timeout)
+            sock.setblocking(False)
+            return await connect(url, sock=sock, additional_headers=headers, max_size=None, compression=None,
+                                 proxy=None, open_timeout=self.timeout, user_agent_header=None)
         except InvalidStatus as e:
             raise DjinnError(f"the server refused the socket (HTTP {e.response.status_code})") from None
         except (InvalidHandshake, OSError, TimeoutError) as e:

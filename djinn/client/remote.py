@@ -347,8 +347,10 @@ class RemoteBackend:
         from websockets.sync.client import connect
 
         headers = {k: v for k, v in self._headers.items() if k != "Accept"}
+        # The TCP connect is bounded by connect_timeout; the upgrade is a request like any REST call, whose
+        # response a busy server may take a while to send, so it waits as long as a REST reply would.
         options = dict(additional_headers=headers, max_size=None, compression=None, proxy=None,
-                       open_timeout=self.connect_timeout, user_agent_header=None)
+                       open_timeout=self.timeout, user_agent_header=None)
         url = ws_url(self.url) + path
         try:
             options["sock"] = open_socket(url, self.connect_timeout)
