@@ -462,15 +462,20 @@ def throughput_row(client, n: int, trials: int, n_prompt=128, n_new=256) -> dict
     modes = ("plain", "steer", "pause25")
     for mode in modes:  # warm-up: graphs for this batch size, kernels compiled
         throughput(client, n, mode, n_prompt=n_prompt, n_new=8)
+    stats = client._backend.service.engine.stats
     runs: dict[str, list[float]] = {}
+    recorded: dict[str, list[int]] = {}  # graphs captured during each trial (a capture stalls the steps)
     for _ in range(trials):
         for mode in modes:
             for suffix, measure in (("", throughput), ("_engine_sinks", throughput_engine_sinks)):
+                before = stats.graphs_recorded
                 total, running = measure(client, n, mode, n_prompt=n_prompt, n_new=n_new)
                 runs.setdefault(mode + suffix, []).append(total)
+                recorded.setdefault(mode + suffix + "_graphs_recorded", []).append(stats.graphs_recorded - before)
                 if running is not None:  # the sessions that never pause in pause25, in every mode
                     runs.setdefault(mode + "_running" + suffix, []).append(running)
-    return {"sessions": n, **{k: med(v) for k, v in runs.items()}, **{k + "_trials": v for k, v in runs.items()}}
+    return {"sessions": n, **{k: med(v) for k, v in runs.items()}, **{k + "_trials": v for k, v in runs.items()},
+            **recorded}
 
 
 def part_throughput(trials: int = 3, sessions: tuple[int, ...] = (1, 8, 32, 64, 128)) -> dict:

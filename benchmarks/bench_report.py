@@ -94,10 +94,14 @@ def throughput_report(r: dict) -> str:
                          f"{paused:.0f}", f"{lost:+.1%} {verdict(lost >= -0.10) if running is None else ''}".strip(),
                          "" if running is None else f"{running:+.1%} {verdict(running >= -0.10)}", f"{floor:.0f}"])
     trials = r.get("trials", 1)
+    recorded = [f"{row['sessions']}: {sum(sum(v) for k, v in row.items() if k.endswith('_graphs_recorded'))}"
+                for row in r["rows"] if any(k.endswith("_graphs_recorded") for k in row)]
+    captures = [f"CUDA graphs captured during the timed trials, by session count: {', '.join(recorded)}"] \
+        if recorded else []
     return "\n".join([f"Mistral-7B shape, {r['gpu']}, torch {r['torch']}, copy bandwidth {r['copy_bandwidth_GBps']:.0f} "
                       f"GB/s; tokens/s, {'medians of ' + str(trials) + ' trials' if trials > 1 else 'one trial'}:",
                       table(["sessions", "plain", "of floor (>= 60% at 64)", "Steer", "of plain (>= 97% at 64)",
-                             "25% pausing", "change", "running ones' change (>= -10%)", "floor"], rows)])
+                             "25% pausing", "change", "running ones' change (>= -10%)", "floor"], rows), *captures])
 
 
 def report(result: dict[str, Any]) -> str:

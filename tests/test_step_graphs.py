@@ -193,3 +193,35 @@ def test_a_lone_pause_loads_its_resumed_step_ahead(clients, monkeypatch):
     assert tokens == ref.token_ids and torch.equal(logits, ref.logits)
     assert other == graphs.session().generate("The cat", max_new_tokens=3).token_ids
     assert loads.count((site + 1,)) == 2  # ahead, replaced by the other session's steps, loaded again
+
+
+def test_decode_steps_are_recorded_at_start_and_never_again(stories_path):
+    from djinn.engine.cuda_graphs import BUCKETS
+
+    client = djinn.connect(model=str(stories_path), cuda_graphs=True)
+    try:
+        stats = client._backend.service.engine.stats
+        assert stats.graphs_recorded == len(BUCKETS)  # one whole-forward decode graph a padded row count
+        decode_keys = set(segments(client))
+        assert {key[0] for key in decode_keys} == set(BUCKETS) and all(key[1] == 0 for key in decode_keys)
+        first = client.session()
+        first.generate(PROMPT, max_new_tokens=2)
+        after_prompt = stats.graphs_recorded  # the prompt's step, a segment of its own
+        assert after_prompt == len(BUCKETS) + 1
+        # prompts already seen, then decode steps of 3, 2 and 1 rows as the sessions finish one by one
+        sessions = [client.session() for _ in range(3)]
+        for s in sessions:
+            s.generate(PROMPT, max_new_tokens=1)
+        streams = [s.stream(" and", max_new_tokens=n) for s, n in zip(sessions, (4, 8, 12))]
+        ends = []
+        threads = [threading.Thread(target=lambda st=st: ends.append(list(st)[-1])) for st in streams]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(isinstance(e, djinn.Done) for e in ends) and len(ends) == 3
+        new = set(segments(client)) - decode_keys
+        assert all(key[1] != 0 for key in new)  # only prompt steps (rows bucketed) were recorded since
+        assert stats.graphs_recorded == len(decode_keys) + len(new)
+    finally:
+        client.close()

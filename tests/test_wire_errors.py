@@ -348,6 +348,7 @@ def test_rest_errors(server, client):
     r = httpx.get(u + "/metrics")
     assert r.status_code == 200 and 'djinn_errors_total{code="malformed_frame"}' in r.text
     assert "djinn_generated_tokens_total" in r.text and "djinn_kv_blocks_used" in r.text
+    assert "djinn_graphs_recorded_total 0.0" in r.text  # a CPU engine replays no graphs
 
 
 def test_per_key_limits(stories_path):

@@ -23,6 +23,7 @@ against the eager runner on the CPU.
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -35,6 +36,7 @@ from ..sites import RESID
 from .batch import portable_layout, to_device
 from .plan import Edit, Probe, fold_edits
 from .runner import Pause
+from .stats import EngineStats
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # padded row counts
 TOKEN_BUCKETS = BUCKETS + (256, 384, 512, 768, 1024, 1536, 2048)  # padded token counts
@@ -80,9 +82,9 @@ class StepPlan:
 
 
 class StepGraphs:
-    def __init__(self, runner, scratch_block: int, max_context: int = 4096, max_tokens: int = TOKEN_BUCKETS[-1],
-                 capture: bool = True):
-        self.runner, self.capture = runner, capture
+    def __init__(self, runner, scratch_block: int, stats: EngineStats, max_context: int = 4096,
+                 max_tokens: int = TOKEN_BUCKETS[-1], capture: bool = True):
+        self.runner, self.capture, self.stats = runner, capture, stats
         self.model, self.kv, self.sites, self.device = runner.model, runner.kv, runner.sites, runner.device
         self.final = len(self.sites) - 1
         self.block_size = runner.block_size
@@ -221,9 +223,23 @@ class StepGraphs:
         # a segment no row computes for is skipped (a prompt paused or resumed alone costs no extra work)
         plan.needed = [any(s.first <= a and s.last >= b for s in plan.sites) for a, b in segments]
         for key, need in zip(plan.keys, plan.needed):
-            if need and key not in self._graphs:  # before the inputs go in: capturing runs the forward
-                self._graphs[key] = self._record(*key)
+            if need:  # before the inputs go in: capturing runs the forward
+                self._segment(key)
         self._load_inputs(plan, tb)
+
+    def record_decode_steps(self) -> None:
+        """Record the plain decode step (one token a row, no cut, no edit: one graph of the whole forward) at
+        every padded row count now, so that no decode step a session meets waits for a capture."""
+        for rows in BUCKETS:
+            self._segment((bucket_of(rows, self.token_buckets), 0, 0, self.final, True, ()))
+
+    def _segment(self, key: tuple) -> None:
+        """Make the segment of `key` replayable, unless it already is."""
+        if key not in self._graphs:
+            started = time.perf_counter()
+            self._graphs[key] = self._record(*key)
+            self.stats.graphs_recorded += 1
+            self.stats.graph_record_seconds += time.perf_counter() - started
 
     def _replay(self, plan: StepPlan, out) -> None:
         rows, n, tb = plan.rows, len(plan.rows), plan.tb

@@ -13,3 +13,5 @@ class EngineStats:
     tokens_generated: int = 0
     pauses: int = 0
     requests_finished: int = 0
+    graphs_recorded: int = 0  # step segments made replayable (captured as CUDA graphs on a GPU)
+    graph_record_seconds: float = 0.0  # wall time spent recording them, inside steps or at start-up

@@ -70,8 +70,9 @@ class ModelWorker:
         if on_gpu if cuda_graphs is None else cuda_graphs:
             (scratch,) = self.pool.device_blocks.allocate(1)  # graph padding and rows outside their sites write here
             self.reserved_blocks = 1
-            self.runner.graphs = StepGraphs(self.runner, scratch, min(self.cfg.max_seq_len, 4096), max_step_tokens,
-                                            capture=on_gpu)
+            self.runner.graphs = StepGraphs(self.runner, scratch, stats, min(self.cfg.max_seq_len, 4096),
+                                            max_step_tokens, capture=on_gpu)
+            self.runner.graphs.record_decode_steps()
         self.sessions: dict[str, Session] = {}
         self._pending_pauses: list[tuple[Session, Pause, object]] = []
 

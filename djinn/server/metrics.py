@@ -10,6 +10,7 @@ registry, so several servers can live in one process (tests).
 - djinn_step_seconds (summary: _count/_sum)  engine step latency; djinn_last_step_seconds the latest one
 - djinn_kv_blocks_used / djinn_kv_blocks_total / djinn_kv_pool_utilization {model, pool=device|host}
 - djinn_pauses_total                         breakpoint pauses
+- djinn_graphs_recorded_total / djinn_graph_record_seconds_total   CUDA graphs captured (and the time it took)
 - djinn_requests_finished_total              generate calls that ran to completion
 - djinn_errors_total{code}                   typed errors sent to clients, by stable code
 - djinn_active_streams                       open WebSocket streams
@@ -45,6 +46,10 @@ class _EngineCollector:
         yield CounterMetricFamily("djinn_pauses", "Breakpoint pauses", value=st.pauses)
         yield CounterMetricFamily("djinn_requests_finished", "Generate calls run to completion",
                                   value=st.requests_finished)
+        yield CounterMetricFamily("djinn_graphs_recorded", "Step segments captured as CUDA graphs",
+                                  value=st.graphs_recorded)
+        yield CounterMetricFamily("djinn_graph_record_seconds", "Time spent capturing CUDA graphs",
+                                  value=st.graph_record_seconds)
         yield SummaryMetricFamily("djinn_step_seconds", "Engine step latency", count_value=st.steps,
                                   sum_value=st.step_seconds)
         yield GaugeMetricFamily("djinn_last_step_seconds", "Latency of the latest engine step",
