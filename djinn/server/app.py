@@ -48,7 +48,7 @@ from .metrics import CONTENT_TYPE
 from . import calls
 from .control import control_endpoint
 from .protocol import PROTOCOL_VERSION, decode_params, decode_prompt, encode_result
-from .state import ServerState, error_body, fields, guarded, threadsafe_sink
+from .state import ServerState, error_body, fields, guarded
 from .stream import stream_endpoint
 
 log = logging.getLogger("djinn.server")
@@ -153,7 +153,7 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
             elif isinstance(ev, Paused):  # cannot happen without breakpoints; never leave a session stuck
                 state.post_nowait("resume", sid, owner, None)
 
-        await state.call("generate", sid, owner, prompt, threadsafe_sink(loop, on_event), **params)
+        await state.call("generate", sid, owner, prompt, state.sink(on_event), **params)
         return state.reply(request, encode_result(await result))
 
     @app.put("/api/sessions/{sid}/interventions")

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..errors import DjinnError, InvalidRequest
 from ..events import Done, Error, Paused, Token
 from .protocol import decode_interventions, is_int, is_number
-from .state import ServerState, error_body, threadsafe_sink
+from .state import ServerState, error_body
 
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "n", "stream",
           "stream_options", "echo", "suffix", "best_of", "logit_bias", "frequency_penalty", "presence_penalty",
@@ -205,8 +205,7 @@ class _Choice:
     async def start(self) -> None:
         st, req = self.state, self.req
         self.sid = await st.new_session(self.owner, "create_session", self.model)
-        loop = asyncio.get_running_loop()
-        await st.call("generate", self.sid, self.owner, self.prompt, threadsafe_sink(loop, self.events.put_nowait),
+        await st.call("generate", self.sid, self.owner, self.prompt, st.sink(self.events.put_nowait),
                       max_new_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
                       seed=self.seed, return_logits=req["logprobs"] is not None,
                       interventions=req["interventions"])

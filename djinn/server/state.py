@@ -17,6 +17,7 @@ from ..engine.service import EngineService
 from ..errors import (DjinnError, FrameTooLarge, InternalError, InvalidRequest, MalformedFrame,
                       ProtocolMismatch, TokenOutOfRange, UnknownModel)
 from .auth import Auth
+from .inbox import LoopInbox
 from .limits import Limits
 from .metrics import Metrics
 from .protocol import MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, jsonable, mismatch_message, pack, unpack_map
@@ -31,6 +32,7 @@ class ServerState:
         self.breakpoint_streams: dict[str, int] = defaultdict(int)  # owner -> streams that may pause
         self._owner_locks: dict[str, asyncio.Lock] = {}
         self.token_text: dict[tuple[str, int], str] = {}  # (model, id) -> text, for OpenAI logprobs
+        self._inbox: Optional[LoopInbox] = None
 
     # -------------------------------------------------------------- the engine thread
 
@@ -41,6 +43,14 @@ class ServerState:
         except RuntimeError:
             raise InternalError("the engine is shut down") from None
         return await asyncio.wrap_future(fut)
+
+    def sink(self, on_event: Callable[[object], None]) -> Callable[[object], None]:
+        """A sink the engine thread can call: hands each event to `on_event` on this server's event loop (call
+        it from the loop), in order, and never raises into the engine."""
+        loop = asyncio.get_running_loop()
+        if self._inbox is None or self._inbox.loop is not loop:
+            self._inbox = LoopInbox(loop)
+        return functools.partial(self._inbox.put, on_event)
 
     def post_nowait(self, method: str, *args: Any) -> None:
         """Fire and forget (cleanup paths that must not wait, e.g. after a client went away)."""
@@ -163,17 +173,3 @@ def guarded(state: ServerState) -> Callable:
         return wrapper
 
     return deco
-
-
-def threadsafe_sink(loop: asyncio.AbstractEventLoop, on_event: Callable[[object], None]) -> Callable[[object], None]:
-    """A sink the engine thread can call: hands each event to `on_event` on the loop, and never raises into
-    the engine (a closed loop just drops the event)."""
-
-    def sink(ev: object) -> None:
-        try:
-            loop.call_soon_threadsafe(on_event, ev)
-        except RuntimeError:
-            pass
-
-    return sink
-

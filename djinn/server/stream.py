@@ -32,7 +32,7 @@ from ..errors import DjinnError, InternalError, InvalidRequest, MalformedFrame
 from ..events import Done, Error
 from .protocol import decode_params, decode_prompt, decode_tensor, encode_error, encode_event, pause_id
 from .sockets import Conn, Gone, greet
-from .state import ServerState, threadsafe_sink
+from .state import ServerState
 
 log = logging.getLogger("djinn.server")
 
@@ -72,7 +72,6 @@ async def _serve(conn: Conn, sid: str, state: ServerState) -> None:
         params = decode_params(req.get("params"), lim.max_list_items)
         lim.check_max_new_tokens(params.get("max_new_tokens"))
 
-    loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()  # engine events and replies to client frames, in order
     # streams that can pause count against the per-key limit (an attached stream may be paused already)
     counted = kind == "attach" or bool(params.get("breakpoints"))
@@ -94,7 +93,7 @@ async def _serve(conn: Conn, sid: str, state: ServerState) -> None:
         lim.check_paused(state.breakpoint_streams[owner])
         state.breakpoint_streams[owner] += 1
     try:
-        sink = threadsafe_sink(loop, on_event)
+        sink = state.sink(on_event)
         if kind == "generate":
             await state.call("generate", sid, owner, prompt, sink, **params)
         else:
