@@ -5,6 +5,8 @@
 #   benchmarks/run_gpu.sh throughput   # Mistral part, throughput part, the 64-session step profile
 #   benchmarks/run_gpu.sh kernels      # attention: prompts' tiles and programs, decode programs and chunks in
 #                                      # flight; host time per step; one-token steps' kernels (GPT-2, Mistral)
+#   benchmarks/run_gpu.sh sessions     # GPU smoke test; 64 Mistral-shape sessions: the thread queues' A/B and
+#                                      # the throughput part's 64-session row
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
 # that hangs cannot take the group's others with it. The WebSocket halves need the server's packages.
@@ -42,8 +44,13 @@ kernels)
     run 100 profile_gpt2_1.txt python3 benchmarks/profile_step.py --shape gpt2 --sessions 1
     run 150 profile_mistral_1.txt python3 benchmarks/profile_step.py --shape mistral --sessions 1
     ;;
+sessions)
+    run 130 gpu_smoke.log python3 benchmarks/gpu_smoke.py
+    run 240 experiment_event_queue.txt python3 benchmarks/experiment_event_queue.py --device cuda --trials 3
+    run 200 bench_throughput_64.log python3 benchmarks/bench.py --part throughput --sessions 64 --trials 3
+    ;;
 *)
-    echo "usage: $0 latency|throughput|kernels" >&2
+    echo "usage: $0 latency|throughput|kernels|sessions" >&2
     exit 2
     ;;
 esac
