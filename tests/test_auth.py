@@ -12,7 +12,7 @@ import websockets.sync.client
 import djinn
 from djinn.server.auth import Auth, identity, load_api_keys
 from djinn.server.protocol import PROTOCOL_VERSION, pack, unpack
-from serverutil import running_server
+from serverutil import WAIT, running_server
 
 ALICE, BOB = "alice-secret-key", "bob-other-key"
 SITE = "blocks.2.hook_resid_post"
@@ -90,14 +90,14 @@ def test_second_key_cannot_touch_first_keys_sessions(server):
 
 def test_missing_or_wrong_keys_are_refused(server):
     base = server.url
-    r = httpx.get(base + "/api/models")
+    r = httpx.get(base + "/api/models", timeout=WAIT)
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
-    r = httpx.get(base + "/api/sessions", headers={"Authorization": "Bearer nope"})
+    r = httpx.get(base + "/api/sessions", headers={"Authorization": "Bearer nope"}, timeout=WAIT)
     assert r.status_code in (401, 403) and r.json()["error"]["code"] == "unauthorized"
     assert "traceback" not in r.text.lower()
-    r = httpx.post(base + "/api/sessions", headers={"X-API-Key": "also-wrong"}, json={})
+    r = httpx.post(base + "/api/sessions", headers={"X-API-Key": "also-wrong"}, json={}, timeout=WAIT)
     assert r.status_code in (401, 403)
-    assert httpx.get(base + "/healthz").status_code == 200  # health stays open for load balancers
+    assert httpx.get(base + "/healthz", timeout=WAIT).status_code == 200  # health stays open for load balancers
 
     for key in (None, "wrong"):
         c = djinn.connect(base, api_key=key)
@@ -110,7 +110,7 @@ def test_missing_or_wrong_keys_are_refused(server):
         c.close()
 
     # a raw WebSocket without a key gets a typed error frame, not a dropped connection
-    with websockets.sync.client.connect(base.replace("http", "ws") + "/api/sessions/x/stream", proxy=None) as ws:
+    with websockets.sync.client.connect(base.replace("http", "ws") + "/api/sessions/x/stream", proxy=None, open_timeout=WAIT) as ws:
         ws.send(pack({"type": "hello", "protocol": PROTOCOL_VERSION}))
         msg = unpack(ws.recv())
         assert msg["type"] == "error" and msg["code"] == "unauthorized"

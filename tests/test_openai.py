@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import djinn
-from serverutil import running_server
+from serverutil import WAIT, running_server
 
 MODEL = "stories260K"
 STORY = "Once upon a time"
@@ -167,11 +167,11 @@ def test_nan_and_non_json_bodies(server):
     url = server.url + "/v1/completions"
     r = httpx.post(url, content=b'{"model": "stories260K", "prompt": "x", "djinn_interventions": [{"type": "steer", '
                                 b'"site": "blocks.2.hook_resid_post", "vector": [NaN' + b', 0.0' * 63 + b']}]}',
-                   headers={"Content-Type": "application/json"})
+                   headers={"Content-Type": "application/json"}, timeout=WAIT)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_tensor" and "NaN" in r.text
-    r = httpx.post(url, content=b"\x00\xffnot json", headers={"Content-Type": "application/json"})
+    r = httpx.post(url, content=b"\x00\xffnot json", headers={"Content-Type": "application/json"}, timeout=WAIT)
     assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_frame"
-    r = httpx.post(url, json=["a", "list"])
+    r = httpx.post(url, json=["a", "list"], timeout=WAIT)
     assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_frame"
-    r = httpx.post(url, json={"model": MODEL})
+    r = httpx.post(url, json={"model": MODEL}, timeout=WAIT)
     assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]

@@ -17,7 +17,7 @@ from djinn.client.aio import AsyncSession, connect_async
 from djinn.client.embedded import EmbeddedBackend
 from djinn.engine.engine import Engine
 from djinn.server.protocol import PROTOCOL_VERSION, encode_intervention, pack, unpack
-from serverutil import make_models, running_server
+from serverutil import WAIT, make_models, running_server
 
 STORY = "Once upon a time"
 SITE = "blocks.2.hook_resid_post"
@@ -312,7 +312,7 @@ def test_disconnect_mid_pause_is_freed_by_the_ttl(stories_path):
         for abrupt in (False, True):
             s = c.session()
             ws = websockets.sync.client.connect(srv.url.replace("http", "ws") + f"/api/sessions/{s.id}/stream",
-                                                proxy=None, legacy=True)
+                                                proxy=None, legacy=True, open_timeout=WAIT)
             ws.send(pack({"type": "hello", "protocol": PROTOCOL_VERSION}))
             ws.send(pack({"type": "generate", "prompt": STORY, "params": {
                 "max_new_tokens": 30, "breakpoints": [encode_intervention(djinn.Breakpoint(SITE, steps=[3]))]}}))

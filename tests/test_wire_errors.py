@@ -20,7 +20,7 @@ import test_bad_input as engine_cases  # the engine's bad-input cases, run again
 from djinn.errors import ERRORS_BY_CODE
 from djinn.server.limits import Limits
 from djinn.server.protocol import PROTOCOL_VERSION, TENSOR_EXT, encode_intervention, pack, unpack
-from serverutil import running_server
+from serverutil import WAIT, running_server
 
 SITE = "blocks.2.hook_resid_post"
 STORY = "Once upon a time"
@@ -57,7 +57,7 @@ def ws_url(server, sid: str) -> str:
 
 
 def open_ws(server, sid: str = "x"):
-    return websockets.sync.client.connect(ws_url(server, sid), proxy=None, max_size=None, legacy=True)
+    return websockets.sync.client.connect(ws_url(server, sid), proxy=None, max_size=None, legacy=True, open_timeout=WAIT)
 
 
 def first_reply(server, *frames, sid: str = "x") -> dict:
@@ -69,7 +69,7 @@ def first_reply(server, *frames, sid: str = "x") -> dict:
             except websockets.exceptions.ConnectionClosed:  # it already answered and closed: read why
                 break
         while True:
-            msg = unpack(ws.recv(timeout=10))
+            msg = unpack(ws.recv(timeout=WAIT))
             if msg.get("type") != "hello":
                 return msg
 
@@ -128,7 +128,7 @@ def test_control_socket_frames(server, client, sessions):
     a bad first frame ends it with a typed error, as on a stream."""
     a, b, expected = sessions
     url = server.url.replace("http://", "ws://") + "/api/control"
-    with websockets.sync.client.connect(url, proxy=None, max_size=None, legacy=True) as ws:
+    with websockets.sync.client.connect(url, proxy=None, max_size=None, legacy=True, open_timeout=WAIT) as ws:
         ws.send(hello())
         assert unpack(ws.recv())["type"] == "hello"
 
@@ -154,7 +154,7 @@ def test_control_socket_frames(server, client, sessions):
             assert msg["ok"] is False and msg["id"] == call_id
         ok = call({"type": "call", "id": 10, "method": "session_info", "args": [a.id]})
         assert ok["ok"] and ok["id"] == 10 and ok["result"]["id"] == a.id
-    with websockets.sync.client.connect(url, proxy=None, legacy=True) as ws:
+    with websockets.sync.client.connect(url, proxy=None, legacy=True, open_timeout=WAIT) as ws:
         ws.send(hello(99))
         msg = unpack(ws.recv())
         assert_typed(msg, "protocol_mismatch")
@@ -241,9 +241,9 @@ def paused_stream(server, sid: str, steps=(1,)):
     ws = open_ws(server, sid)
     ws.send(hello())
     ws.send(generate(max_new_tokens=8, breakpoints=[encode_intervention(djinn.Breakpoint(SITE, steps=steps))]))
-    assert unpack(ws.recv(timeout=10))["type"] == "hello"
+    assert unpack(ws.recv(timeout=WAIT))["type"] == "hello"
     while True:
-        msg = unpack(ws.recv(timeout=10))
+        msg = unpack(ws.recv(timeout=WAIT))
         if msg["type"] == "paused":
             return ws, msg
         assert msg["type"] == "token"
@@ -251,7 +251,7 @@ def paused_stream(server, sid: str, steps=(1,)):
 
 def reply_to(ws) -> dict:
     while True:
-        msg = unpack(ws.recv(timeout=10))
+        msg = unpack(ws.recv(timeout=WAIT))
         if msg["type"] == "reply":
             return msg
 
@@ -285,7 +285,7 @@ def test_frames_during_a_stream(server, client):
     ws.send(pack({"type": "resume", "activation": act}))
     assert reply_to(ws)["ok"] is True
     toks = []
-    while (msg := unpack(ws.recv(timeout=10)))["type"] != "done":
+    while (msg := unpack(ws.recv(timeout=WAIT)))["type"] != "done":
         assert msg["type"] == "token"
         toks.append(msg["token_id"])
     assert toks == expected[1:] and msg["result"]["token_ids"] == expected
@@ -298,7 +298,7 @@ def test_frame_far_beyond_the_limit(server, client):
     ws.send(b"\x00" * (FRAME_LIMIT * 2 + (2 << 20)))  # past uvicorn's own ceiling: that connection is closed
     with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
         while True:
-            ws.recv(timeout=10)
+            ws.recv(timeout=WAIT)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1009
     assert s.info()["state"] == "paused"  # the session waits for its TTL (or a REST resume)
     client._backend.call("resume", s.id, None)
@@ -314,38 +314,38 @@ def test_frame_far_beyond_the_limit(server, client):
 
 def test_rest_errors(server, client):
     u = server.url
-    r = httpx.post(u + "/api/sessions", content=b"\x93\x01", headers={"Content-Type": "application/msgpack"})
+    r = httpx.post(u + "/api/sessions", content=b"\x93\x01", headers={"Content-Type": "application/msgpack"}, timeout=WAIT)
     assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_frame"
-    r = httpx.post(u + "/api/sessions", content=b"{oops", headers={"Content-Type": "application/json"})
+    r = httpx.post(u + "/api/sessions", content=b"{oops", headers={"Content-Type": "application/json"}, timeout=WAIT)
     assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_frame"
-    r = httpx.post(u + "/api/sessions", content=b"x" * (FRAME_LIMIT + 1))
+    r = httpx.post(u + "/api/sessions", content=b"x" * (FRAME_LIMIT + 1), timeout=WAIT)
     assert r.status_code == 413 and r.json()["error"]["code"] == "frame_too_large"
-    r = httpx.get(u + "/api/models", headers={"X-Djinn-Protocol": "99"})
+    r = httpx.get(u + "/api/models", headers={"X-Djinn-Protocol": "99"}, timeout=WAIT)
     assert r.status_code == 400 and r.json()["error"]["code"] == "protocol_mismatch" and "99" in r.text
-    r = httpx.get(u + "/api/nothing-here")
+    r = httpx.get(u + "/api/nothing-here", timeout=WAIT)
     assert r.status_code == 404 and r.json()["error"]["code"] == "invalid_request"
-    r = httpx.patch(u + "/api/models")
+    r = httpx.patch(u + "/api/models", timeout=WAIT)
     assert r.status_code == 405 and "PATCH" in r.json()["error"]["message"]
-    r = httpx.get(u + "/api/checkpoints/nope")
+    r = httpx.get(u + "/api/checkpoints/nope", timeout=WAIT)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_checkpoint"
-    r = httpx.post(u + "/api/sessions", json={"model": "nope"})
+    r = httpx.post(u + "/api/sessions", json={"model": "nope"}, timeout=WAIT)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model"
-    r = httpx.post(u + "/api/sessions", json={"model": "stories260K", "colour": "red"})
+    r = httpx.post(u + "/api/sessions", json={"model": "stories260K", "colour": "red"}, timeout=WAIT)
     assert r.status_code == 400 and "colour" in r.json()["error"]["message"]
-    r = httpx.post(u + "/api/detokenize", json={"ids": [1, 10 ** 6]})
+    r = httpx.post(u + "/api/detokenize", json={"ids": [1, 10 ** 6]}, timeout=WAIT)
     assert r.status_code == 400 and r.json()["error"]["code"] == "token_out_of_range"
     sid = client.session().id
     r = httpx.post(u + f"/api/sessions/{sid}/generate", json={"prompt": "x", "breakpoints": [
-        {"type": "breakpoint", "site": SITE}]})
+        {"type": "breakpoint", "site": SITE}]}, timeout=WAIT)
     assert r.status_code == 400 and "stream" in r.json()["error"]["message"]
     r = httpx.post(u + f"/api/sessions/{sid}/generate", json={"prompt": "Once", "max_new_tokens": 3,
-                                                               "return_logits": True})
+                                                               "return_logits": True}, timeout=WAIT)
     assert r.status_code == 200 and len(r.json()["token_ids"]) == 3
     assert r.json()["logits"]["shape"] == [3, 512]
     r = httpx.put(u + f"/api/sessions/{sid}/interventions", json={"interventions": [
-        {"type": "steer", "site": SITE, "vector": [0.5] * 64, "scale": 2.0}]})
+        {"type": "steer", "site": SITE, "vector": [0.5] * 64, "scale": 2.0}]}, timeout=WAIT)
     assert r.status_code == 200 and client._backend.call("session_info", sid)["interventions"] == 1
-    r = httpx.get(u + "/metrics")
+    r = httpx.get(u + "/metrics", timeout=WAIT)
     assert r.status_code == 200 and 'djinn_errors_total{code="malformed_frame"}' in r.text
     assert "djinn_generated_tokens_total" in r.text and "djinn_kv_blocks_used" in r.text
     assert "djinn_graphs_recorded_total 0.0" in r.text  # a CPU engine replays no graphs
@@ -591,7 +591,7 @@ def test_fuzz_frames_and_bodies(server, client):
     assert by_tokens + [e.token_id for e in by_stream if isinstance(e, djinn.Token)] == expected
     assert bystander.info()["state"] == "idle"
     assert client.session().generate(STORY, max_new_tokens=8).token_ids == expected
-    assert httpx.get(server.url + "/healthz").json()["status"] == "ok"
+    assert httpx.get(server.url + "/healthz", timeout=WAIT).json()["status"] == "ok"
 
 
 def test_closed_connections_and_odd_frames_read_as_typed_errors():
