@@ -1,8 +1,10 @@
 """Many sessions, one client thread each (bench.py's throughput part): tokens/s with the thread queues that carry
 events and engine commands as `queue.Queue` (a Python-level lock and condition) or `queue.SimpleQueue` (the
-engine's choice: one C call a put), and with no client threads at all (events to sinks on the engine thread),
-the three taking turns on fresh engines. On the CPU it runs a tiny random model (the host's share of a step,
-as ratios); on the GPU the Mistral-7B shape. Prints tokens/s per variant and trial, then medians."""
+engine's choice: one C call a put); with each thread calling `generate()` instead of reading the stream (the
+tokens stay on the engine thread, the thread wakes once); and with no client threads at all (events to sinks
+on the engine thread). The variants take turns on fresh engines. On the CPU it runs a tiny random model (the
+host's share of a step, as ratios); on the GPU the Mistral-7B shape. Prints tokens/s per variant and trial,
+then medians."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +13,7 @@ import os
 import queue
 import statistics
 import sys
+import threading
 import time
 import types
 
@@ -35,6 +38,30 @@ def with_queue(cls) -> None:
     service.queue = embedded.queue = ns
 
 
+def throughput_generate(client, n_sessions: int, mode: str, n_prompt: int, n_new: int) -> tuple:
+    """bench.throughput's load, each thread calling generate() (plain mode only). Returns (tokens/s, None)."""
+    assert mode == "plain"
+    vocab = client.models()[0].vocab_size
+    g = torch.Generator().manual_seed(n_sessions)
+    prompts = [torch.randint(0, vocab, (n_prompt,), generator=g).tolist() for _ in range(n_sessions)]
+    sessions = [client.session() for _ in range(n_sessions)]
+    done, finished = [0] * n_sessions, [0.0] * n_sessions
+
+    def work(i):
+        done[i] = len(sessions[i].generate(prompts[i], max_new_tokens=n_new, stop_tokens=[]).token_ids)
+        finished[i] = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_sessions)]
+    t = bench.now()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for s in sessions:
+        s.close()
+    assert done == [n_new] * n_sessions
+    return sum(done) / (max(finished) - t), None
+
+
 def main(device: str, n_sessions: int, trials: int) -> None:
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -48,6 +75,7 @@ def main(device: str, n_sessions: int, trials: int) -> None:
     variants = {
         "client threads, queue.Queue": (queue.Queue, bench.throughput),
         "client threads, queue.SimpleQueue": (queue.SimpleQueue, bench.throughput),
+        "client threads calling generate()": (queue.SimpleQueue, throughput_generate),
         "engine sinks, queue.SimpleQueue": (queue.SimpleQueue, bench.throughput_engine_sinks),
     }
     rates: dict[str, list[float]] = {v: [] for v in variants}

@@ -17,6 +17,10 @@ class Backend(Protocol):
 
     def stream(self, sid: str, prompt: Prompt, params: dict) -> Iterator[object]: ...
 
+    def generate(self, sid: str, prompt: Prompt, params: dict) -> GenerateResult:
+        """To completion without breakpoints, as one reply (no event a token)."""
+        ...
+
     def attach(self, sid: str) -> Iterator[object]: ...
 
     def close(self) -> None: ...
@@ -82,7 +86,11 @@ class Session:
                 return
 
     def generate(self, prompt: Prompt = (), *, max_new_tokens: int = 16, **params: Any) -> GenerateResult:
-        """Run to completion: greedy unless temperature > 0; returns text, token ids, captures, logits."""
+        """Run to completion: greedy unless temperature > 0; returns text, token ids, captures, logits.
+        Without breakpoints the result comes back in one reply (over a remote server, one REST request, which
+        the client's `timeout` bounds); with them, pauses are resumed unchanged."""
+        if not params.get("breakpoints"):
+            return self._backend.generate(self.id, prompt, dict(params, max_new_tokens=max_new_tokens))
         for ev in self.stream(prompt, max_new_tokens=max_new_tokens, **params):
             if isinstance(ev, Done):
                 return ev.result

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+from concurrent.futures import Future
 from typing import Any, Iterator
 
 from ..engine.engine import Engine
 from ..engine.service import EngineService
-from ..events import Done, Error, Paused
+from ..events import Done, Error, GenerateResult, Paused
 
 LOCAL_OWNER = "local"
 
@@ -31,6 +32,25 @@ class EmbeddedBackend:
 
     def stream(self, sid: str, prompt, params: dict) -> Iterator[object]:
         return self._events(sid, lambda sink: self.service.call("generate", sid, self.owner, prompt, sink, **params))
+
+    def generate(self, sid: str, prompt, params: dict) -> GenerateResult:
+        """To completion with the tokens kept on the engine thread: the caller wakes once, for the result
+        (many threads generating at once would otherwise each wake for every token)."""
+        result: Future = Future()
+
+        def sink(ev: object) -> None:  # on the engine thread
+            if isinstance(ev, Done):
+                result.set_result(ev.result)
+            elif isinstance(ev, Error):
+                result.set_exception(ev.error)
+
+        self.service.call("generate", sid, self.owner, prompt, sink, **params)
+        try:
+            return result.result()
+        except BaseException:
+            if not result.done():  # the caller was interrupted: end the request, keep the session
+                self.service.post("cancel", sid, self.owner)
+            raise
 
     def attach(self, sid: str) -> Iterator[object]:
         return self._events(sid, lambda sink: self.service.call("attach", sid, self.owner, sink))

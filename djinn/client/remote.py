@@ -23,7 +23,7 @@ from .. import __version__
 from ..allocator import keep_freed_memory as tune_allocator
 from ..errors import (DjinnError, FrameTooLarge, InvalidRequest, InvalidTensor, ProtocolMismatch,
                       error_from_code)
-from ..events import Done, Error, Paused
+from ..events import Done, Error, GenerateResult, Paused
 from ..server.protocol import (MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, decode_event, decode_model_info,
                                decode_result, encode_intervention, encode_params, encode_prompt, mismatch_message,
                                pack, unpack)
@@ -337,8 +337,8 @@ class RemoteBackend:
                 c.close()
         return s
 
-    def generate(self, sid: str, prompt: Any, params: dict) -> Any:
-        """Non-streaming generate over REST (no breakpoints)."""
+    def generate(self, sid: str, prompt: Any, params: dict) -> GenerateResult:
+        """To completion over one REST request (no breakpoints): no frame a token."""
         body = {"prompt": encode_prompt(prompt), **encode_params(params)}
         return decode_result(self._request("POST", f"/api/sessions/{_p(sid)}/generate", body))
 
