@@ -32,7 +32,7 @@ def make_models(stories_path) -> list:
 def running_server(stories_path, *, api_keys: Sequence[str] = (), limits: Optional[Limits] = None,
                    models=None, **engine_options) -> Iterator[ServerThread]:
     engine = Engine(models if models is not None else make_models(stories_path), **engine_options)
-    srv = ServerThread(engine, api_keys=api_keys, limits=limits)
+    srv = ServerThread(engine, api_keys=api_keys, limits=limits, startup_timeout=WAIT)
     try:
         yield srv
     finally:
