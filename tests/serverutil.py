@@ -14,8 +14,9 @@ from djinn.models.loading import load_model, load_random
 from djinn.server.launch import ServerThread
 from djinn.server.limits import Limits
 
-# what the tests' own HTTP and WebSocket calls wait for a reply: far past any loopback reply, so that a CI
-# machine stalled for seconds fails no test, while a server that never answers still fails it
+# how long the tests wait for a server to start and for a reply to their own HTTP and WebSocket calls: far
+# past any loopback reply, so that a CI machine stalled for seconds fails no test, while a server that never
+# answers still fails it
 WAIT = 120.0
 
 TINY = ModelConfig(family="llama", vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64,
