@@ -370,8 +370,20 @@ def throughput_engine_sinks(client, n_sessions: int, mode: str, n_prompt=128, n_
     return rates(tokens, t, finished)
 
 
-def throughput(client, n_sessions: int, mode: str, n_prompt=128, n_new=256) -> tuple:
-    """One client thread per session, as an embedded user with many sessions would run them. Returns `rates`."""
+def stream_tokens(session, prompt: list[int], n_new: int, items: list, bps: list) -> int:
+    """One session's call through stream(), each pause resumed unchanged: the tokens it received."""
+    tokens = 0
+    for ev in session.stream(prompt, max_new_tokens=n_new, breakpoints=bps, stop_tokens=[], interventions=items):
+        if isinstance(ev, djinn.Paused):
+            ev.resume()
+        elif isinstance(ev, djinn.Token):
+            tokens += 1
+    return tokens
+
+
+def throughput(client, n_sessions: int, mode: str, n_prompt=128, n_new=256, run=stream_tokens) -> tuple:
+    """One client thread per session, as an embedded user with many sessions would run them, each making its
+    call through `run` (default: streaming). Returns `rates`."""
     vocab = client.models()[0].vocab_size
     g = torch.Generator().manual_seed(n_sessions)
     prompts = [torch.randint(0, vocab, (n_prompt,), generator=g).tolist() for _ in range(n_sessions)]
@@ -380,15 +392,8 @@ def throughput(client, n_sessions: int, mode: str, n_prompt=128, n_new=256) -> t
     done, finished = [0] * n_sessions, [0.0] * n_sessions
 
     def work(i):
-        items, bps = options[i]
-        tokens = 0
-        for ev in sessions[i].stream(prompts[i], max_new_tokens=n_new, breakpoints=bps, stop_tokens=[],
-                                     interventions=items):
-            if isinstance(ev, djinn.Paused):
-                ev.resume()
-            elif isinstance(ev, djinn.Token):
-                tokens += 1
-        done[i], finished[i] = tokens, time.perf_counter()
+        done[i] = run(sessions[i], prompts[i], n_new, *options[i])
+        finished[i] = time.perf_counter()
     threads = [threading.Thread(target=work, args=(i,)) for i in range(n_sessions)]
     t = now()
     for th in threads:

@@ -8,11 +8,11 @@ then medians."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import queue
 import statistics
 import sys
-import threading
 import time
 import types
 
@@ -39,28 +39,10 @@ def with_queue(cls) -> None:
     service.queue = embedded.queue = ns
 
 
-def throughput_generate(client, n_sessions: int, mode: str, n_prompt: int, n_new: int) -> tuple:
-    """bench.throughput's load, each thread calling generate() (plain mode only). Returns (tokens/s, None)."""
-    assert mode == "plain"
-    vocab = client.models()[0].vocab_size
-    g = torch.Generator().manual_seed(n_sessions)
-    prompts = [torch.randint(0, vocab, (n_prompt,), generator=g).tolist() for _ in range(n_sessions)]
-    sessions = [client.session() for _ in range(n_sessions)]
-    done, finished = [0] * n_sessions, [0.0] * n_sessions
-
-    def work(i):
-        done[i] = len(sessions[i].generate(prompts[i], max_new_tokens=n_new, stop_tokens=[]).token_ids)
-        finished[i] = time.perf_counter()
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_sessions)]
-    t = bench.now()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    for s in sessions:
-        s.close()
-    assert done == [n_new] * n_sessions
-    return sum(done) / (max(finished) - t), None
+def generate_tokens(session, prompt: list[int], n_new: int, items: list, bps: list) -> int:
+    """One session's call through generate() (no breakpoints: the plain mode): the tokens it returned."""
+    assert not bps
+    return len(session.generate(prompt, max_new_tokens=n_new, stop_tokens=[], interventions=items).token_ids)
 
 
 def main(device: str, n_sessions: int, trials: int) -> None:
@@ -76,7 +58,8 @@ def main(device: str, n_sessions: int, trials: int) -> None:
     variants = {
         "client threads, queue.Queue": (queue.Queue, bench.throughput),
         "client threads, queue.SimpleQueue": (queue.SimpleQueue, bench.throughput),
-        "client threads calling generate()": (queue.SimpleQueue, throughput_generate),
+        "client threads calling generate()": (queue.SimpleQueue, functools.partial(bench.throughput,
+                                                                                    run=generate_tokens)),
         "engine sinks, queue.SimpleQueue": (queue.SimpleQueue, bench.throughput_engine_sinks),
     }
     # one engine for every run, so its graphs, once captured in the warm-up round, serve all variants alike;
