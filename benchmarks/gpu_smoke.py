@@ -196,6 +196,35 @@ def transformers_parity_check() -> dict:
     return report
 
 
+def engine_beside_running_engine_check(loaded, prompt: list[int], ref) -> dict:
+    """A second engine starts (capturing its decode graphs) and runs while the first keeps generating on its
+    own thread: neither's captures may break the other's steps, and every run equals the reference bit for
+    bit."""
+    running = djinn.connect(model=loaded, kv_memory=2 << 30)
+    stop, runs = threading.Event(), []
+
+    def keep_generating() -> None:
+        while not stop.is_set():
+            out = running.session().generate(prompt, max_new_tokens=64, return_logits=True)
+            runs.append(out.token_ids == ref.token_ids and torch.equal(out.logits, ref.logits))
+
+    worker = threading.Thread(target=keep_generating)
+    worker.start()
+    while not runs:  # the first engine is generating before the second starts
+        time.sleep(0.01)
+    before = len(runs)
+    second = djinn.connect(model=loaded, kv_memory=2 << 30)
+    during_start = len(runs) - before
+    out = second.session().generate(prompt, max_new_tokens=64, return_logits=True)
+    stop.set()
+    worker.join()
+    second.close()
+    running.close()
+    return {"runs_finished_while_second_started": during_start, "running_engine_runs": len(runs),
+            "running_engine_bit_identical": all(runs),
+            "second_engine_bit_identical": out.token_ids == ref.token_ids and bool(torch.equal(out.logits, ref.logits))}
+
+
 def main() -> None:
     dev = torch.device("cuda")
     loaded = load_random(GPT2_SMALL, torch.float16, dev, seed=0, name="gpt2-small-random")
@@ -256,6 +285,9 @@ def main() -> None:
     client.close()
     report["engine_after_closed_engine"] = engines_in_turn_check(loaded, prompt, ref)
     ok = ok and all(report["engine_after_closed_engine"].values())
+    report["engine_beside_running_engine"] = engine_beside_running_engine_check(loaded, prompt, ref)
+    ok = ok and report["engine_beside_running_engine"]["running_engine_bit_identical"]
+    ok = ok and report["engine_beside_running_engine"]["second_engine_bit_identical"]
     report["shrinking_prompts_graphs_equal_eager"] = shrinking_prompts_check(loaded)
     report["few_row_head_vs_cublas"] = few_row_head_check(loaded)  # a tolerance check: not part of the bit checks
     ok = ok and report["shrinking_prompts_graphs_equal_eager"]["tokens_and_logits_bit_identical"]

@@ -473,7 +473,8 @@ class StepGraphs:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread-local: another engine's thread may step on its own streams while this one captures
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 logits = self._forward(tb, rb, first, last, ends, signature)
         finally:
             if collecting:
