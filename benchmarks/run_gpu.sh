@@ -6,7 +6,7 @@
 #   benchmarks/run_gpu.sh kernels      # attention: prompts' tiles and programs, decode programs and chunks in
 #                                      # flight; host time per step; one-token steps' kernels (GPT-2, Mistral)
 #   benchmarks/run_gpu.sh sessions     # GPU smoke test; 64 Mistral-shape sessions: the thread queues' A/B and
-#                                      # the throughput part's 64-session row
+#                                      # the throughput part's 64-session row; GPT-2 batch 1 through each path
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
 # that hangs cannot take the group's others with it. The WebSocket halves need the server's packages.
@@ -46,8 +46,9 @@ kernels)
     ;;
 sessions)
     run 130 gpu_smoke.log python3 benchmarks/gpu_smoke.py
-    run 240 experiment_event_queue.txt python3 benchmarks/experiment_event_queue.py --device cuda --trials 3
-    run 200 bench_throughput_64.log python3 benchmarks/bench.py --part throughput --sessions 64 --trials 3
+    run 150 experiment_event_queue.txt python3 benchmarks/experiment_event_queue.py --device cuda --trials 3
+    run 150 bench_throughput_64.log python3 benchmarks/bench.py --part throughput --sessions 64 --trials 3
+    run 100 experiment_batch1_paths.txt python3 benchmarks/experiment_batch1_paths.py
     ;;
 *)
     echo "usage: $0 latency|throughput|kernels|sessions" >&2
