@@ -136,17 +136,23 @@ def kv_bytes_per_token(c: ModelConfig, dtype) -> int:
 
 # ---------------------------------------------------------------- measurements
 
-def batch1_ms_per_token(client, n_new=256, trials=3) -> float:
+def generate_tokens(session, prompt: list[int], n: int) -> None:
+    session.generate(prompt, max_new_tokens=n, stop_tokens=[])
+
+
+def batch1_ms_per_token(client, n_new=256, trials=3, run=generate_tokens) -> float:
+    """ms per decoded token of one session: `run(session, prompt, n)` for n_new + 1 tokens, less its time for 1
+    (the prompt's share)."""
     prompt = list(range(100, 116))
     out = []
     for _ in range(trials):
         s = client.session()
         t0 = now()
-        s.generate(prompt, max_new_tokens=1, stop_tokens=[])
+        run(s, prompt, 1)
         t1 = now()
         s2 = client.session()
         t2 = now()
-        s2.generate(prompt, max_new_tokens=n_new + 1, stop_tokens=[])
+        run(s2, prompt, n_new + 1)
         t3 = now()
         out.append(((t3 - t2) - (t1 - t0)) * 1000 / n_new)
         s.close()

@@ -18,51 +18,28 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn  # noqa: E402
 from benchmarks import bench  # noqa: E402
-from djinn.engine.engine import Engine  # noqa: E402
+from benchmarks.experiment_one_token import step_ms  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
 
 TINY = ModelConfig(family="gpt2", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_mlp=256,
                    max_seq_len=1024, tie_embeddings=True)
-PROMPT = list(range(100, 116))
 
 
-def stepped_directly(loaded, kv_memory: int, n_new: int) -> float:
-    engine = Engine([loaded], kv_memory=kv_memory)
-    sid = engine.create_session("bench")
-    engine.generate(sid, "bench", PROMPT, lambda ev: None, max_new_tokens=n_new + 40, stop_tokens=[])
-    for _ in range(20):  # the prompt and warm-up
-        engine.step()
-    t = bench.now()
-    for _ in range(n_new):
-        engine.step()
-    return (bench.now() - t) * 1000 / n_new
+def stream_tokens(session, prompt: list[int], n: int) -> None:
+    for _ in session.stream(prompt, max_new_tokens=n, stop_tokens=[]):
+        pass
 
 
-def through_client(run: Callable) -> Callable[..., float]:
-    """ms/token of `run(session, n_tokens)` on a fresh embedded client: n_new + 1 tokens less 1 token (the
-    prompt's share), as bench.py's batch-1 figure."""
+def through_client(run: Callable) -> Callable[[object, int, int], float]:
+    """bench.py's batch-1 figure for `run(session, prompt, n)`, on a fresh embedded client."""
     def measure(loaded, kv_memory: int, n_new: int) -> float:
         client = djinn.connect(model=loaded, kv_memory=kv_memory)
-        run(client.session(), 8)  # warm-up
-        s1, s2 = client.session(), client.session()
-        t0 = bench.now()
-        run(s1, 1)
-        t1 = bench.now()
-        run(s2, n_new + 1)
-        t2 = bench.now()
+        bench.batch1_ms_per_token(client, n_new=8, trials=1, run=run)  # warm-up
+        ms = bench.batch1_ms_per_token(client, n_new=n_new, trials=1, run=run)
         client.close()
-        return ((t2 - t1) - (t1 - t0)) * 1000 / n_new
+        return ms
     return measure
-
-
-def generate(session, n: int) -> None:
-    session.generate(PROMPT, max_new_tokens=n, stop_tokens=[])
-
-
-def stream(session, n: int) -> None:
-    for _ in session.stream(PROMPT, max_new_tokens=n, stop_tokens=[]):
-        pass
 
 
 def main(device: str, rounds: int, n_new: int) -> None:
@@ -76,17 +53,17 @@ def main(device: str, rounds: int, n_new: int) -> None:
         loaded = load_random(TINY, torch.float32, dev, seed=0, name="tiny-random")
         small, large = 64 << 20, 512 << 20
     variants = {
-        "engine.step() driven directly": (stepped_directly, small),
-        "generate()": (through_client(generate), small),
-        "stream()": (through_client(stream), small),
-        f"generate(), {large >> 20} MiB KV pool": (through_client(generate), large),
+        "engine.step() driven directly": (step_ms, small),
+        "generate()": (through_client(bench.generate_tokens), small),
+        "stream()": (through_client(stream_tokens), small),
+        f"generate(), {large >> 20} MiB KV pool": (through_client(bench.generate_tokens), large),
     }
     results: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds):
         for name, (measure, kv_memory) in variants.items():
             results[name].append(measure(loaded, kv_memory, n_new))
             print(f"round {r + 1}  {name:<40} {results[name][-1]:.3f} ms/token", flush=True)
-    print(f"\n{device}, one session, {len(PROMPT)}-token prompt, {n_new} new tokens; medians of {rounds}")
+    print(f"\n{device}, one session, 16-token prompt, {n_new} new tokens; medians of {rounds}")
     for name, values in results.items():
         print(f"{name:<40} {statistics.median(values):.3f} ms/token")
 

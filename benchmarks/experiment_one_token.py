@@ -10,7 +10,6 @@ import gc
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -18,6 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn  # noqa: E402
 import djinn.engine.sampling as sampling  # noqa: E402
 import djinn.models.gpt2 as gpt2  # noqa: E402
+from benchmarks import bench  # noqa: E402
 from benchmarks.bench import batch1_ms_per_token  # noqa: E402
 from benchmarks.gpu_smoke import GPT2_SMALL  # noqa: E402
 from djinn.engine.engine import Engine  # noqa: E402
@@ -40,19 +40,17 @@ VARIANTS = {  # name: (greedy pick, norm + product)
 }
 
 
-def step_ms(loaded) -> float:
+def step_ms(loaded, kv_memory: int = 2 << 30, steps: int = 200) -> float:
     """engine.step() driven directly (no engine thread) for one decoding session."""
-    engine = Engine([loaded], kv_memory=2 << 30)
+    engine = Engine([loaded], kv_memory=kv_memory)
     sid = engine.create_session("x")
-    engine.generate(sid, "x", list(range(100, 116)), lambda ev: None, max_new_tokens=400, stop_tokens=[])
+    engine.generate(sid, "x", list(range(100, 116)), lambda ev: None, max_new_tokens=steps + 200, stop_tokens=[])
     for _ in range(20):
         engine.step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(200):
+    t = bench.now()
+    for _ in range(steps):
         engine.step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1000 / 200
+    return (bench.now() - t) * 1000 / steps
 
 
 def main(rounds: int) -> None:
