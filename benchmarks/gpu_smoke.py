@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn  # noqa: E402
+from djinn.kernels import dependent_launch  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
 
@@ -231,7 +232,8 @@ def main() -> None:
     client = djinn.connect(model=loaded, kv_memory=2 << 30)
     prompt = torch.randint(0, GPT2_SMALL.vocab_size, (512,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = client.session().generate(prompt, max_new_tokens=64, return_logits=True)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": {}}
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "dependent_launches": dependent_launch.enabled(), "checks": {}}
     for site in ["blocks.6.hook_resid_post", "blocks.3.attn.hook_z", "blocks.9.hook_mlp_out", "ln_final.hook_normalized"]:
         pauses = 0
         for ev in client.session().stream(prompt, max_new_tokens=64, return_logits=True,

@@ -7,6 +7,8 @@
 #                                      # flight; host time per step; one-token steps' kernels (GPT-2, Mistral)
 #   benchmarks/run_gpu.sh sessions     # GPU smoke test; 64 Mistral-shape sessions: the thread queues' A/B and
 #                                      # the throughput part's 64-session row; GPT-2 batch 1 through each path
+#   benchmarks/run_gpu.sh launches     # batch 1 with plain and dependent kernel launches (A/B and bits); the
+#                                      # GPU smoke test and GPT-2's one-token step profile with dependent launches
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
 # that hangs cannot take the group's others with it. The WebSocket halves need the server's packages.
@@ -50,8 +52,13 @@ sessions)
     run 150 bench_throughput_64.log python3 benchmarks/bench.py --part throughput --sessions 64 --trials 3
     run 100 experiment_batch1_paths.txt python3 benchmarks/experiment_batch1_paths.py
     ;;
+launches)
+    run 300 experiment_dependent_launch.txt python3 benchmarks/experiment_dependent_launch.py
+    run 130 gpu_smoke.log env DJINN_DEPENDENT_LAUNCH=1 python3 benchmarks/gpu_smoke.py
+    run 100 profile_gpt2_1.txt env DJINN_DEPENDENT_LAUNCH=1 python3 benchmarks/profile_step.py --shape gpt2 --sessions 1
+    ;;
 *)
-    echo "usage: $0 latency|throughput|kernels|sessions" >&2
+    echo "usage: $0 latency|throughput|kernels|sessions|launches" >&2
     exit 2
     ;;
 esac

@@ -108,3 +108,23 @@ def test_kernel_matches_portable_path():
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=540,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_dependent_launches_only_where_the_device_has_them():
+    """The step kernels launch as programmatic dependents only on a CUDA device of compute capability 9.0+
+    with a Triton that has grid dependency control; asking for them elsewhere is an error, not a no-op."""
+    from djinn.kernels import dependent_launch
+
+    before = dependent_launch.enabled()
+    try:
+        if dependent_launch.supported():
+            dependent_launch.set_enabled(True)
+            assert dependent_launch.options() == {"DEPENDENT": True, "launch_pdl": True}
+        else:
+            assert not before
+            with pytest.raises(RuntimeError, match="compute capability 9.0"):
+                dependent_launch.set_enabled(True)
+        dependent_launch.set_enabled(False)
+        assert dependent_launch.options() == {"DEPENDENT": False}
+    finally:
+        dependent_launch.set_enabled(before)

@@ -12,6 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dependent_launch
+from .dependent_launch import wait_for_inputs
+
 SLICE = 4096  # logits per program
 NUM_WARPS = 8
 
@@ -31,7 +34,8 @@ def _first_best(v, i):
 
 @triton.jit
 def _argmax_kernel(x_ptr, out_ptr, part_v_ptr, part_i_ptr, count_ptr, stride_x, V, N_SLICES,
-                   SLICE: tl.constexpr, SLICES_P: tl.constexpr):
+                   SLICE: tl.constexpr, SLICES_P: tl.constexpr, DEPENDENT: tl.constexpr):
+    wait_for_inputs(DEPENDENT)
     row = tl.program_id(0)
     part = tl.program_id(1)
     idx = part * SLICE + tl.arange(0, SLICE)
@@ -66,5 +70,6 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     part_v = torch.empty((rows, slices_p), dtype=torch.float32, device=logits.device)
     part_i = torch.empty((rows, slices_p), dtype=torch.int32, device=logits.device)
     _argmax_kernel[(rows, n_slices)](logits, out, part_v, part_i, counters, logits.stride(0), vocab, n_slices,
-                                     SLICE=SLICE, SLICES_P=slices_p, num_warps=NUM_WARPS)
+                                     SLICE=SLICE, SLICES_P=slices_p, num_warps=NUM_WARPS,
+                                     **dependent_launch.options())
     return out

@@ -9,10 +9,15 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dependent_launch
+from .dependent_launch import wait_for_inputs
+
 
 @triton.jit
 def _norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, b_ptr, out_ptr, stride_x, stride_r, stride_s, stride_o, n_cols, eps,
-                 BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 DEPENDENT: tl.constexpr):
+    wait_for_inputs(DEPENDENT)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -54,12 +59,13 @@ def norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor
         _norm_kernel[(x2.shape[0],)](x2, r, total, weight, bias if bias is not None else weight, out, x2.stride(0),
                                      r.stride(0), total.stride(0), out.stride(0), x2.shape[1], eps, BLOCK=block,
                                      RMS=rms, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-                                     num_warps=min(16, max(1, block // 256)))
+                                     num_warps=min(16, max(1, block // 256)), **dependent_launch.options())
     return (total.view(x.shape) if residual is not None else x), out.view(x.shape)
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, DEPENDENT: tl.constexpr):
+    wait_for_inputs(DEPENDENT)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -76,7 +82,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if n:
         block = 1024
         _silu_mul_kernel[(n, triton.cdiv(f, block))](gate_up, out, gate_up.stride(0), out.stride(0), f, BLOCK=block,
-                                                       num_warps=4)
+                                                       num_warps=4, **dependent_launch.options())
     return out
 
 
@@ -85,8 +91,9 @@ def _rope_write_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, kv_ptr, blocks_ptr, offsets_ptr, pos_ptr, cos_ptr, sin_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     stride_blk, stride_kv, stride_tok, stride_head, n_heads,
-    D: tl.constexpr, D_P: tl.constexpr, ROPE: tl.constexpr,
+    D: tl.constexpr, D_P: tl.constexpr, ROPE: tl.constexpr, DEPENDENT: tl.constexpr,
 ):
+    wait_for_inputs(DEPENDENT)
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     d = tl.arange(0, D_P)
@@ -136,5 +143,6 @@ def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_laye
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0),
         q_out.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), n_heads,
         D=d_head, D_P=triton.next_power_of_2(d_head), ROPE=rope is not None, num_warps=1,
+        **dependent_launch.options(),
     )
     return q_out

@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dependent_launch
+from .dependent_launch import wait_for_inputs
+
 # Defaults from benchmarks/tune_attention.py on an H200 (timed inside CUDA graphs; see benchmarks/results).
 CHUNK = 64  # key positions per partial result
 BLOCK_N = 64  # keys per inner iteration
@@ -78,7 +81,9 @@ def _chunk_kernel(
     scale, window, n_heads, n_chunks,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr, CHUNK_STAGES: tl.constexpr,
+    DEPENDENT: tl.constexpr,
 ):
+    wait_for_inputs(DEPENDENT)
     tok = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     pos = tl.load(pos_ptr + tok).to(tl.int32)
@@ -174,8 +179,9 @@ def _tile_chunk_kernel(
 @triton.jit
 def _merge_kernel(
     acc_ptr, ml_ptr, out_ptr, pos_ptr, stride_on, stride_oh, window, n_heads, n_chunks,
-    D: tl.constexpr, D_P: tl.constexpr, CHUNK_SIZE: tl.constexpr, MERGE: tl.constexpr,
+    D: tl.constexpr, D_P: tl.constexpr, CHUNK_SIZE: tl.constexpr, MERGE: tl.constexpr, DEPENDENT: tl.constexpr,
 ):
+    wait_for_inputs(DEPENDENT)
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     pos = tl.load(pos_ptr + tok).to(tl.int32)
@@ -242,7 +248,7 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         programs, stages = (PROGRAMS_SMALL, CHUNK_STAGES_SMALL) if small else (PROGRAMS, CHUNK_STAGES)
         _chunk_kernel[(n, n_kv, min(n_chunks, programs))](
             q, kv_layer, acc, ml, block_tables, token_row, token_pos, *strides, scale, window, n_heads, n_chunks,
-            GROUP=group, GROUP_P=group_p, CHUNK_STAGES=stages, **common)
+            GROUP=group, GROUP_P=group_p, CHUNK_STAGES=stages, **common, **dependent_launch.options())
     else:
         programs = PROGRAMS_SMALL if small else PROMPT_PROGRAMS
         _tile_chunk_kernel[(triton.cdiv(n, query_tile), n_kv, min(n_chunks, programs))](
@@ -250,5 +256,6 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
             n, QT=query_tile, GROUP=group, ROWS_P=max(16, triton.next_power_of_2(query_tile * group)),
             NUM_STAGES=NUM_STAGES, **common)
     _merge_kernel[(n, n_heads)](acc, ml, out, token_pos, out.stride(0), out.stride(1), window, n_heads, n_chunks,
-                                D=d_head, D_P=d_p, CHUNK_SIZE=CHUNK, MERGE=MERGE, num_warps=MERGE_WARPS)
+                                D=d_head, D_P=d_p, CHUNK_SIZE=CHUNK, MERGE=MERGE, num_warps=MERGE_WARPS,
+                                **dependent_launch.options())
     return out
