@@ -1,7 +1,6 @@
-"""Batch-1 decode with the one-token step's Triton kernels launched plainly, as programmatic dependents, and as
-dependents whose products also pull their weight rows into L2 before waiting (djinn/kernels/
-dependent_launch.py), for the GPT-2-small shape (float16) and the Mistral-7B shape (bfloat16), random
-weights. Variants take turns, each round on fresh engines (graphs capture the launches they meet): ms per
+"""Batch-1 decode with the step's Triton kernels launched plainly and as programmatic dependents
+(djinn/kernels/dependent_launch.py), for the GPT-2-small shape (float16) and the Mistral-7B shape
+(bfloat16), random weights. Variants take turns, each round on fresh engines (graphs capture the launches they meet): ms per
 step of `engine.step()` driven directly, and for GPT-2 `generate()` as bench.py times it. Each variant's
 greedy tokens and logits (64 new tokens, and the same with an unmodified pause at layer 6 on every step) must
 be the plain launches' bits. Prints every measurement, then medians and the bit checks."""
@@ -17,23 +16,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn  # noqa: E402
-import djinn.kernels.gemv as gemv  # noqa: E402
 from benchmarks import bench  # noqa: E402
 from benchmarks.experiment_one_token import step_ms  # noqa: E402
 from djinn.kernels import dependent_launch  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
 
-VARIANTS = {  # name: (launch as dependents, prefetch weights)
-    "plain launches": (False, False),
-    "dependent launches": (True, False),
-    "dependent launches + weight prefetch": (True, True),
-}
+VARIANTS = {"plain launches": False, "dependent launches": True}
 
 
 def use(variant: str) -> None:
-    dependent, prefetch = VARIANTS[variant]
-    dependent_launch.set_enabled(dependent)
-    gemv.PREFETCH_WEIGHTS = prefetch
+    dependent_launch.set_enabled(VARIANTS[variant])
     gc.collect()  # the last variant's engines, their graphs and KV memory, go first
 
 
@@ -78,7 +70,7 @@ def main(rounds: int, shapes: list[str]) -> None:
                 if r == 0:
                     bits[variant] = outputs(loaded, prompt)
                 results[variant]["step"].append(step_ms(loaded, steps=steps))
-                line = f"{shape} round {r + 1}  {variant:<38} engine.step() {results[variant]['step'][-1]:.3f} ms"
+                line = f"{shape} round {r + 1}  {variant:<20} engine.step() {results[variant]['step'][-1]:.3f} ms"
                 if shape == "gpt2":
                     results[variant]["generate"].append(gpt2_generate_ms(loaded))
                     line += f", generate() {results[variant]['generate'][-1]:.3f} ms/token"
@@ -86,7 +78,7 @@ def main(rounds: int, shapes: list[str]) -> None:
         ref = bits["plain launches"]
         for variant in VARIANTS:
             same = [a == b if isinstance(a, list) else torch.equal(a, b) for a, b in zip(bits[variant], ref)]
-            row = f"{shape:<8} {variant:<38} step {statistics.median(results[variant]['step']):.3f} ms"
+            row = f"{shape:<8} {variant:<20} step {statistics.median(results[variant]['step']):.3f} ms"
             if shape == "gpt2":
                 row += f", generate() {statistics.median(results[variant]['generate']):.3f} ms/token"
             summary.append(row + f"; tokens, logits, paused tokens, paused logits bit-identical to plain: {same}")
@@ -95,7 +87,6 @@ def main(rounds: int, shapes: list[str]) -> None:
         del loaded
         gc.collect()
         torch.cuda.empty_cache()
-    use("dependent launches + weight prefetch")
     print(f"\nmedians of {rounds} rounds (batch 1, 16-token prompt):")
     print("\n".join(summary))
 

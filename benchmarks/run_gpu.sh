@@ -8,7 +8,7 @@
 #   benchmarks/run_gpu.sh sessions     # GPU smoke test; 64 Mistral-shape sessions: the thread queues' A/B and
 #                                      # the throughput part's 64-session row; GPT-2 batch 1 through each path
 #   benchmarks/run_gpu.sh launches     # batch 1 with plain and dependent kernel launches (A/B and bits); the
-#                                      # GPU smoke test and GPT-2's one-token step profile with dependent launches
+#                                      # GPU smoke test and GPT-2's one-token step profile (the default: dependent)
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
 # that hangs cannot take the group's others with it. The WebSocket halves need the server's packages.
@@ -54,8 +54,8 @@ sessions)
     ;;
 launches)
     run 300 experiment_dependent_launch.txt python3 benchmarks/experiment_dependent_launch.py
-    run 130 gpu_smoke.log env DJINN_DEPENDENT_LAUNCH=1 python3 benchmarks/gpu_smoke.py
-    run 100 profile_gpt2_1.txt env DJINN_DEPENDENT_LAUNCH=1 python3 benchmarks/profile_step.py --shape gpt2 --sessions 1
+    run 130 gpu_smoke.log python3 benchmarks/gpu_smoke.py
+    run 100 profile_gpt2_1.txt python3 benchmarks/profile_step.py --shape gpt2 --sessions 1
     ;;
 *)
     echo "usage: $0 latency|throughput|kernels|sessions|launches" >&2

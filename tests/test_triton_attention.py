@@ -110,21 +110,22 @@ def test_kernel_matches_portable_path():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
-def test_dependent_launches_only_where_the_device_has_them():
-    """The step kernels launch as programmatic dependents only on a CUDA device of compute capability 9.0+
-    with a Triton that has grid dependency control; asking for them elsewhere is an error, not a no-op."""
+def test_dependent_launches_only_where_the_device_has_them(monkeypatch):
+    """The step kernels launch as programmatic dependents by default where the device and Triton have them
+    (compute capability 9.0+, grid dependency control), plainly with DJINN_DEPENDENT_LAUNCH=0; asking for
+    them elsewhere is an error, not a silent plain launch."""
     from djinn.kernels import dependent_launch
 
-    before = dependent_launch.enabled()
-    try:
-        if dependent_launch.supported():
-            dependent_launch.set_enabled(True)
-            assert dependent_launch.options() == {"DEPENDENT": True, "launch_pdl": True}
-        else:
-            assert not before
-            with pytest.raises(RuntimeError, match="compute capability 9.0"):
-                dependent_launch.set_enabled(True)
-        dependent_launch.set_enabled(False)
-        assert dependent_launch.options() == {"DEPENDENT": False}
-    finally:
-        dependent_launch.set_enabled(before)
+    for choice, expected in (("", dependent_launch.supported()), ("0", False)):
+        monkeypatch.setattr(dependent_launch, "_enabled", None)
+        monkeypatch.setenv(dependent_launch.ENV_VAR, choice)
+        assert dependent_launch.enabled() == expected
+        assert dependent_launch.options() == (
+            {"DEPENDENT": True, "launch_pdl": True} if expected else {"DEPENDENT": False})
+    monkeypatch.setattr(dependent_launch, "_enabled", None)
+    monkeypatch.setenv(dependent_launch.ENV_VAR, "1")
+    if dependent_launch.supported():
+        assert dependent_launch.enabled()
+    else:
+        with pytest.raises(RuntimeError, match="compute capability 9.0"):
+            dependent_launch.enabled()

@@ -1,15 +1,15 @@
-"""Programmatic dependent launch (Hopper and later) for the one-token step's Triton kernels.
+"""Programmatic dependent launch (Hopper and later) for the step's Triton kernels.
 
-A one-token step of a small model is a chain of short kernels (GPT-2 small: about 80 of 1.5-4 us each) and
+A one-token step of a small model is a chain of short kernels (GPT-2 small: about 80 of 1.5-4 us each), and
 each boundary costs the next kernel's launch and ramp after the last one has drained. Launched as a
-dependent, a kernel starts while its predecessor still runs: it does what depends on nothing the
-predecessor writes (its addresses; the one-token products pull their weight rows into L2, weights being
-written by no step), then `griddepcontrol.wait` holds it until the predecessor has finished and its writes
-are visible. Every kernel here lets its own dependents start only after that wait, so what runs before a
-kernel's wait may read anything the kernels before its predecessor wrote, and must write nothing.
+dependent, a kernel's programs start while its predecessor still runs and hold at `griddepcontrol.wait`
+until the predecessor has finished and its writes are visible. Every kernel here waits before it reads or
+writes anything, and lets its own dependent start only once its wait is over.
 
 Nothing in the arithmetic changes: a kernel computes the same values launched either way, inside a CUDA
-graph (stream capture keeps the programmatic edges) or not.
+graph (stream capture keeps the programmatic edges) or not. On an H100 (benchmarks/results) GPT-2's
+one-token step went from 0.393 to 0.355 ms and the Mistral-7B shape's from 5.35 to 5.14 ms, bit for bit the
+same tokens and logits, and 64 Mistral-shape sessions were unchanged (-0.4%, within the trials' spread).
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ import triton.language as tl
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # a Triton without grid dependency control: nothing is launched as a dependent
+except ImportError:  # a Triton without grid dependency control: kernels launch plainly
     gdc_launch_dependents = gdc_wait = None
 
-ENV_VAR = "DJINN_DEPENDENT_LAUNCH"  # "1": launch as dependents (an error where unsupported); else plainly
+ENV_VAR = "DJINN_DEPENDENT_LAUNCH"  # "0": launch plainly; "1": as dependents (an error where unsupported)
 _enabled: Optional[bool] = None  # None: decided on first use, from ENV_VAR and the device
 
 
@@ -37,8 +37,7 @@ def supported() -> bool:
 
 
 def set_enabled(on: bool) -> None:
-    """Launch the step kernels as dependents or not; kernels and graphs captured from then on follow (for
-    A/B benchmarks; the default comes from ENV_VAR)."""
+    """Launch the step kernels as dependents or plainly; kernels and graphs captured from then on follow."""
     global _enabled
     if on and not supported():
         raise RuntimeError("dependent launches need a CUDA device of compute capability 9.0+ and a Triton "
@@ -47,8 +46,10 @@ def set_enabled(on: bool) -> None:
 
 
 def enabled() -> bool:
+    """Whether the step kernels launch as dependents: by default wherever supported."""
     if _enabled is None:
-        set_enabled(os.environ.get(ENV_VAR, "0") == "1")
+        choice = os.environ.get(ENV_VAR, "")
+        set_enabled(choice == "1" if choice in ("0", "1") else supported())
     return bool(_enabled)
 
 
@@ -60,15 +61,7 @@ def options() -> dict:
 @triton.jit
 def wait_for_inputs(DEPENDENT: tl.constexpr):
     """Hold until the predecessor kernel has finished (its writes visible), then let this kernel's own
-    dependent start launching. A no-op when not launched as a dependent."""
+    dependent start launching. Nothing when not launched as a dependent."""
     if DEPENDENT:
         gdc_wait()
         gdc_launch_dependents()
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Bring the cache lines holding `ptrs` into L2: a hint that changes no value (L2 is where every SM's
-    reads and writes meet, so a line fetched early is never stale)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import dependent_launch
-from .dependent_launch import prefetch_l2, wait_for_inputs
+from .dependent_launch import wait_for_inputs
 
 # From benchmarks/bench_gemv.py on an H200 (results in benchmarks/results): best over the Mistral-7B and
 # GPT-2 shapes together, 11% and 40% less matrix-product time per decode step than cuBLAS.
@@ -28,9 +28,6 @@ BLOCK_N = 8
 BLOCK_K = 256
 NUM_WARPS = 4
 NUM_STAGES = 4
-# Launched as a dependent, a program pulls its weight rows into L2 before waiting for its input (see
-# djinn/kernels/dependent_launch.py); benchmarks/experiment_dependent_launch.py measures it on and off.
-PREFETCH_WEIGHTS = True
 
 _NO_NORM, _RMS, _LAYER = 0, 1, 2
 
@@ -66,15 +63,11 @@ def _input_tile(x_ptr, r_ptr, nw_ptr, nb_ptr, offs, mask, mean, rstd, dtype: tl.
 def _gemv_kernel(x_ptr, r_ptr, sum_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, eps,
                  K: tl.constexpr, K_P: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, LINE: tl.constexpr, LINES_P: tl.constexpr, PREFETCH: tl.constexpr,
-                 DEPENDENT: tl.constexpr):
+                 NUM_STAGES: tl.constexpr, DEPENDENT: tl.constexpr):
     dtype = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
-    if PREFETCH:  # this program's weight rows into L2 (LINE elements a line) while the previous kernel runs
-        line_starts = tl.minimum(tl.arange(0, LINES_P) * LINE, K - 1)
-        prefetch_l2(w_ptr + tl.minimum(rows, N - 1)[:, None].to(tl.int64) * stride_wn + line_starts[None, :])
     wait_for_inputs(DEPENDENT)
     cols = tl.arange(0, BLOCK_K)
     mean = 0.0
@@ -113,14 +106,12 @@ def _launch(x: torch.Tensor, residual: Optional[torch.Tensor], total: torch.Tens
             bias: Optional[torch.Tensor], gelu: bool) -> torch.Tensor:
     n, k = weight.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    line = 128 // weight.element_size()
     _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
         x, residual if residual is not None else x, total, norm_weight,
         norm_bias if norm_bias is not None else norm_weight, weight, bias if bias is not None else weight, out, n,
         weight.stride(0), eps, K=k, K_P=triton.next_power_of_2(k), HAS_BIAS=bias is not None, NORM=norm_kind,
         HAS_RESIDUAL=residual is not None, GELU=gelu, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NUM_STAGES=NUM_STAGES,
-        LINE=line, LINES_P=triton.next_power_of_2(triton.cdiv(k, line)),
-        PREFETCH=PREFETCH_WEIGHTS and dependent_launch.enabled(), num_warps=NUM_WARPS, **dependent_launch.options())
+        num_warps=NUM_WARPS, **dependent_launch.options())
     return out
 
 
