@@ -1,9 +1,9 @@
 """Batch-1 decode with the step's Triton kernels launched plainly and as programmatic dependents
 (djinn/kernels/dependent_launch.py), for the GPT-2-small shape (float16) and the Mistral-7B shape
-(bfloat16), random weights. Variants take turns, each round on fresh engines (graphs capture the launches they meet): ms per
-step of `engine.step()` driven directly, and for GPT-2 `generate()` as bench.py times it. Each variant's
-greedy tokens and logits (64 new tokens, and the same with an unmodified pause at layer 6 on every step) must
-be the plain launches' bits. Prints every measurement, then medians and the bit checks."""
+(bfloat16), random weights. Variants take turns, each round on fresh engines (graphs capture the launches
+they meet): ms per step of `engine.step()` driven directly, and for GPT-2 `generate()` as bench.py times it.
+Each variant's greedy tokens and logits (64 new tokens, and the same with an unmodified pause at layer 6 on
+every step) must be the plain launches' bits. Prints every measurement, then medians and the bit checks."""
 from __future__ import annotations
 
 import argparse
