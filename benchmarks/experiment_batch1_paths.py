@@ -31,12 +31,12 @@ def stream_tokens(session, prompt: list[int], n: int) -> None:
         pass
 
 
-def through_client(run: Callable) -> Callable[[object, int, int], float]:
+def through_client(run: Callable, trials: int = 1) -> Callable[[object, int, int], float]:
     """bench.py's batch-1 figure for `run(session, prompt, n)`, on a fresh embedded client."""
     def measure(loaded, kv_memory: int, n_new: int) -> float:
         client = djinn.connect(model=loaded, kv_memory=kv_memory)
         bench.batch1_ms_per_token(client, n_new=8, trials=1, run=run)  # warm-up
-        ms = bench.batch1_ms_per_token(client, n_new=n_new, trials=1, run=run)
+        ms = bench.batch1_ms_per_token(client, n_new=n_new, trials=trials, run=run)
         client.close()
         return ms
     return measure

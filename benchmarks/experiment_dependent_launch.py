@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn  # noqa: E402
 from benchmarks import bench  # noqa: E402
+from benchmarks.experiment_batch1_paths import through_client  # noqa: E402
 from benchmarks.experiment_one_token import step_ms  # noqa: E402
 from djinn.kernels import dependent_launch  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
@@ -33,24 +34,17 @@ def outputs(loaded, prompt: list[int]) -> tuple[list[int], torch.Tensor, list[in
     """(tokens, logits) of 64 greedy tokens, then the same with an unmodified pause at layer 6 on every step."""
     client = djinn.connect(model=loaded, kv_memory=2 << 30)
     out = client.session().generate(prompt, max_new_tokens=64, return_logits=True, stop_tokens=[])
-    tokens, logits = [], []
     bp = [djinn.Breakpoint("blocks.6.hook_resid_post", steps=list(range(64)))]
     for ev in client.session().stream(prompt, max_new_tokens=64, return_logits=True, breakpoints=bp, stop_tokens=[]):
         if isinstance(ev, djinn.Paused):
             ev.resume()
-        elif isinstance(ev, djinn.Token):
-            tokens.append(ev.token_id)
-            logits.append(ev.logits)
+        elif isinstance(ev, djinn.Done):
+            paused = ev.result
     client.close()
-    return out.token_ids, out.logits, tokens, torch.stack(logits)
+    return out.token_ids, out.logits, paused.token_ids, paused.logits
 
 
-def gpt2_generate_ms(loaded) -> float:
-    client = djinn.connect(model=loaded, kv_memory=2 << 30)
-    bench.batch1_ms_per_token(client, n_new=8, trials=1)  # warm-up
-    ms = bench.batch1_ms_per_token(client, trials=3)
-    client.close()
-    return ms
+gpt2_generate_ms = through_client(bench.generate_tokens, trials=3)  # (loaded, kv_memory, n_new) -> ms/token
 
 
 def main(rounds: int, shapes: list[str]) -> None:
@@ -72,7 +66,7 @@ def main(rounds: int, shapes: list[str]) -> None:
                 results[variant]["step"].append(step_ms(loaded, steps=steps))
                 line = f"{shape} round {r + 1}  {variant:<20} engine.step() {results[variant]['step'][-1]:.3f} ms"
                 if shape == "gpt2":
-                    results[variant]["generate"].append(gpt2_generate_ms(loaded))
+                    results[variant]["generate"].append(gpt2_generate_ms(loaded, 2 << 30, 256))
                     line += f", generate() {results[variant]['generate'][-1]:.3f} ms/token"
                 print(line, flush=True)
         ref = bits["plain launches"]
@@ -82,7 +76,7 @@ def main(rounds: int, shapes: list[str]) -> None:
             if shape == "gpt2":
                 row += f", generate() {statistics.median(results[variant]['generate']):.3f} ms/token"
             summary.append(row + f"; tokens, logits, paused tokens, paused logits bit-identical to plain: {same}")
-        paused_same = bits["plain launches"][2] == bits["plain launches"][0] and torch.equal(ref[3], ref[1])
+        paused_same = ref[2] == ref[0] and torch.equal(ref[3], ref[1])
         summary.append(f"{shape:<8} plain launches: pausing at layer 6 every step changes nothing: {paused_same}")
         del loaded
         gc.collect()

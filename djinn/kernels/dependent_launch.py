@@ -4,7 +4,8 @@ A one-token step of a small model is a chain of short kernels (GPT-2 small: 87 T
 each), and each boundary costs the next kernel's launch and ramp after the last one has drained. Launched as a
 dependent, a kernel's programs start while its predecessor still runs and hold at `griddepcontrol.wait`
 until the predecessor has finished and its writes are visible. Every kernel here waits before it reads or
-writes anything, and lets its own dependent start only once its wait is over.
+writes anything, and lets its own dependent start only once its wait is over. The prompt attention kernel
+and the few-row products launch plainly.
 
 Nothing in the arithmetic changes: a kernel computes the same values launched either way, inside a CUDA
 graph (stream capture keeps the programmatic edges) or not. On an H100 (benchmarks/results) GPT-2's
