@@ -33,8 +33,8 @@ def separate_norm(norm, linear, resid, pending, gelu=False):
 
 
 VARIANTS = {  # name: (greedy pick, norm + product)
-    "torch argmax, separate norms": (lambda logits: logits.argmax(-1), separate_norm),
-    "torch argmax, norm_gemv": (lambda logits: logits.argmax(-1), FUSED_NORM),
+    "torch argmax, separate norms": (lambda logits, tallies=None: logits.argmax(-1), separate_norm),
+    "torch argmax, norm_gemv": (lambda logits, tallies=None: logits.argmax(-1), FUSED_NORM),
     "argmax kernel, separate norms": (FUSED_PICK, separate_norm),
     "argmax kernel, norm_gemv": (FUSED_PICK, FUSED_NORM),
 }

@@ -56,8 +56,10 @@ SCRIPT = textwrap.dedent("""
         x[3, 2500] = x[3, 2999] = float("nan")  # a NaN counts as the maximum, the first one
         x[4] = 1.0
         x[5, 1500], x[5, 10] = float("nan"), float("inf")
-        for _ in range(2):  # the row counters are back at zero after each launch
-            assert torch.equal(am.argmax(x), x.argmax(-1)), (am.SLICE, dtype, am.argmax(x), x.argmax(-1))
+        slots = torch.zeros(8, dtype=torch.int32)
+        for _ in range(2):  # the rows' tallies are back at zero after each launch
+            assert torch.equal(am.argmax(x, slots), x.argmax(-1)), (am.SLICE, dtype, am.argmax(x), x.argmax(-1))
+            assert not slots.any()
     from djinn.kernels.skinny_matmul import skinny_matmul
     for n_out, n_in, bias in ((37, 200, torch.randn(37)), (96, 256, None)):  # K ragged for the tile, and even
         w, x = torch.randn(n_out, n_in), torch.randn(64, n_in)
@@ -68,36 +70,50 @@ SCRIPT = textwrap.dedent("""
     gu = torch.randn(6, 2 * 40)
     assert (silu_mul(gu) - F.silu(gu[:, :40]) * gu[:, 40:]).abs().max() < 1e-5
     cases = [(4, 2, 16, None, 4, (0, 5, 9, 2)), (8, 8, 8, None, 4, (0, 5, 9, 2)), (8, 2, 32, 5, 4, (0, 5, 9, 2)), (6, 3, 12, None, 4, (0, 5, 9, 2)), (4, 1, 16, None, 16, (130, 250, 3, 120)), (4, 2, 16, 40, 16, (200, 140, 7, 66))]
-    # the defaults, then small chunks shared out over 2 programs and merged 2 at a time: rows span many chunks;
-    # then every batch counted large (its programs stream several chunks each): at the defaults, and small
-    # chunks over 2 programs; then prompts' query rows at 16 and 6: their tokens taken 16/8/4 and 6/3/1 at a
-    # time by head layout (tiles that straddle rows, and one wider than the whole step)
+    # the defaults, then small chunks shared out over 2 programs: rows span many chunks; then every batch
+    # counted large (one program a token and KV head merges as it goes): at the defaults, and small chunks over
+    # 2 programs; then prompts' query rows at 16 and 6: their tokens taken 16/8/4 and 6/3/1 at a time by head
+    # layout (tiles that straddle rows, and one wider than the whole step)
     small, programs = pa.SMALL, pa.PROGRAMS
-    settings = [(pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N, 1, small, programs), (16, 2, 2, 16, 1, small, programs),
-                (pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N, 1, 0, programs), (16, 2, 2, 16, 1, 0, 2),
-                (pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N, 16, small, programs), (16, 2, 2, 16, 6, small, programs)]
-    for (pa.CHUNK, pa.PROGRAMS_SMALL, pa.MERGE, pa.BLOCK_N, pa.PREFILL_QUERY_ROWS, pa.SMALL, pa.PROGRAMS), (n_heads, n_kv, d_head, window, bs, starts) in itertools.product(settings, cases):
-        lens = (7, 1, 4, 3)
+    settings = [(pa.CHUNK, pa.PROGRAMS_SMALL, pa.BLOCK_N, 1, small, programs), (16, 2, 16, 1, small, programs),
+                (pa.CHUNK, pa.PROGRAMS_SMALL, pa.BLOCK_N, 1, 0, programs), (16, 2, 16, 1, 0, 2),
+                (pa.CHUNK, pa.PROGRAMS_SMALL, pa.BLOCK_N, 16, small, programs), (16, 2, 16, 6, small, programs)]
+    slots = torch.zeros(64, dtype=torch.int32)  # one engine's tallies, reused by every launch
+    decode_kernel = {}  # (chunk, case, rope) -> the one-token kernel's output: merged by one program or the last
+    # each case with prompts in the step, then as a one-token step, where the kernel writes the keys itself
+    for (pa.CHUNK, pa.PROGRAMS_SMALL, pa.BLOCK_N, pa.PREFILL_QUERY_ROWS, pa.SMALL, pa.PROGRAMS), (n_heads, n_kv, d_head, window, bs, starts), lens in itertools.product(settings, cases, ((7, 1, 4, 3), (1, 1, 1, 1))):
+        if max(lens) == 1 and pa.PREFILL_QUERY_ROWS > 1:
+            continue  # the prompt kernel's setting: no prompt here
         n_blocks = sum(-(-(s + n) // bs) for s, n in zip(starts, lens)) + 1
-        kv = torch.randn(n_blocks, 1, 2, bs, n_kv, d_head)
-        perm = torch.randperm(n_blocks - 1).tolist()
+        kv = torch.randn(n_blocks, 1, 2, bs, n_kv, d_head, generator=torch.Generator().manual_seed(n_blocks))
+        perm = torch.randperm(n_blocks - 1, generator=torch.Generator().manual_seed(n_blocks)).tolist()
         spans, used = [], 0
         for s, n in zip(starts, lens):
             k = -(-(s + n) // bs)
             spans.append(RowSpan(s, n, perm[used:used + k]))
             used += k
         n = sum(s.n_tokens for s in spans)
-        q, k, v = torch.randn(n, n_heads, d_head), torch.randn(n, n_kv, d_head), torch.randn(n, n_kv, d_head)
+        qkv = torch.randn(n, n_heads + 2 * n_kv, d_head, generator=torch.Generator().manual_seed(n))
+        q, k, v = qkv.split([n_heads, n_kv, n_kv], dim=1)
         for rope in (None, Rotary(d_head, 512, 10000.0, None)):
             outs, caches = [], []
-            for use_kernel in (False, True):
-                ctx, _ = build_context(spans, [0] * n, kv, bs, window, torch.device("cpu"), use_kernel=use_kernel)
+            # the portable path, the kernel; for one-token steps also with the rotary + KV write kernel first
+            for use_kernel, separate_write in ((False, False), (True, False)) + (((True, True),) if n == 4 else ()):
+                ctx, _ = build_context(spans, [0] * n, kv, bs, window, torch.device("cpu"), use_kernel=use_kernel,
+                                       tallies=slots if use_kernel else None)
+                ctx.attention.prefill |= separate_write  # (query rows 1: the one-token kernel all the same)
                 cache = kv.clone()
                 outs.append(paged_attention(q, k, v, cache[:, 0], ctx.attention, d_head ** -0.5, rope=rope))
                 caches.append(cache)
+                assert not slots.any()  # every tally back at zero
             err = (outs[0] - outs[1]).abs().max().item()
-            assert err < 1e-5, (pa.CHUNK, pa.PREFILL_QUERY_ROWS, pa.SMALL, pa.PROGRAMS, n_heads, n_kv, d_head, window, rope is not None, err)
+            assert err < 1e-5, (pa.CHUNK, pa.PREFILL_QUERY_ROWS, pa.SMALL, pa.PROGRAMS, n_heads, n_kv, d_head, window, rope is not None, lens, err)
             assert (caches[0] - caches[1]).abs().max().item() < 1e-5
+            if len(outs) == 3:  # the keys written inside the attention kernel: the same bits as the write kernel's
+                assert torch.equal(outs[1], outs[2]) and torch.equal(caches[1], caches[2])
+            if pa.PREFILL_QUERY_ROWS == 1:  # every token through the one-token kernel
+                key = (pa.CHUNK, n_heads, n_kv, d_head, window, bs, starts, lens, rope is not None)
+                assert torch.equal(decode_kernel.setdefault(key, outs[1]), outs[1]), key
     print("ok")
 """)
 

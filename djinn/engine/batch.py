@@ -30,11 +30,12 @@ class RowSpan:
 
 def build_context(spans: list[RowSpan], tokens: list[int], kv: torch.Tensor, block_size: int,
                   sliding_window: Optional[int], device: torch.device, feed: Sequence[tuple[int, int]] = (),
-                  sampled: Optional[torch.Tensor] = None,
-                  use_kernel: Optional[bool] = None) -> tuple[ForwardContext, torch.Tensor]:
+                  sampled: Optional[torch.Tensor] = None, use_kernel: Optional[bool] = None,
+                  tallies: Optional[torch.Tensor] = None) -> tuple[ForwardContext, torch.Tensor]:
     """The forward context of a step over `spans`, and the flat token ids on the device. `feed` lists
     (token index, index into `sampled`) for tokens the previous step sampled and the host has not seen yet.
-    The padded layout of the portable attention path is built only when the Triton kernel does not run."""
+    The padded layout of the portable attention path is built only when the Triton kernel does not run;
+    `tallies` are the engine's arrival tallies the kernel may use."""
     if use_kernel is None:
         use_kernel = device.type == "cuda"
     # index arithmetic in numpy: a prefill's step pays for it before its first kernel (torch's per-op cost on
@@ -63,7 +64,7 @@ def build_context(spans: list[RowSpan], tokens: list[int], kv: torch.Tensor, blo
         write_blocks=w_blocks, write_offsets=w_offsets,
         block_tables=dev[5 * n:5 * n + n_tables].view(n_rows, n_tbl) if use_kernel else torch.from_numpy(tables),
         token_row=rows, token_pos=pos, window=sliding_window or 0, max_context=int((starts + lens).max()),
-        prefill=bool(lens.max() > 1),
+        prefill=bool(lens.max() > 1), tallies=tallies,
     )
     if not use_kernel:  # the portable path runs where the host is (tests, CPU serving)
         portable_layout(meta, torch.from_numpy(starts), torch.from_numpy(lens), torch.from_numpy(tables), block_size,

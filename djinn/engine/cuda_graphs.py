@@ -413,7 +413,8 @@ class StepGraphs:
         meta = AttentionMetadata(
             write_blocks=write_blocks, write_offsets=self.write_offsets[:tb],
             block_tables=self.tables, token_row=self.token_row[:tb],
-            token_pos=self.positions[:tb], window=self.window, max_context=self.width * self.block_size)
+            token_pos=self.positions[:tb], window=self.window, max_context=self.width * self.block_size,
+            tallies=self.runner.tallies)
         return ForwardContext(positions=self.positions[:tb], attention=meta, kv=self.kv)
 
     def _forward(self, tb: int, rb: int, first: int, last: int, ends: bool,

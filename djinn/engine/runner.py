@@ -59,9 +59,11 @@ class StepOutput:
 
 class Runner:
     def __init__(self, model: torch.nn.Module, kv: torch.Tensor, sites: list[Site], block_size: int,
-                 sliding_window: Optional[int], device: torch.device, sampled: torch.Tensor):
+                 sliding_window: Optional[int], device: torch.device, sampled: torch.Tensor,
+                 tallies: Optional[torch.Tensor] = None):
         self.model, self.kv, self.sites = model, kv, sites
         self.sampled = sampled  # the previous step's sampled ids, on the device (rows with feed_from read them)
+        self.tallies = tallies  # arrival tallies for the step's kernels (djinn/kernels/tallies.py)
         self.block_size, self.window, self.device = block_size, sliding_window, device
         self.stager = HostStager(device)
         self.graphs = None  # StepGraphs, set by the worker
@@ -115,7 +117,7 @@ class Runner:
         offsets = self._offsets(rows)
         feed = [(offsets[i], r.feed_from) for i, r in enumerate(rows) if r.feed_from is not None]
         ctx, tok = build_context([r.span for r in rows], tokens, self.kv, self.block_size, self.window, self.device,
-                                 feed=feed, sampled=self.sampled)
+                                 feed=feed, sampled=self.sampled, tallies=self.tallies)
         self.model.prepare(ctx)
         return ctx, tok
 

@@ -7,6 +7,7 @@ in the batch and on CPU or GPU alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -49,18 +50,20 @@ class SamplingParams:
         return self.temperature <= 0.0
 
 
-def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
-    """logits.argmax(-1); on the GPU through a kernel that streams a row faster than PyTorch's reduction."""
+def greedy_pick(logits: torch.Tensor, tallies: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """logits.argmax(-1); on the GPU through a kernel that streams a row faster than PyTorch's reduction
+    (`tallies`: the engine's arrival tallies, djinn/kernels/tallies.py)."""
     if logits.is_cuda and logits.dim() == 2 and logits.stride(-1) == 1:
         from ..kernels.argmax import argmax
 
-        return argmax(logits)
+        return argmax(logits, tallies)
     return logits.argmax(-1)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], counters: list[int]) -> torch.Tensor:
+def sample(logits: torch.Tensor, params: list[SamplingParams], counters: list[int],
+           tallies: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One token per row of `logits` [B, vocab]."""
-    greedy = greedy_pick(logits)
+    greedy = greedy_pick(logits, tallies)
     if all(p.greedy for p in params):
         return greedy
     dev = logits.device

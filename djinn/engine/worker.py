@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from ..errors import CapacityError, DjinnError, InternalError
+from ..kernels import tallies
 from ..events import Done, Error, GenerateResult, Paused, Token
 from ..models.loading import LoadedModel
 from ..models.tokenizer import IncrementalDecoder
@@ -61,9 +62,12 @@ class ModelWorker:
         # A step's sampled ids stay on the device, where the next step reads them (see step()); the host gets
         # them through alternating pinned buffers.
         self.sampled = torch.zeros(max(max_step_tokens, BUCKETS[-1]), dtype=torch.long, device=self.device)
-        self.runner = Runner(self.model, self.pool.kv, self.sites.sites, block_size, self.cfg.sliding_window,
-                             self.device, self.sampled)
         on_gpu = self.device.type == "cuda"
+        # the step's kernels that finish a result in the same launch count their programs in here: a slot per
+        # (token, KV head) for attention, per row for the greedy pick
+        self.tallies = tallies.new(len(self.sampled) * self.cfg.n_kv_heads, self.device) if on_gpu else None
+        self.runner = Runner(self.model, self.pool.kv, self.sites.sites, block_size, self.cfg.sliding_window,
+                             self.device, self.sampled, self.tallies)
         self._host_tokens = [torch.zeros(len(self.sampled), dtype=torch.long, pin_memory=on_gpu) for _ in range(2)]
         self._inflight: Optional[InFlight] = None
         self.reserved_blocks = 0
@@ -280,7 +284,8 @@ class ModelWorker:
         if len(rows) < len(out.finished):
             out.logits = out.logits[to_device(torch.tensor(keep), self.device)]
         n = len(rows)
-        self.sampled[:n] = sample(out.logits, [r.request.sampling for r in rows], [r.step for r in rows])
+        self.sampled[:n] = sample(out.logits, [r.request.sampling for r in rows], [r.step for r in rows],
+                                 self.tallies)
         for i, r in enumerate(rows):
             r.request.pending = (i, r.span.start + r.span.n_tokens)
         logit_rows = [i for i, r in enumerate(rows) if r.request.return_logits]

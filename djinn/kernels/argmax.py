@@ -3,23 +3,22 @@
 PyTorch's argmax reduces one row of a large vocabulary in a single block (15 us for GPT-2's 50257 logits on
 an H200, more than any other kernel of its one-token step), and so does one program per row. Here each row
 is shared out over programs of SLICE logits each; each writes its slice's pick, and the row's last program
-to finish (a per-row counter tells it) reduces those picks in a fixed order and resets the counter, all in
-one launch. The result is torch.argmax's: the first index of the maximum, a NaN counting as the maximum.
+to finish (an arrival tally per row tells it, djinn/kernels/tallies.py) reduces those picks in a fixed order,
+all in one launch. The result is torch.argmax's: the first index of the maximum, a NaN counting as the maximum.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import dependent_launch
+from . import dependent_launch, tallies
 from .dependent_launch import wait_for_inputs
 
 SLICE = 4096  # logits per program
 NUM_WARPS = 8
-
-# one counter per row, zero between launches, per (device, stream): launches on one stream never overlap
-_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 @triton.jit
@@ -55,16 +54,14 @@ def _argmax_kernel(x_ptr, out_ptr, part_v_ptr, part_i_ptr, count_ptr, stride_x, 
         tl.atomic_xchg(count_ptr + row, 0)
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """logits: [B, V] with unit stride along V. Returns [B] int64, as logits.argmax(-1)."""
+def argmax(logits: torch.Tensor, tally_slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """logits: [B, V] with unit stride along V; tally_slots: zeroed arrival tallies, at least B (None: a fresh
+    buffer). Returns [B] int64, as logits.argmax(-1)."""
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return out
-    key = (logits.device, torch.cuda.current_stream(logits.device).cuda_stream if logits.is_cuda else 0)
-    counters = _counters.get(key)
-    if counters is None or counters.numel() < rows:
-        counters = _counters[key] = torch.zeros(max(rows, 256), dtype=torch.int32, device=logits.device)
+    counters = tallies.slots(tally_slots, rows, logits.device)
     n_slices = triton.cdiv(vocab, SLICE)
     slices_p = triton.next_power_of_2(n_slices)
     part_v = torch.empty((rows, slices_p), dtype=torch.float32, device=logits.device)

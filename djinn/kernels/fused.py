@@ -87,6 +87,34 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def rope_tables(cos_ptr, sin_ptr, pos, d, mask, D: tl.constexpr):
+    """For rotate-half rotary embeddings at `pos`: each lane's partner lane, the sign its partner enters
+    with, and the position's cos and sin (float32)."""
+    half: tl.constexpr = D // 2
+    partner = tl.where(d < half, d + half, d - half)
+    sign = tl.where(d < half, -1.0, 1.0)
+    cos = tl.load(cos_ptr + pos * D + d, mask=mask, other=0.0)
+    sin = tl.load(sin_ptr + pos * D + d, mask=mask, other=0.0)
+    return partner, sign, cos, sin
+
+
+@triton.jit
+def write_kv(kv_ptr, blocks_ptr, offsets_ptr, tok, kv_head, k, v_src, d, mask, stride_blk, stride_kv, stride_tok,
+             stride_head):
+    """Token `tok`'s key `k` (values, already rotated) and value (read at `v_src`) into its cache slot."""
+    dst = (tl.load(blocks_ptr + tok).to(tl.int64) * stride_blk + tl.load(offsets_ptr + tok).to(tl.int64) * stride_tok
+           + kv_head * stride_head)
+    tl.store(kv_ptr + dst + d, k.to(kv_ptr.dtype.element_ty), mask=mask)
+    tl.store(kv_ptr + dst + stride_kv + d, tl.load(v_src + d, mask=mask, other=0.0), mask=mask)
+
+
+@triton.jit
+def rotate(x, x_partner, sign, cos, sin):
+    """x rotated by position, in float32, from its values and its partner lanes' values."""
+    return x.to(tl.float32) * cos + sign * x_partner.to(tl.float32) * sin
+
+
+@triton.jit
 def _rope_write_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, kv_ptr, blocks_ptr, offsets_ptr, pos_ptr, cos_ptr, sin_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
@@ -99,31 +127,23 @@ def _rope_write_kernel(
     d = tl.arange(0, D_P)
     mask = d < D
     if ROPE:
-        half: tl.constexpr = D // 2
-        pos = tl.load(pos_ptr + tok).to(tl.int64)
-        partner = tl.where(d < half, d + half, d - half)
-        sign = tl.where(d < half, -1.0, 1.0)
-        cos = tl.load(cos_ptr + pos * D + d, mask=mask, other=0.0)
-        sin = tl.load(sin_ptr + pos * D + d, mask=mask, other=0.0)
+        partner, sign, cos, sin = rope_tables(cos_ptr, sin_ptr, tl.load(pos_ptr + tok).to(tl.int64), d, mask, D)
     if head < n_heads:
         if ROPE:
             src = q_ptr + tok * stride_qn + head * stride_qh
-            x = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
-            xp = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_out_ptr + tok * stride_on + head * stride_oh + d,
-                     (x * cos + sign * xp * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+            x = rotate(tl.load(src + d, mask=mask, other=0.0), tl.load(src + partner, mask=mask, other=0.0), sign,
+                       cos, sin)
+            tl.store(q_out_ptr + tok * stride_on + head * stride_oh + d, x.to(q_out_ptr.dtype.element_ty), mask=mask)
     else:
         kh = head - n_heads
-        dst = (tl.load(blocks_ptr + tok).to(tl.int64) * stride_blk + tl.load(offsets_ptr + tok).to(tl.int64)
-               * stride_tok + kh * stride_head)
-        src = k_ptr + tok * stride_kn + kh * stride_kh
-        k = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
+        k_src = k_ptr + tok * stride_kn + kh * stride_kh
         if ROPE:
-            kp = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
-            k = k * cos + sign * kp * sin
-        tl.store(kv_ptr + dst + d, k.to(kv_ptr.dtype.element_ty), mask=mask)
-        v = tl.load(v_ptr + tok * stride_vn + kh * stride_vh + d, mask=mask, other=0.0)
-        tl.store(kv_ptr + dst + stride_kv + d, v, mask=mask)
+            k = rotate(tl.load(k_src + d, mask=mask, other=0.0), tl.load(k_src + partner, mask=mask, other=0.0), sign,
+                       cos, sin)
+        else:
+            k = tl.load(k_src + d, mask=mask, other=0.0)
+        write_kv(kv_ptr, blocks_ptr, offsets_ptr, tok, kh, k, v_ptr + tok * stride_vn + kh * stride_vh, d, mask,
+                 stride_blk, stride_kv, stride_tok, stride_head)
 
 
 def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,

@@ -2,24 +2,31 @@
 
 Keys are split into fixed chunks of absolute positions (CHUNK). For each (query token, KV head) up to
 PROGRAMS programs share out the token's chunks, each streaming its own; each chunk gets all the query heads
-that share the KV head (GQA) over its keys with an online softmax, and a second kernel merges the chunks of
-each token, MERGE at a time, in order. The arithmetic depends only on positions, never on the batch or the
-grid, so a token's result is the same bits whether it runs eagerly or inside a CUDA graph, alone or with
-others. All metadata lives in device tensors, so both kernels can be captured.
+that share the KV head (GQA) over its keys with an online softmax. The chunks' results are then merged one
+chunk at a time in order of position: by the one program itself when it has every chunk, else by whichever
+of the token's programs finishes last (an arrival tally tells it, djinn/kernels/tallies.py), in the same
+launch. The arithmetic depends only on positions, never on the batch, the grid or who merges, so a token's
+result is the same bits whether it runs eagerly or inside a CUDA graph, alone or with others. All metadata
+lives in device tensors, so the kernels can be captured.
 
 Steps with prompts give each program several consecutive tokens instead (prefill_query_tile), which read
-each key tile once for all of their row's tokens among them. A token's result stays independent of the grid
-and of eager vs graph; a decode token computed in a step that also holds a prompt takes this kernel, and up
-to PREFILL_QUERY_ROWS query rows its sums are the decode kernel's bits (measured, see below).
+each key tile once for all of their row's tokens among them; a second kernel merges each token's chunks with
+the same arithmetic. A token's result stays independent of the grid and of eager vs graph; a decode token
+computed in a step that also holds a prompt takes this kernel, and up to PREFILL_QUERY_ROWS query rows its
+sums are the decode kernel's bits (measured, see below).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import dependent_launch
+from . import dependent_launch, tallies
 from .dependent_launch import wait_for_inputs
+from .fused import rope_tables, rotate, write_kv
 
 # Defaults from benchmarks/tune_attention.py on an H200 (timed inside CUDA graphs; see benchmarks/results).
 CHUNK = 64  # key positions per partial result
@@ -37,7 +44,6 @@ SMALL = 256  # (token, KV head) pairs up to which a batch counts as small
 # (tune_attention_prompts_h200.txt, 1-16 swept over five prompt shapes) 2 was fastest in sum: 938 us against
 # 964 for 1 and 1095 for 8; a 2048-token Mistral prompt 842 -> 738 us against 8.
 PROMPT_PROGRAMS = 2
-MERGE = 8  # partial results merged per iteration
 # Query rows (a prompt's consecutive tokens x the query heads of one KV head) a program of the prompt kernel
 # holds, sharing its key reads, and at most PREFILL_QUERY_TOKENS tokens; 1 row turns the prompt kernel off.
 # On an H200 (benchmarks/results/tune_attention_prompts_h200.txt) up to 32 rows gave the decode kernel's bits,
@@ -45,7 +51,7 @@ MERGE = 8  # partial results merged per iteration
 # (4.5x one at a time for a 512-token prompt), 8 Mistral's within the 32 rows (1.9x).
 PREFILL_QUERY_ROWS = 32
 PREFILL_QUERY_TOKENS = 16
-MERGE_WARPS = 1
+MERGE_WARPS = 1  # warps of the prompt steps' merge kernel
 
 
 @triton.jit
@@ -75,14 +81,49 @@ def _attend_tile(q, k_ptrs, stride_kv, kv_mask, valid, scale, m, denom, acc):
 
 
 @triton.jit
+def _merge_step(m_all, denom_all, acc_all, m, denom, acc):
+    """Fold one chunk's online-softmax state (m, denom, acc) into the running one, per query row. Every
+    operation is per element, so the bits are the same in any kernel and any layout."""
+    m_new = tl.maximum(m_all, m)  # a chunk always holds a key the row sees: m is finite
+    a, w = tl.exp(m_all - m_new), tl.exp(m - m_new)
+    return m_new, denom_all * a + denom * w, acc_all * a[:, None] + acc * w[:, None]
+
+
+@triton.jit
+def _merge_stored(acc_ptr, ml_ptr, out_ptr, tok, heads, head_mask, d, d_mask, stride_on, stride_oh, first_chunk,
+                  last_chunk, n_heads, n_chunks, D_P: tl.constexpr, ROWS: tl.constexpr):
+    """The attention output of `heads` of token `tok`: its stored chunk results merged in order of position."""
+    m_all = tl.full([ROWS], float("-inf"), tl.float32)
+    denom = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D_P], tl.float32)
+    for c in range(first_chunk, last_chunk + 1):
+        slot = (tok * n_heads + heads) * n_chunks + c
+        # volatile: another program of this launch wrote them, after this one's L1 may have seen the lines
+        m = tl.load(ml_ptr + slot * 2, mask=head_mask, other=0.0, volatile=True)
+        l = tl.load(ml_ptr + slot * 2 + 1, mask=head_mask, other=0.0, volatile=True)
+        part = tl.load(acc_ptr + slot[:, None] * D_P + d[None, :], mask=head_mask[:, None], other=0.0,
+                       volatile=True)
+        m_all, denom, acc = _merge_step(m_all, denom, acc, m, l, part)
+    out = acc / denom[:, None]
+    tl.store(out_ptr + tok * stride_on + heads[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
 def _chunk_kernel(
-    q_ptr, kv_ptr, acc_ptr, ml_ptr, tables_ptr, rows_ptr, pos_ptr,
-    stride_qn, stride_qh, stride_blk, stride_kv, stride_tok, stride_head, stride_table,
-    scale, window, n_heads, n_chunks,
+    q_ptr, k_ptr, v_ptr, kv_ptr, acc_ptr, ml_ptr, out_ptr, tally_ptr, tables_ptr, rows_ptr, pos_ptr,
+    write_blocks_ptr, write_offsets_ptr, cos_ptr, sin_ptr,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    stride_blk, stride_kv, stride_tok, stride_head, stride_table, scale, window, n_heads, n_kv_heads, n_chunks,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr, CHUNK_STAGES: tl.constexpr,
-    DEPENDENT: tl.constexpr,
+    SOLO: tl.constexpr, WRITE: tl.constexpr, ROPE: tl.constexpr, DEPENDENT: tl.constexpr,
 ):
+    """Decode attention: programs share out each (token, KV head)'s chunks; with SOLO (one program each) the
+    program merges its chunks as it goes, else every program stores its chunks' results and the last of the
+    token's programs to finish merges them. With WRITE (one token a row) the kernel first rotates q and k
+    (ROPE) and writes the token's key and value into its cache slot, as the rotary + KV write kernel would:
+    the program whose chunks hold the token's own position writes them, and only it reads them."""
     wait_for_inputs(DEPENDENT)
     tok = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -92,12 +133,34 @@ def _chunk_kernel(
     g = tl.arange(0, GROUP_P)
     d = tl.arange(0, D_P)
     heads = kv_head * GROUP + g
-    qd_mask = (g < GROUP)[:, None] & (d < D)[None, :]
-    q = tl.load(q_ptr + tok * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=qd_mask, other=0.0)
+    head_mask = g < GROUP
+    d_mask = d < D
+    qd_mask = head_mask[:, None] & d_mask[None, :]
+    q_src = q_ptr + tok * stride_qn + heads[:, None] * stride_qh
+    q = tl.load(q_src + d[None, :], mask=qd_mask, other=0.0)
     # Program p of a token takes its chunks p, p + P, ...: each chunk's result is the same whatever P is. A
     # counted loop lets Triton load the next chunks' tiles while one computes (CHUNK_STAGES in flight).
     step = tl.num_programs(2)
+    if WRITE:
+        if ROPE:
+            partner, sign, cos, sin = rope_tables(cos_ptr, sin_ptr, pos.to(tl.int64), d, d_mask, D)
+            q = rotate(q, tl.load(q_src + partner[None, :], mask=qd_mask, other=0.0), sign[None, :], cos[None, :],
+                       sin[None, :]).to(q.dtype)
+        if tl.program_id(2) == (pos // CHUNK_SIZE - first // CHUNK_SIZE) % step:
+            k_src = k_ptr + tok * stride_kn + kv_head * stride_kh
+            if ROPE:
+                k = rotate(tl.load(k_src + d, mask=d_mask, other=0.0), tl.load(k_src + partner, mask=d_mask, other=0.0),
+                           sign, cos, sin)
+            else:
+                k = tl.load(k_src + d, mask=d_mask, other=0.0)
+            write_kv(kv_ptr, write_blocks_ptr, write_offsets_ptr, tok, kv_head, k,
+                     v_ptr + tok * stride_vn + kv_head * stride_vh, d, d_mask, stride_blk, stride_kv, stride_tok,
+                     stride_head)
+        tl.debug_barrier()  # the program's threads see the slot written before any reads it
     first_chunk = first // CHUNK_SIZE + tl.program_id(2)
+    m_all = tl.full([GROUP_P], float("-inf"), tl.float32)
+    denom_all = tl.zeros([GROUP_P], tl.float32)
+    acc_all = tl.zeros([GROUP_P, D_P], tl.float32)
     for i in tl.range(0, tl.cdiv(pos // CHUNK_SIZE + 1 - first_chunk, step), num_stages=CHUNK_STAGES):
         chunk = first_chunk + i * step
         lo = chunk * CHUNK_SIZE
@@ -111,13 +174,27 @@ def _chunk_kernel(
             valid = (kp < hi) & (kp >= first)
             block = tl.load(tables_ptr + row * stride_table + kp // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
             base = block * stride_blk + (kp % BLOCK_SIZE) * stride_tok + kv_head * stride_head
-            kv_mask = valid[:, None] & (d < D)[None, :]
+            kv_mask = valid[:, None] & d_mask[None, :]
             m, denom, acc = _attend_tile(q, kv_ptr + base[:, None] + d[None, :], stride_kv, kv_mask,
                                          valid[None, :], scale, m, denom, acc)
-        slot = (tok * n_heads + heads) * n_chunks + chunk  # [GROUP_P]
-        tl.store(acc_ptr + slot[:, None] * D_P + d[None, :], acc, mask=(g < GROUP)[:, None])
-        tl.store(ml_ptr + slot * 2, m, mask=g < GROUP)
-        tl.store(ml_ptr + slot * 2 + 1, denom, mask=g < GROUP)
+        if SOLO:
+            m_all, denom_all, acc_all = _merge_step(m_all, denom_all, acc_all, m, denom, acc)
+        else:
+            slot = (tok * n_heads + heads) * n_chunks + chunk  # [GROUP_P]
+            tl.store(acc_ptr + slot[:, None] * D_P + d[None, :], acc, mask=head_mask[:, None])
+            tl.store(ml_ptr + slot * 2, m, mask=head_mask)
+            tl.store(ml_ptr + slot * 2 + 1, denom, mask=head_mask)
+    if SOLO:
+        out = acc_all / denom_all[:, None]
+        tl.store(out_ptr + tok * stride_on + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+    else:
+        # release this program's chunks; the token's last program acquires every one of them
+        tally = tally_ptr + tok * n_kv_heads + kv_head
+        if tl.atomic_add(tally, 1, sem="acq_rel") == step - 1:
+            _merge_stored(acc_ptr, ml_ptr, out_ptr, tok, heads, head_mask, d, d_mask, stride_on, stride_oh,
+                          first // CHUNK_SIZE, pos // CHUNK_SIZE, n_heads, n_chunks, D_P, GROUP_P)
+            tl.atomic_xchg(tally, 0)
 
 
 @triton.jit
@@ -179,35 +256,30 @@ def _tile_chunk_kernel(
 @triton.jit
 def _merge_kernel(
     acc_ptr, ml_ptr, out_ptr, pos_ptr, stride_on, stride_oh, window, n_heads, n_chunks,
-    D: tl.constexpr, D_P: tl.constexpr, CHUNK_SIZE: tl.constexpr, MERGE: tl.constexpr, DEPENDENT: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+    DEPENDENT: tl.constexpr,
 ):
+    """The prompt kernel's chunk results merged, per (token, KV head), as the decode kernel merges them."""
     wait_for_inputs(DEPENDENT)
     tok = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    g = tl.arange(0, GROUP_P)
+    d = tl.arange(0, D_P)
     pos = tl.load(pos_ptr + tok).to(tl.int32)
     first = _first_key(pos, window)
-    d = tl.arange(0, D_P)
-    m_all = tl.full([1], float("-inf"), tl.float32)
-    denom = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D_P], tl.float32)
-    # MERGE chunks at a time, groups aligned to the token's first chunk and taken in order: the same
-    # arithmetic for a token wherever and however it runs
-    c = first // CHUNK_SIZE
-    while c <= pos // CHUNK_SIZE:
-        cs = c + tl.arange(0, MERGE)
-        valid = cs <= pos // CHUNK_SIZE
-        slot = (tok * n_heads + head) * n_chunks + cs
-        m = tl.load(ml_ptr + slot * 2, mask=valid, other=float("-inf"))
-        l = tl.load(ml_ptr + slot * 2 + 1, mask=valid, other=0.0)
-        part = tl.load(acc_ptr + slot[:, None] * D_P + d[None, :], mask=valid[:, None], other=0.0)
-        m_new = tl.maximum(m_all, tl.max(m, axis=0))  # every valid chunk holds a key: finite
-        a, w = tl.exp(m_all - m_new), tl.exp(m - m_new)
-        denom = denom * a + tl.sum(l * w, axis=0)
-        acc = acc * a + tl.sum(part * w[:, None], axis=0)
-        m_all = m_new
-        c += MERGE
-    out = acc / denom
-    tl.store(out_ptr + tok * stride_on + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+    _merge_stored(acc_ptr, ml_ptr, out_ptr, tok, tl.program_id(1) * GROUP + g, g < GROUP, d, d < D, stride_on,
+                  stride_oh, first // CHUNK_SIZE, pos // CHUNK_SIZE, n_heads, n_chunks, D_P, GROUP_P)
+
+
+@dataclass
+class NewKeys:
+    """A one-token step's keys and values for the attention kernel to write into their cache slots itself,
+    rotated by position first when `rope` holds the model's cos/sin tables."""
+
+    k: torch.Tensor  # [N, n_kv_heads, d_head]
+    v: torch.Tensor
+    write_blocks: torch.Tensor  # [N] block of each token's slot
+    write_offsets: torch.Tensor  # [N] offset inside that block
+    rope: Optional[object] = None
 
 
 def partials_bytes(n_tokens: int, n_heads: int, d_head: int, max_context: int) -> int:
@@ -223,11 +295,15 @@ def prefill_query_tile(n_heads: int, n_kv_heads: int) -> int:
 
 def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            token_row: torch.Tensor, token_pos: torch.Tensor, scale: float, window: int,
-                           max_context: int, query_tile: int = 1) -> torch.Tensor:
+                           max_context: int, query_tile: int = 1, tally_slots: Optional[torch.Tensor] = None,
+                           new_keys: Optional[NewKeys] = None) -> torch.Tensor:
     """q: [N, n_heads, d_head]; kv_layer: [n_blocks, 2, block_size, n_kv_heads, d_head] (any strides with a
     contiguous last dim); block_tables: [B, max_blocks]; token_row, token_pos: [N]; max_context bounds every
     token's position + 1 (it sizes the grid only); query_tile > 1: programs take that many consecutive
-    tokens, sharing key reads within a row (for prompts). Returns [N, n_heads, d_head]."""
+    tokens, sharing key reads within a row (for prompts); tally_slots: zeroed arrival tallies, at least
+    N x n_kv_heads (djinn/kernels/tallies.py; None: a fresh buffer); new_keys: this step's keys and values,
+    which the kernel rotates and writes itself, q unrotated (one token a row, query_tile 1).
+    Returns [N, n_heads, d_head]."""
     n, n_heads, d_head = q.shape
     n_kv = kv_layer.shape[3]
     group = n_heads // n_kv
@@ -235,27 +311,44 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     if n == 0:
         return out
     d_p = max(16, triton.next_power_of_2(d_head))
-    group_p = max(16, triton.next_power_of_2(group))
     n_chunks = max(1, -(-max_context // CHUNK))
-    acc = torch.empty((n, n_heads, n_chunks, d_p), dtype=torch.float32, device=q.device)
-    ml = torch.empty((n, n_heads, n_chunks, 2), dtype=torch.float32, device=q.device)
     small = n * n_kv <= SMALL
-    strides = (q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2),
-               kv_layer.stride(3), block_tables.stride(0))
-    common = dict(D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=BLOCK_N, CHUNK_SIZE=CHUNK,
+    strides = (kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), block_tables.stride(0))
+    common = dict(GROUP=group, D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=BLOCK_N, CHUNK_SIZE=CHUNK,
                   num_warps=NUM_WARPS)
+    if new_keys is not None and query_tile != 1:
+        raise ValueError("the attention kernel writes keys itself only for one token a row")
     if query_tile == 1:
         programs, stages = (PROGRAMS_SMALL, CHUNK_STAGES_SMALL) if small else (PROGRAMS, CHUNK_STAGES)
-        _chunk_kernel[(n, n_kv, min(n_chunks, programs))](
-            q, kv_layer, acc, ml, block_tables, token_row, token_pos, *strides, scale, window, n_heads, n_chunks,
-            GROUP=group, GROUP_P=group_p, CHUNK_STAGES=stages, **common, **dependent_launch.options())
-    else:
-        programs = PROGRAMS_SMALL if small else PROMPT_PROGRAMS
-        _tile_chunk_kernel[(triton.cdiv(n, query_tile), n_kv, min(n_chunks, programs))](
-            q, kv_layer, acc, ml, block_tables, token_row, token_pos, *strides, scale, window, n_heads, n_chunks,
-            n, QT=query_tile, GROUP=group, ROWS_P=max(16, triton.next_power_of_2(query_tile * group)),
-            NUM_STAGES=NUM_STAGES, **common)
-    _merge_kernel[(n, n_heads)](acc, ml, out, token_pos, out.stride(0), out.stride(1), window, n_heads, n_chunks,
-                                D=d_head, D_P=d_p, CHUNK_SIZE=CHUNK, MERGE=MERGE, num_warps=MERGE_WARPS,
-                                **dependent_launch.options())
+        programs = min(n_chunks, programs)
+        solo = programs == 1  # merged in registers: no partial results, no tallies
+        acc = ml = tally = out
+        if not solo:
+            acc, ml = _partials(n, n_heads, n_chunks, d_p, q.device)
+            tally = tallies.slots(tally_slots, n * n_kv, q.device)
+        new = new_keys or NewKeys(q, q, token_pos, token_pos)  # without: unused
+        rope = new.rope is not None
+        cos, sin = (new.rope.cos, new.rope.sin) if rope else (q, q)
+        _chunk_kernel[(n, n_kv, programs)](
+            q, new.k, new.v, kv_layer, acc, ml, out, tally, block_tables, token_row, token_pos, new.write_blocks,
+            new.write_offsets, cos, sin, q.stride(0), q.stride(1), new.k.stride(0), new.k.stride(1),
+            new.v.stride(0), new.v.stride(1), out.stride(0), out.stride(1), *strides, scale, window, n_heads, n_kv,
+            n_chunks, GROUP_P=max(16, triton.next_power_of_2(group)), CHUNK_STAGES=stages, SOLO=solo,
+            WRITE=new_keys is not None, ROPE=rope, **common, **dependent_launch.options())
+        return out
+    acc, ml = _partials(n, n_heads, n_chunks, d_p, q.device)
+    programs = PROGRAMS_SMALL if small else PROMPT_PROGRAMS
+    _tile_chunk_kernel[(triton.cdiv(n, query_tile), n_kv, min(n_chunks, programs))](
+        q, kv_layer, acc, ml, block_tables, token_row, token_pos, q.stride(0), q.stride(1), *strides, scale, window,
+        n_heads, n_chunks, n, QT=query_tile, ROWS_P=max(16, triton.next_power_of_2(query_tile * group)),
+        NUM_STAGES=NUM_STAGES, **common)
+    _merge_kernel[(n, n_kv)](acc, ml, out, token_pos, out.stride(0), out.stride(1), window, n_heads, n_chunks,
+                             GROUP=group, GROUP_P=triton.next_power_of_2(group), D=d_head, D_P=d_p, CHUNK_SIZE=CHUNK,
+                             num_warps=MERGE_WARPS, **dependent_launch.options())
     return out
+
+
+def _partials(n: int, n_heads: int, n_chunks: int, d_p: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (token, head, chunk)'s weighted sum of values [.., d_p], and its running max and denominator."""
+    return (torch.empty((n, n_heads, n_chunks, d_p), dtype=torch.float32, device=device),
+            torch.empty((n, n_heads, n_chunks, 2), dtype=torch.float32, device=device))

@@ -29,6 +29,7 @@ class AttentionMetadata:
     window: int  # sliding window (0: none)
     max_context: int  # no token's position + 1 exceeds this (sizes the kernel's grid)
     prefill: bool = False  # some row has several tokens (a prompt): the kernel may take them together
+    tallies: Optional[torch.Tensor] = None  # the engine's arrival tallies for the kernel (djinn/kernels/tallies.py)
     # The portable path's padded layout (None when the Triton kernel runs):
     query_row: Optional[torch.Tensor] = None  # [N] row of each token in the padded query batch
     query_col: Optional[torch.Tensor] = None  # [N] column of each token in the padded query batch
@@ -53,10 +54,13 @@ def paged_attention(
         from ..kernels import paged_attention as kernel
         from ..kernels.fused import rope_and_write_kv
 
+        args = (kv_layer, meta.block_tables, meta.token_row, meta.token_pos, scale, meta.window, meta.max_context)
+        if not meta.prefill:  # one token a row: the attention kernel rotates and writes its keys itself
+            return kernel.paged_attention_triton(q, *args, tally_slots=meta.tallies, new_keys=kernel.NewKeys(
+                k, v, meta.write_blocks, meta.write_offsets, rope))
         q = rope_and_write_kv(q, k, v, kv_layer, meta.write_blocks, meta.write_offsets, meta.token_pos, rope)
-        return kernel.paged_attention_triton(q, kv_layer, meta.block_tables, meta.token_row, meta.token_pos, scale,
-                                             meta.window, meta.max_context,
-                                             kernel.prefill_query_tile(q.shape[1], kv_layer.shape[3]) if meta.prefill else 1)
+        return kernel.paged_attention_triton(q, *args, kernel.prefill_query_tile(q.shape[1], kv_layer.shape[3]),
+                                             meta.tallies)
     if rope is not None:
         positions = meta.token_pos.long()
         q, k = rope.apply(q, positions), rope.apply(k, positions)
