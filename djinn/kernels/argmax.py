@@ -43,7 +43,8 @@ def _argmax_kernel(x_ptr, out_ptr, part_v_ptr, part_i_ptr, count_ptr, stride_x, 
     best_v, best_i = _first_best(v, tl.where(mask, idx, 2147483647))
     tl.store(part_v_ptr + row * SLICES_P + part, best_v)
     tl.store(part_i_ptr + row * SLICES_P + part, best_i)
-    # release our pick; the last of the row's programs acquires all of them
+    # release our pick (whichever threads stored it: the barrier); the last of the row's programs acquires all
+    tl.debug_barrier()
     if tl.atomic_add(count_ptr + row, 1, sem="acq_rel") == N_SLICES - 1:
         parts = tl.arange(0, SLICES_P)
         pmask = parts < N_SLICES

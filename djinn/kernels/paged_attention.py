@@ -189,7 +189,9 @@ def _chunk_kernel(
         tl.store(out_ptr + tok * stride_on + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=qd_mask)
     else:
-        # release this program's chunks; the token's last program acquires every one of them
+        # release this program's chunks (every thread's stores, hence the barrier before the one atomic); the
+        # token's last program acquires every one of them
+        tl.debug_barrier()
         tally = tally_ptr + tok * n_kv_heads + kv_head
         if tl.atomic_add(tally, 1, sem="acq_rel") == step - 1:
             _merge_stored(acc_ptr, ml_ptr, out_ptr, tok, heads, head_mask, d, d_mask, stride_on, stride_oh,
