@@ -1,5 +1,6 @@
 """The Triton kernels (paged attention, rotary + KV write, RMSNorm and LayerNorm with a fused residual add,
-SwiGLU, one-row GEMV with and without the norm and GELU around it, few-row product, greedy pick) compute what
+SwiGLU, one-row GEMV with and without the norm and GELU around it, few-row product, greedy pick, embedding
+rows and fed token ids) compute what
 the portable PyTorch path computes. Runs through Triton's CPU interpreter
 here; on GPUs they run compiled."""
 import os
@@ -67,6 +68,15 @@ SCRIPT = textwrap.dedent("""
             got = skinny_matmul(x[:m], w, bias)
             assert got.shape == (m, n_out) and (got - F.linear(x[:m], w, bias)).abs().max() < 1e-3
             assert torch.equal(got[0], skinny_matmul(x[:1], w, bias)[0])  # a row's bits: whatever the row count
+    from djinn.kernels.embed import embed, fed_tokens
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        table, pos_table = torch.randn(50, 1100).to(dtype), torch.randn(20, 1100).to(dtype)  # rows over 2 programs
+        tokens, positions = torch.tensor([3, 49, 0, 3]), torch.tensor([0, 19, 7, 1])
+        assert torch.equal(embed(table, tokens), F.embedding(tokens, table))
+        if dtype != torch.bfloat16:  # the interpreter truncates float32 to bfloat16 (compiled code rounds)
+            assert torch.equal(embed(table, tokens, pos_table, positions), table[tokens] + pos_table[positions])
+    sampled = torch.tensor([7, 8, 9])
+    assert fed_tokens(torch.tensor([1, 2, 3, 4]), torch.tensor([-1, 2, 0, -1]), sampled).tolist() == [1, 9, 7, 4]
     gu = torch.randn(6, 2 * 40)
     assert (silu_mul(gu) - F.silu(gu[:, :40]) * gu[:, 40:]).abs().max() < 1e-5
     cases = [(4, 2, 16, None, 4, (0, 5, 9, 2)), (8, 8, 8, None, 4, (0, 5, 9, 2)), (8, 2, 32, 5, 4, (0, 5, 9, 2)), (6, 3, 12, None, 4, (0, 5, 9, 2)), (4, 1, 16, None, 16, (130, 250, 3, 120)), (4, 2, 16, 40, 16, (200, 140, 7, 66))]

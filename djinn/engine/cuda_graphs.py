@@ -428,7 +428,12 @@ class StepGraphs:
         tokens = None
         if first == 0:
             src = self.feed_from[:tb]
-            tokens = torch.where(src < 0, self.tokens[:tb], self.runner.sampled[src.clamp(min=0)])
+            if src.is_cuda:
+                from ..kernels.embed import fed_tokens
+
+                tokens = fed_tokens(self.tokens[:tb], src, self.runner.sampled)
+            else:
+                tokens = torch.where(src < 0, self.tokens[:tb], self.runner.sampled[src.clamp(min=0)])
             resid = branch = None
         else:
             resid, branch = self._state(first - 1)
