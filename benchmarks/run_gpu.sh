@@ -9,6 +9,10 @@
 #                                      # the throughput part's 64-session row; GPT-2 batch 1 through each path
 #   benchmarks/run_gpu.sh launches     # batch 1 with plain and dependent kernel launches (A/B and bits); the
 #                                      # GPU smoke test and GPT-2's one-token step profile (the default: dependent)
+#   BASELINE=<tree> benchmarks/run_gpu.sh builds
+#                                      # GPU smoke test; this build against the baseline build's source tree,
+#                                      # side by side (benchmarks/experiment_builds.py)
+#   benchmarks/run_gpu.sh gpt2         # GPT-2 part and GPT-2's one-token step profile
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
 # that hangs cannot take the group's others with it. The WebSocket halves need the server's packages.
@@ -57,8 +61,16 @@ launches)
     run 130 gpu_smoke.log python3 benchmarks/gpu_smoke.py
     run 100 profile_gpt2_1.txt python3 benchmarks/profile_step.py --shape gpt2 --sessions 1
     ;;
+builds)
+    run 150 gpu_smoke.log python3 benchmarks/gpu_smoke.py
+    run 400 experiment_builds.txt python3 benchmarks/experiment_builds.py --baseline "${BASELINE:?the baseline build's tree}"
+    ;;
+gpt2)
+    run 180 bench_gpt2.log python3 benchmarks/bench.py --part gpt2
+    run 100 profile_gpt2_1.txt python3 benchmarks/profile_step.py --shape gpt2 --sessions 1
+    ;;
 *)
-    echo "usage: $0 latency|throughput|kernels|sessions|launches" >&2
+    echo "usage: $0 latency|throughput|kernels|sessions|launches|builds|gpt2" >&2
     exit 2
     ;;
 esac
