@@ -63,7 +63,7 @@ launches)
     ;;
 builds)
     run 150 gpu_smoke.log python3 benchmarks/gpu_smoke.py
-    run 400 experiment_builds.txt python3 benchmarks/experiment_builds.py --baseline "${BASELINE:?the baseline build's tree}"
+    run 400 experiment_builds.txt python3 benchmarks/experiment_builds.py --baseline "${BASELINE:?set BASELINE to the baseline build tree}"
     ;;
 gpt2)
     run 180 bench_gpt2.log python3 benchmarks/bench.py --part gpt2
