@@ -10,9 +10,9 @@
 #   benchmarks/run_gpu.sh launches     # batch 1 with plain and dependent kernel launches (A/B and bits); the
 #                                      # GPU smoke test and GPT-2's one-token step profile (the default: dependent)
 #   BASELINE=<tree> benchmarks/run_gpu.sh builds
-#                                      # GPU smoke test; this build against the baseline build's source tree,
-#                                      # side by side (benchmarks/experiment_builds.py)
-#   benchmarks/run_gpu.sh gpt2         # GPT-2 part and GPT-2's one-token step profile
+#                                      # this build against the baseline build's source tree, side by side,
+#                                      # 4 rounds (benchmarks/experiment_builds.py)
+#   benchmarks/run_gpu.sh gpt2         # GPT-2 part; GPT-2's and the Mistral shape's one-token step profiles
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
 # that hangs cannot take the group's others with it. The WebSocket halves need the server's packages.
@@ -62,12 +62,13 @@ launches)
     run 100 profile_gpt2_1.txt python3 benchmarks/profile_step.py --shape gpt2 --sessions 1
     ;;
 builds)
-    run 150 gpu_smoke.log python3 benchmarks/gpu_smoke.py
-    run 400 experiment_builds.txt python3 benchmarks/experiment_builds.py --baseline "${BASELINE:?set BASELINE to the baseline build tree}"
+    run 570 experiment_builds.txt python3 benchmarks/experiment_builds.py --rounds 4 \
+        --baseline "${BASELINE:?set BASELINE to the baseline build tree}"
     ;;
 gpt2)
     run 180 bench_gpt2.log python3 benchmarks/bench.py --part gpt2
     run 100 profile_gpt2_1.txt python3 benchmarks/profile_step.py --shape gpt2 --sessions 1
+    run 150 profile_mistral_1.txt python3 benchmarks/profile_step.py --shape mistral --sessions 1
     ;;
 *)
     echo "usage: $0 latency|throughput|kernels|sessions|launches|builds|gpt2" >&2
