@@ -48,6 +48,13 @@ class InvalidTensor(DjinnError):
     code = "invalid_tensor"
 
 
+class NonFinite(DjinnError):
+    """A row's own activations or logits became NaN or Inf in a step (an edit overflowed, say): that row's
+    call fails alone; every other row of the step goes on."""
+
+    code = "non_finite"
+
+
 class TokenOutOfRange(DjinnError):
     code = "token_out_of_range"
 
