@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="file of API keys, one per line (also read: DJINN_API_KEYS)")
     s.add_argument("--pause-ttl", type=float, default=300.0,
                    help="seconds a session may stay paused at a breakpoint before it is freed")
+    s.add_argument("--idle-ttl", type=float, default=3600.0,
+                   help="seconds a session may stay untouched before it is closed (default 3600)")
+    s.add_argument("--kv-share-per-key", type=float, default=None,
+                   help="largest share of the KV blocks (device and host) one API key may hold (default 0.5 "
+                        "with API keys, 1 without)")
+    s.add_argument("--queue-timeout", type=float, default=60.0,
+                   help="seconds a request may wait for KV memory before it fails (default 60)")
     s.add_argument("--max-new-tokens", type=int, default=None, help="per-request cap")
     s.add_argument("--max-sessions-per-key", type=int, default=None)
     s.add_argument("--max-checkpoints-per-key", type=int, default=None)
@@ -88,7 +95,8 @@ def serve(args: argparse.Namespace) -> int:
         models = _load(args.model, dtype, device)
         run(models, host=args.host, port=args.port, dtype=dtype, device=device, kv_memory=args.kv_memory,
             api_keys_file=args.api_keys, limits=Limits().replace(**changes), log_level=args.log_level,
-            pause_ttl=args.pause_ttl)
+            pause_ttl=args.pause_ttl, idle_ttl=args.idle_ttl, kv_share_per_key=args.kv_share_per_key,
+            queue_timeout=args.queue_timeout)
     except DjinnError as e:
         print(f"djinn: {e}", file=sys.stderr)
         return 2

@@ -35,16 +35,16 @@ def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().repeat(20000, 1)
     n = logits.shape[0]
-    freq = torch.bincount(sample(logits, [SamplingParams(1.0, seed=i) for i in range(n)], [0] * n), minlength=4) / n
+    freq = torch.bincount(sample(logits, [SamplingParams(1.0, seed=i) for i in range(n)], [0] * n)[0], minlength=4) / n
     assert (freq - probs).abs().max() < 0.015
     # top-k 2 renormalises over the two most likely tokens; top-p 0.7 keeps exactly {0, 1} too
     for params in (SamplingParams(1.0, top_k=2), SamplingParams(1.0, top_p=0.7)):
         ps = [SamplingParams(params.temperature, params.top_k, params.top_p, seed=i) for i in range(n)]
-        freq = torch.bincount(sample(logits, ps, [0] * n), minlength=4) / n
+        freq = torch.bincount(sample(logits, ps, [0] * n)[0], minlength=4) / n
         assert freq[2:].sum() == 0
         assert abs(freq[0] - 0.5 / 0.8) < 0.015
     # a low temperature sharpens
-    freq = torch.bincount(sample(logits, [SamplingParams(0.25, seed=i) for i in range(n)], [0] * n), minlength=4) / n
+    freq = torch.bincount(sample(logits, [SamplingParams(0.25, seed=i) for i in range(n)], [0] * n)[0], minlength=4) / n
     assert freq[0] > 0.85
 
 

@@ -59,7 +59,9 @@ SCRIPT = textwrap.dedent("""
         x[5, 1500], x[5, 10] = float("nan"), float("inf")
         slots = torch.zeros(8, dtype=torch.int32)
         for _ in range(2):  # the rows' tallies are back at zero after each launch
-            assert torch.equal(am.argmax(x, slots), x.argmax(-1)), (am.SLICE, dtype, am.argmax(x), x.argmax(-1))
+            picks, finite = am.argmax(x, slots)
+            assert torch.equal(picks, x.argmax(-1)), (am.SLICE, dtype, picks, x.argmax(-1))
+            assert finite.tolist() == [1, 1, 0, 0, 1, 0]  # rows 2 (all -inf), 3 and 5 are not finite
             assert not slots.any()
     from djinn.kernels.skinny_matmul import skinny_matmul
     for n_out, n_in, bias in ((37, 200, torch.randn(37)), (96, 256, None)):  # K ragged for the tile, and even
@@ -124,6 +126,27 @@ SCRIPT = textwrap.dedent("""
             if pa.PREFILL_QUERY_ROWS == 1:  # every token through the one-token kernel
                 key = (pa.CHUNK, n_heads, n_kv, d_head, window, bs, starts, lens, rope is not None)
                 assert torch.equal(decode_kernel.setdefault(key, outs[1]), outs[1]), key
+    # NaN in every cache slot outside the rows' own contexts (unused blocks, the tails of their last blocks):
+    # both paths read none of it, prompt and one-token steps alike
+    for lens in ((7, 1, 4, 3), (1, 1, 1, 1)):
+        n_heads, n_kv, d_head, bs, starts = 4, 2, 16, 4, (0, 5, 9, 2)
+        kv = torch.full((16, 1, 2, bs, n_kv, d_head), float("nan"))
+        spans, used = [], 0
+        for s, n in zip(starts, lens):
+            k = -(-(s + n) // bs)
+            spans.append(RowSpan(s, n, list(range(used + 1, used + 1 + k))))  # block 0: the padding's, all NaN
+            for p in range(s):
+                kv[spans[-1].block_table[p // bs], :, :, p % bs] = torch.randn(1, 2, n_kv, d_head)
+            used += k
+        n = sum(lens)
+        q, k, v = torch.randn(n, n_heads, d_head), torch.randn(n, n_kv, d_head), torch.randn(n, n_kv, d_head)
+        outs = []
+        for use_kernel in (False, True):
+            ctx, _ = build_context(spans, [0] * n, kv, bs, None, torch.device("cpu"), use_kernel=use_kernel,
+                                   tallies=slots if use_kernel else None)
+            outs.append(paged_attention(q, k, v, kv.clone()[:, 0], ctx.attention, d_head ** -0.5))
+        assert torch.isfinite(outs[0]).all() and torch.isfinite(outs[1]).all(), lens
+        assert (outs[0] - outs[1]).abs().max().item() < 1e-5
     print("ok")
 """)
 

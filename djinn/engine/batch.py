@@ -91,3 +91,4 @@ def portable_layout(meta: AttentionMetadata, starts: torch.Tensor, lens: torch.T
     meta.kv_blocks = tables[:, key_pos // block_size].long().to(device)
     meta.kv_offsets = (key_pos % block_size).expand(n_rows, -1).to(device)
     meta.mask, meta.max_query_len = mask[:, None].to(device), max_q
+    meta.seen = mask.any(dim=1)[:, None, :, None].to(device)

@@ -138,6 +138,11 @@ class StepGraphs:
         self._ctx: Optional[ForwardContext] = None  # without capture: this step's attention layout
         self._ahead: Optional[tuple] = None  # (rows' identity, their plans, step plan): loaded early
 
+    def forget_inputs(self) -> None:
+        """After a failed step: trust nothing the device buffers hold (edits, inputs loaded ahead)."""
+        self._filled.clear()
+        self._ahead = None
+
     def _field(self, buf, name: str):
         lo, hi = self._layout[name]
         return buf[lo:hi]
@@ -245,6 +250,8 @@ class StepGraphs:
         rows, n, tb = plan.rows, len(plan.rows), plan.tb
         for site in sorted(plan.edits):
             self._load_edits(site, plan, tb)
+        if plan.edits:  # the graphs mark in it where an edited value is not finite
+            out.watch_edits(rows, self.runner.edits_ok)
         logits = None
         for j, (need, key) in enumerate(zip(plan.needed, plan.keys)):
             if need:
@@ -445,6 +452,7 @@ class StepGraphs:
                 mul, add = self._edit_bufs[site.index]
                 value = resid if site.kind == RESID else branch
                 value.copy_(value.float() * mul[:tb] + add[:tb])  # as the eager path computes it
+                self.runner.edits_ok[:tb] &= torch.isfinite(value).flatten(1).all(1)
         if ends:
             return self.model.unembed(branch if rb == 0 else branch.index_select(0, self.last_token[:rb]))
         out_resid, out_branch = self._state(last)

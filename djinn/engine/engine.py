@@ -5,14 +5,15 @@ between steps. Every command checks that the caller owns what it touches.
 """
 from __future__ import annotations
 
-import math
 import secrets
 import time
+from collections import OrderedDict
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..errors import (CapacityError, Cancelled, ContextOverflow, Forbidden, InvalidRequest, NotPaused,
+from .. import validation
+from ..errors import (CapacityError, Cancelled, ContextOverflow, Forbidden, InvalidRequest, LimitExceeded, NotPaused,
                       SessionBusy, SessionExpired, TokenOutOfRange, UnknownCheckpoint, UnknownModel, UnknownSession)
 from ..events import Error, ModelInfo
 from ..interventions import Breakpoint
@@ -25,14 +26,24 @@ from .session import CheckpointRecord, Request, Session, SessionInfo, SessionSta
 from .worker import ModelWorker
 
 Prompt = Union[str, Sequence[int]]
+# Sampling divides float32 logits by the temperature: within these bounds that never overflows.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e4
+MAX_TOP_K = (1 << 31) - 1  # more than any vocabulary: top_k beyond the vocabulary keeps every token
+EXPIRED_REMEMBERED = 100_000  # expired session ids kept to tell their owners why they are gone
 
 
 class Engine:
     def __init__(self, models: Sequence[LoadedModel], kv_memory: Optional[int] = None,
                  kv_blocks: Optional[int] = None, host_kv_blocks: Optional[int] = None, block_size: int = 16,
-                 max_step_tokens: int = 4096, pause_ttl: float = 300.0, cuda_graphs: Optional[bool] = None):
+                 max_step_tokens: int = 4096, pause_ttl: float = 300.0, cuda_graphs: Optional[bool] = None,
+                 idle_ttl: Optional[float] = None, kv_share_per_key: float = 1.0, queue_timeout: float = 60.0):
         """`cuda_graphs`: steps replay CUDA graphs where they fit (default: on a GPU). On the CPU, True runs
-        the graphs' static-buffer path with nothing captured, which is how the tests check it."""
+        the graphs' static-buffer path with nothing captured, which is how the tests check it.
+
+        Sharing between owners: a session nobody touched for `idle_ttl` seconds is closed (None: never);
+        one owner's sessions and checkpoints hold at most `kv_share_per_key` of a model's KV blocks (device
+        and host together); a request that fits the pool but finds it full waits for blocks to free up, at
+        most `queue_timeout` seconds."""
         if not models:
             raise UnknownModel("the engine needs at least one model")
         self.workers: dict[str, ModelWorker] = {}
@@ -43,7 +54,11 @@ class Engine:
             self.workers[m.name] = ModelWorker(m, n, host_kv_blocks if host_kv_blocks is not None else n,
                                                block_size, max_step_tokens, self.stats, cuda_graphs)
         self.default_model = models[0].name
-        self.pause_ttl = pause_ttl
+        self.pause_ttl, self.idle_ttl, self.queue_timeout = pause_ttl, idle_ttl, queue_timeout
+        if not 0 < kv_share_per_key <= 1:
+            raise InvalidRequest(f"kv_share_per_key must be in (0, 1], got {kv_share_per_key!r}")
+        self.kv_share_per_key = kv_share_per_key
+        self.expired: OrderedDict[str, str] = OrderedDict()  # recently expired session -> owner (a clear error)
         self.sessions: dict[str, Session] = {}
         self.checkpoints: dict[str, CheckpointRecord] = {}
 
@@ -72,9 +87,13 @@ class Engine:
     def _session(self, sid: str, owner: str) -> Session:
         s = self.sessions.get(sid) if isinstance(sid, str) else None
         if s is None:
+            if isinstance(sid, str) and self.expired.get(sid) == owner:
+                raise SessionExpired(f"session {sid} was idle longer than its time-to-live ({self.idle_ttl:g} s) "
+                                     f"and was closed")
             raise UnknownSession(f"no session {sid!r} (closed, expired, or never created)")
         if s.owner != owner:
             raise Forbidden(f"session {sid!r} belongs to another user")
+        s.last_used = time.monotonic()  # any call of its owner keeps it alive
         return s
 
     def _idle(self, s: Session, what: str) -> None:
@@ -107,7 +126,7 @@ class Engine:
     def _info(self, s: Session) -> SessionInfo:
         state = "swapped" if s.swapped and s.state == SessionState.IDLE else s.state.value
         return SessionInfo(s.id, s.model, state, len(s.history), s.kv_len, len(s.blocks),
-                           len(s.host_blocks or []), len(s.interventions))
+                           len(s.host_blocks or []), len(s.interventions), self.workers[s.model].queue_position(s))
 
     def close_session(self, sid: str, owner: str) -> None:
         s = self._session(sid, owner)
@@ -158,6 +177,7 @@ class Engine:
         usable = w.pool.device_blocks.n_blocks - w.reserved_blocks
         if need > usable:
             raise CapacityError(f"this request needs {need} KV blocks but the pool has {usable}; it can never fit")
+        self._check_quota(w, owner, need - len(s.host_blocks if s.swapped else s.blocks), "this request")
         if stop_tokens is None:
             stop = frozenset([w.tokenizer.eos_id]) if w.tokenizer and w.tokenizer.eos_id is not None else frozenset()
         else:
@@ -166,7 +186,7 @@ class Engine:
             raise InvalidRequest(f"activation_dtype must be one of {sorted(DTYPES)}, got {activation_dtype!r}")
         plan = s.plan.extend(w.compiler.compile(list(interventions), list(breakpoints)))
         req = Request(max_new_tokens, sampling, stop, bool(return_logits), plan, sink, len(s.history),
-                      DTYPES[activation_dtype] if activation_dtype else None)
+                      DTYPES[activation_dtype] if activation_dtype else None, kv_blocks=need)
         s.history.extend(tokens)
         s.request, s.state, s.last_used = req, SessionState.RUNNING, time.monotonic()
 
@@ -197,17 +217,16 @@ class Engine:
 
     @staticmethod
     def _sampling(temperature, top_k, top_p, seed) -> SamplingParams:
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-            raise InvalidRequest(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if not isinstance(top_k, int) or top_k < 0:
-            raise InvalidRequest(f"top_k must be an integer >= 0, got {top_k!r}")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {top_p!r}")
-        if seed is None:
-            seed = secrets.randbits(62)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise InvalidRequest(f"seed must be an integer, got {seed!r}")
-        return SamplingParams(float(temperature), top_k, float(top_p), seed % (1 << 62))
+        """Every sampling parameter checked here, so that none can fail inside a step that other rows share."""
+        temperature = validation.number(temperature, "temperature", 0.0, MAX_TEMPERATURE)
+        if 0 < temperature < MIN_TEMPERATURE:
+            raise InvalidRequest(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}")
+        top_k = validation.integer(top_k, "top_k (0: off)", 0, MAX_TOP_K)
+        top_p = validation.number(top_p, "top_p", 0.0, 1.0)
+        if top_p == 0:
+            raise InvalidRequest("top_p must be in (0, 1], got 0")
+        seed = secrets.randbits(62) if seed is None else validation.integer(seed, "seed", -(1 << 63), (1 << 64) - 1)
+        return SamplingParams(temperature, top_k, top_p, seed % (1 << 62))
 
     def resume(self, sid: str, owner: str, activation: Optional[torch.Tensor] = None,
                pause_id: Optional[int] = None) -> None:
@@ -270,6 +289,7 @@ class Engine:
         self._idle(s, "checkpoint")
         w = self.workers[s.model]
         n = len(s.host_blocks) if s.swapped else len(s.blocks)
+        self._check_quota(w, owner, n, "this checkpoint")
         if w.pool.host_blocks.n_free < n:
             raise CapacityError(f"checkpoint needs {n} host KV blocks, {w.pool.host_blocks.n_free} free")
         host = w.pool.host_blocks.allocate(n)
@@ -379,7 +399,8 @@ class Engine:
             w.drain()
 
     def housekeeping(self) -> None:
-        """Between steps: expire paused sessions past their time-to-live, finish background copies."""
+        """Between steps: expire paused and idle sessions past their time-to-live, finish background copies,
+        let requests waiting for KV memory try again."""
         now = time.monotonic()
         for s in list(self.sessions.values()):
             if s.state == SessionState.PAUSED and s.request and not s.request.resumed \
@@ -387,8 +408,46 @@ class Engine:
                 self.workers[s.model].close(s, SessionExpired(
                     f"session {s.id} stayed paused longer than its time-to-live ({self.pause_ttl:g} s) and was freed"))
                 del self.sessions[s.id]
+            elif self.idle_ttl is not None and s.state == SessionState.IDLE and now - s.last_used > self.idle_ttl:
+                self.workers[s.model].close(s)
+                del self.sessions[s.id]
+                self.expired[s.id] = s.owner
+                while len(self.expired) > EXPIRED_REMEMBERED:
+                    self.expired.popitem(last=False)
         for rec in self.checkpoints.values():
             self._poll_checkpoint(rec)
+        for w in self.workers.values():
+            w.expire_waiting(now, self.queue_timeout)
+
+    # ------------------------------------------------------------------ sharing between owners
+
+    def kv_quota(self, w: ModelWorker) -> int:
+        """The KV blocks (device and host together) one owner may hold in `w`'s pools."""
+        total = w.pool.device_blocks.n_blocks - w.reserved_blocks + w.pool.host_blocks.n_blocks
+        return max(1, int(self.kv_share_per_key * total))
+
+    def blocks_held(self, w: ModelWorker, owner: str) -> int:
+        """Distinct blocks `owner`'s sessions and checkpoints hold in `w`'s pools, plus what its calls in
+        progress may still grow into."""
+        device, host, growth = set(), set(), 0
+        for s in self.sessions.values():
+            if s.owner == owner and s.model == w.name:
+                held = s.host_blocks if s.swapped else s.blocks
+                (host if s.swapped else device).update(held)
+                if s.request is not None:
+                    growth += max(0, s.request.kv_blocks - len(held))
+        for rec in self.checkpoints.values():
+            if rec.owner == owner and rec.model == w.name:
+                host.update(rec.host_blocks)
+        return len(device) + len(host) + growth
+
+    def _check_quota(self, w: ModelWorker, owner: str, more: int, what: str) -> None:
+        if self.kv_share_per_key >= 1 or more <= 0:
+            return
+        held, quota = self.blocks_held(w, owner), self.kv_quota(w)
+        if held + more > quota:
+            raise LimitExceeded(f"{what} needs {more} more KV blocks; this key holds {held} of its {quota} "
+                                f"({self.kv_share_per_key:.0%} of the pool): close sessions or delete checkpoints")
 
     def sessions_by_state(self) -> dict[str, int]:
         counts = {"idle": 0, "running": 0, "paused": 0, "swapped": 0}
@@ -396,7 +455,10 @@ class Engine:
             counts[self._info(s).state] += 1
         return counts
 
-    def pool_usage(self) -> dict[str, dict[str, int]]:
+    def pool_usage(self) -> dict[str, dict[str, float]]:
+        now = time.monotonic()
         return {name: {"device_used": w.pool.device_blocks.n_used, "device_total": w.pool.device_blocks.n_blocks,
-                       "host_used": w.pool.host_blocks.n_used, "host_total": w.pool.host_blocks.n_blocks}
+                       "host_used": w.pool.host_blocks.n_used, "host_total": w.pool.host_blocks.n_blocks,
+                       "waiting": len(w.waiting()), "longest_wait": max(
+                           (now - r.waiting_since for r in w.waiting()), default=0.0)}
                 for name, w in self.workers.items()}

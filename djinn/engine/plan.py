@@ -3,13 +3,13 @@ and convert tensors once, so that a step only looks up what applies to it."""
 from __future__ import annotations
 
 import itertools
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
+from .. import validation
 from ..errors import InvalidRequest, InvalidTensor
 from ..interventions import EDIT_TYPES, Ablate, Breakpoint, Capture, Replace, Scale, Steer, normalize_steps
 from ..sites import Site, SiteTable
@@ -113,7 +113,7 @@ class Compiler:
     def tensor(self, t, what: str, shape: tuple[int, ...], n_rows: Optional[int],
                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """A client tensor of `shape` (or [n_rows, *shape]) on the model's device, as `dtype` (default: the
-        model's)."""
+        model's), finite after that conversion (a float64 1e300 is finite, its float32 is not)."""
         if not isinstance(t, torch.Tensor):
             raise InvalidTensor(f"{what} must be a torch.Tensor, got {type(t).__name__}")
         if not (t.is_floating_point()):
@@ -125,8 +125,15 @@ class Compiler:
         if not torch.isfinite(t).all():
             raise InvalidTensor(f"{what} contains NaN or Inf")
         out = t.detach().to(device=self.device, dtype=dtype or self.dtype)
+        self.representable(out, what, dtype or self.dtype)
         # a snapshot: the caller may change their tensor later (and another thread reads ours)
         return out.clone() if out.data_ptr() == t.data_ptr() else out
+
+    @staticmethod
+    def representable(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+        """Raise unless every value of `t` is finite in `dtype`."""
+        if not torch.isfinite(t.to(dtype)).all():
+            raise InvalidTensor(f"{what} holds values beyond the range of {str(dtype).removeprefix('torch.')}")
 
     def compile(self, items: Sequence, breakpoints: Sequence[Breakpoint] = ()) -> Plan:
         plan = Plan()
@@ -150,6 +157,13 @@ class Compiler:
         return plan
 
     @staticmethod
+    def _number(value, what: str) -> float:
+        try:
+            return validation.number(value, what)
+        except InvalidRequest as e:
+            raise InvalidTensor(e.message) from None
+
+    @staticmethod
     def _steps(steps) -> Optional[frozenset[int]]:
         try:
             return normalize_steps(steps)
@@ -168,20 +182,22 @@ class Compiler:
         common = dict(site=site.index, steps=self._steps(item.steps), positions=positions)
         what = f"{type(item).__name__} tensor for {name}"
         if isinstance(item, Steer):
-            if not isinstance(item.scale, (int, float)) or not math.isfinite(item.scale):
-                raise InvalidTensor(f"Steer scale for {name} must be a finite number")
-            return Edit(add=self.tensor(item.vector, what, shape, n_rows, f32) * item.scale, **common)
+            scale = self._number(item.scale, f"Steer scale for {name}")
+            add = self.tensor(item.vector, what, shape, n_rows, f32) * scale
+            self.representable(add, f"{what} times its scale", self.dtype)  # what the activation gains
+            return Edit(add=add, **common)
         if isinstance(item, Scale):
             factor = item.factor
             if isinstance(factor, (int, float)):
-                if not math.isfinite(factor):
-                    raise InvalidTensor(f"Scale factor for {name} must be finite")
-                return Edit(mul=torch.tensor(float(factor), dtype=f32, device=self.device), **common)
+                factor = torch.tensor(self._number(factor, f"Scale factor for {name}"), dtype=f32, device=self.device)
+                self.representable(factor, f"Scale factor for {name}", f32)
+                return Edit(mul=factor, **common)
             return Edit(mul=self.tensor(factor, what, shape, n_rows, f32), **common)
-        if isinstance(item, Replace):
-            return Edit(replace=self.tensor(item.tensor, what, shape, n_rows, f32), **common)
-        if isinstance(item, Ablate):
-            if item.mean is None:
+        if isinstance(item, (Replace, Ablate)):  # the new value is written in the model's dtype
+            value = item.tensor if isinstance(item, Replace) else item.mean
+            if value is None:
                 return Edit(replace=torch.zeros(shape, dtype=f32, device=self.device), **common)
-            return Edit(replace=self.tensor(item.mean, what, shape, n_rows, f32), **common)
+            new = self.tensor(value, what, shape, n_rows, f32)
+            self.representable(new, what, self.dtype)
+            return Edit(replace=new, **common)
         raise InvalidRequest(f"unknown intervention {type(item).__name__}")

@@ -55,6 +55,20 @@ class StepOutput:
     logits: Optional[torch.Tensor] = None  # [len(finished), vocab]: each finished row's last token
     paused: list[Pause] = field(default_factory=list)
     captures: list[tuple[Row, str, Staged]] = field(default_factory=list)
+    # In a step with edits: per token (rows in the order the step was given them), whether every edited value
+    # stayed finite; `spans` maps each row to its tokens there.
+    edits_ok: Optional[torch.Tensor] = None
+    spans: dict[int, tuple[int, int]] = field(default_factory=dict)  # id(row) -> (first token, end)
+
+    def watch_edits(self, rows: list[Row], edits_ok: torch.Tensor) -> torch.Tensor:
+        """Start tracking the step's edits in `edits_ok` (a device buffer, reset here to all true)."""
+        lo = 0
+        for r in rows:
+            self.spans[id(r)] = (lo, lo + r.span.n_tokens)
+            lo += r.span.n_tokens
+        self.edits_ok = edits_ok[:lo]
+        self.edits_ok.fill_(True)
+        return self.edits_ok
 
 
 class Runner:
@@ -63,6 +77,7 @@ class Runner:
                  tallies: Optional[torch.Tensor] = None):
         self.model, self.kv, self.sites = model, kv, sites
         self.sampled = sampled  # the previous step's sampled ids, on the device (rows with feed_from read them)
+        self.edits_ok = torch.ones(len(sampled), dtype=torch.bool, device=device)  # see StepOutput.edits_ok
         self.tallies = tallies  # arrival tallies for the step's kernels (djinn/kernels/tallies.py)
         self.block_size, self.window, self.device = block_size, sliding_window, device
         self.stager = HostStager(device)
@@ -80,6 +95,8 @@ class Runner:
                 joining[r.entry].append(r)
         resid = branch = tokens = None
         ctx = None
+        if any(r.plan.edits for r in rows):
+            out.watch_edits(rows, self.edits_ok)
         if live:
             ctx, tokens = self._context(live)
         touched = set().union(*(r.plan.sites() for r in rows)) | set(joining)  # sites where adds stay explicit
@@ -153,7 +170,7 @@ class Runner:
         edits = [(i, [e for e in r.plan.edits.get(site.index, ()) if e.applies(r.step)]) for i, r in enumerate(live)]
         edits = [(i, es) for i, es in edits if es]
         if edits:
-            self._apply_edits(value, live, offsets, edits)
+            self._apply_edits(value, live, offsets, edits, out)
         pausing: list[int] = []
         for i, r in enumerate(live):
             plan, lo, hi = r.plan, offsets[i], offsets[i + 1]
@@ -180,17 +197,20 @@ class Runner:
         return live, resid, branch, ctx
 
     def _apply_edits(self, value: torch.Tensor, live: list[Row], offsets: list[int],
-                     edits: list[tuple[int, list[Edit]]]) -> None:
+                     edits: list[tuple[int, list[Edit]]], out: StepOutput) -> None:
         """Each row's edits at this site fold into one per-token `act * mul + add` in float32, applied to all
         edited rows in one batched op and rounded to the model's dtype once: the same arithmetic as the CUDA
-        graphs, so both paths agree bit for bit."""
-        index, muls, adds = [], [], []
+        graphs, so both paths agree bit for bit. Tokens whose edited value is not finite are marked in
+        `out.edits_ok`."""
+        index, home, muls, adds = [], [], [], []
         for i, es in edits:
-            span = live[i].span
-            mul, add = fold_edits(es, span.start, span.n_tokens, value.shape[1:], value.device)
+            r = live[i]
+            mul, add = fold_edits(es, r.span.start, r.span.n_tokens, value.shape[1:], value.device)
             index.append(torch.arange(offsets[i], offsets[i + 1]))
+            home.append(torch.arange(*out.spans[id(r)]))
             muls.append(mul)
             adds.append(add)
-        index = to_device(torch.cat(index), self.device)
-        new = value.index_select(0, index).float() * torch.cat(muls) + torch.cat(adds)
-        value.index_copy_(0, index, new.to(value.dtype))
+        index, home = to_device(torch.cat(index), self.device), to_device(torch.cat(home), self.device)
+        new = (value.index_select(0, index).float() * torch.cat(muls) + torch.cat(adds)).to(value.dtype)
+        value.index_copy_(0, index, new)
+        out.edits_ok[home] &= torch.isfinite(new).flatten(1).all(1)

@@ -50,25 +50,33 @@ class SamplingParams:
         return self.temperature <= 0.0
 
 
-def greedy_pick(logits: torch.Tensor, tallies: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """logits.argmax(-1); on the GPU through a kernel that streams a row faster than PyTorch's reduction
-    (`tallies`: the engine's arrival tallies, djinn/kernels/tallies.py)."""
+def greedy_pick(logits: torch.Tensor, tallies: Optional[torch.Tensor] = None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[2, B] int64 (into `out` if given): logits.argmax(-1), then 1 where the row's logits are all finite. On
+    the GPU through one kernel that streams a row faster than PyTorch's reduction (`tallies`: the engine's
+    arrival tallies, djinn/kernels/tallies.py)."""
     if logits.is_cuda and logits.dim() == 2 and logits.stride(-1) == 1:
         from ..kernels.argmax import argmax
 
-        return argmax(logits, tallies)
-    return logits.argmax(-1)
+        return argmax(logits, tallies, out)
+    if out is None:
+        out = torch.empty((2, logits.shape[0]), dtype=torch.int64, device=logits.device)
+    out[0] = logits.argmax(-1)
+    out[1] = torch.isfinite(logits).all(-1)
+    return out
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], counters: list[int],
-           tallies: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One token per row of `logits` [B, vocab]."""
-    greedy = greedy_pick(logits, tallies)
+           tallies: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[2, B] int64 (into `out` if given): one token per row of `logits` [B, vocab], then 1 where the row's
+    logits are all finite, else 0 (its token then means nothing)."""
+    out = greedy_pick(logits, tallies, out)
     if all(p.greedy for p in params):
-        return greedy
+        return out
     dev = logits.device
+    vocab = logits.shape[1]
     temp = to_device(torch.tensor([p.temperature if not p.greedy else 1.0 for p in params]), dev)
-    top_k = to_device(torch.tensor([p.top_k if p.top_k > 0 else logits.shape[1] for p in params]), dev)
+    top_k = to_device(torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]), dev)
     top_p = to_device(torch.tensor([p.top_p for p in params]), dev)
     seeds = to_device(torch.tensor([p.seed for p in params], dtype=torch.int64), dev)
     steps = to_device(torch.tensor(counters, dtype=torch.int64), dev)
@@ -76,12 +84,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], counters: list[in
 
     scaled = logits.float() / temp[:, None]
     values, order = scaled.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[1], device=dev)[None, :]
+    ranks = torch.arange(vocab, device=dev)[None, :]
     keep = ranks < top_k[:, None]
     probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
     keep &= (probs.cumsum(-1) - probs) < top_p[:, None]  # smallest prefix whose mass reaches top_p
     keep[:, 0] = True
-    gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, logits.shape[1])))
+    gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, vocab)))
     score = (values.double() + gumbel.gather(1, order)).masked_fill(~keep, float("-inf"))
     sampled = order.gather(1, score.argmax(-1, keepdim=True)).squeeze(1)
-    return torch.where(is_greedy, greedy, sampled)
+    out[0] = torch.where(is_greedy, out[0], sampled)
+    return out

@@ -42,6 +42,8 @@ class Request:
     sink: Callable[[object], None]
     history_len_before: int
     activation_dtype: Optional[torch.dtype] = None  # dtype of activations sent back (None: the model's)
+    kv_blocks: int = 0  # the device blocks the call may grow its session to
+    waiting_since: Optional[float] = None  # when it found no KV memory to run in (None: not waiting)
     seq: int = field(default_factory=lambda: next(_arrival))
     step: int = 0
     generated: list[int] = field(default_factory=list)
@@ -114,3 +116,4 @@ class SessionInfo:
     n_device_blocks: int
     n_host_blocks: int
     interventions: int
+    queue_position: Optional[int] = None  # 1 for the call that has waited longest for KV memory, ...

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import CapacityError, DjinnError, InternalError
+from ..errors import CapacityError, DjinnError, InternalError, NonFinite
 from ..kernels import tallies
 from ..events import Done, Error, GenerateResult, Paused, Token
 from ..models.loading import LoadedModel
@@ -41,10 +41,12 @@ class InFlight:
     """A step whose GPU work is queued and whose sampled ids the host has not read yet."""
 
     rows: list[Row]  # the rows that finished the forward, in the order of `tokens`
-    tokens: torch.Tensor  # host tensor the sampled ids arrive in
+    tokens: torch.Tensor  # host tensor the sampled ids arrive in, then 1 for each row whose logits are finite
     done: Optional[torch.cuda.Event]  # recorded after the copy (None on the CPU: already there)
     logits: Optional[Staged]  # float32 logits of the rows at `logit_rows`
     logit_rows: list[int]
+    edits_ok: Optional[Staged] = None  # StepOutput.edits_ok, in a step with edits
+    spans: Optional[list[tuple[int, int]]] = None  # each row's tokens there
 
 
 class ModelWorker:
@@ -60,8 +62,8 @@ class ModelWorker:
                                  self.device)
         self.max_step_tokens = max_step_tokens
         # A step's sampled ids stay on the device, where the next step reads them (see step()); the host gets
-        # them through alternating pinned buffers.
-        self.sampled = torch.zeros(max(max_step_tokens, BUCKETS[-1]), dtype=torch.long, device=self.device)
+        # them through alternating pinned buffers, with after them whether each row's logits were finite.
+        self.sampled = torch.zeros(2 * max(max_step_tokens, BUCKETS[-1]), dtype=torch.long, device=self.device)
         on_gpu = self.device.type == "cuda"
         # the step's kernels that finish a result in the same launch count their programs in here: a slot per
         # (token, KV head) for attention, per row for the greedy pick
@@ -79,6 +81,9 @@ class ModelWorker:
             self.runner.graphs.record_decode_steps()
         self.sessions: dict[str, Session] = {}
         self._pending_pauses: list[tuple[Session, Pause, object]] = []
+        # nothing could run for lack of KV memory: the waiting calls try again after the next command or
+        # housekeeping (see Engine.housekeeping), not in a busy loop
+        self.stalled = False
 
     # ------------------------------------------------------------------ memory
 
@@ -156,8 +161,27 @@ class ModelWorker:
     # ------------------------------------------------------------------ scheduling
 
     def has_work(self) -> bool:
-        return (any(self._runnable(s) for s in self.sessions.values()) or bool(self._pending_pauses)
-                or self._inflight is not None)
+        return ((not self.stalled and any(self._runnable(s) for s in self.sessions.values()))
+                or bool(self._pending_pauses) or self._inflight is not None)
+
+    def waiting(self) -> list[Request]:
+        """Calls waiting for KV memory, longest first."""
+        return sorted((s.request for s in self.sessions.values()
+                       if s.request is not None and s.request.waiting_since is not None), key=lambda r: r.seq)
+
+    def queue_position(self, s: Session) -> Optional[int]:
+        if s.request is None or s.request.waiting_since is None:
+            return None
+        return 1 + sum(r.seq < s.request.seq for r in self.waiting())
+
+    def expire_waiting(self, now: float, timeout: float) -> None:
+        """Fail the calls that waited for KV memory longer than `timeout`; let the others try again."""
+        for s in list(self.sessions.values()):
+            r = s.request
+            if r is not None and r.waiting_since is not None and now - r.waiting_since > timeout:
+                self.fail(s, CapacityError(f"waited {now - r.waiting_since:.1f} s for KV memory (the limit is "
+                                           f"{timeout:g} s): the pool stayed full of other sessions' caches"))
+        self.stalled = False
 
     def _runnable(self, s: Session) -> bool:
         r = s.request
@@ -190,7 +214,10 @@ class ModelWorker:
                 continue
             # any session not in this step may be swapped out to make room
             if not self._make_resident(s, end, in_step):
+                if req.waiting_since is None:
+                    req.waiting_since = time.monotonic()
                 continue
+            req.waiting_since = None
             if req.resumed:
                 row.span.block_table = s.blocks  # blocks may have moved through a swap
                 req.pause, req.resumed = None, False
@@ -204,10 +231,7 @@ class ModelWorker:
             rows.append(row)
             in_step.add(id(s))
             used += n
-        if not rows and candidates and self._inflight is None:
-            s = candidates[0]
-            self.fail(s, CapacityError("not enough KV memory to run this request, even after swapping out "
-                                       "every other session (host pool full)"))
+        self.stalled = not rows and self._inflight is None
         return rows
 
     # ------------------------------------------------------------------ the step
@@ -227,16 +251,14 @@ class ModelWorker:
                 self._emit_ready_pauses()
             return
         started = time.perf_counter()
+        saved = [(r.entry, r.resid, r.branch) for r in rows]  # a failed step may have moved rows' state
         try:
             out = self.runner.run(rows)
             self.drain()
-            self._settle(out)
             self._inflight = self._launch_sampling(out)
-        except DjinnError as e:
-            self._fail_rows(rows, e)
-        except Exception as e:  # a bug must not take down other users' sessions
-            log.exception("engine step failed")
-            self._fail_rows(rows, InternalError(f"engine step failed: {type(e).__name__}: {e}"))
+            self._settle(out)
+        except Exception as e:
+            self._isolate(rows, saved, e)
         else:
             if len(out.paused) == 1 and not any(self._runnable(s) for s in self.sessions.values()):
                 self._load_ahead(out.paused[0].row)
@@ -253,11 +275,39 @@ class ModelWorker:
         except Exception:
             log.exception("loading a resumed step ahead failed")
 
-    def _fail_rows(self, rows: list[Row], error: DjinnError) -> None:
+    def _isolate(self, rows: list[Row], saved: list[tuple], error: Exception) -> None:
+        """A step failed: run its rows again one at a time, so that a row whose own data makes the step fail
+        fails alone (with the error it raises) and the others go on. A fault no single row explains fails
+        every row, each told why; the engine keeps serving."""
         self.drain()  # the step before is fine: hand out its tokens first
-        for r in rows:
-            if r.session.request is r.request:
-                self.fail(r.session, error)
+        if self.runner.graphs is not None:
+            self.runner.graphs.forget_inputs()
+        live = []
+        for r, (entry, resid, branch) in zip(rows, saved):
+            if r.session.request is not r.request:
+                continue  # its call ended with the step before (a stop token)
+            r.entry, r.resid, r.branch, r.request.pending = entry, resid, branch, None
+            if r.feed_from is not None:  # its token is on the host now
+                r.tokens, r.feed_from = [r.session.history[r.span.start]], None
+            live.append(r)
+        for r in live:
+            try:
+                if len(live) == 1:
+                    raise error
+                out = self.runner.run([r])
+                self._inflight = self._launch_sampling(out)
+                self._settle(out)
+                self.drain()
+            except Exception as e:
+                self.drain()
+                self.fail(r.session, self._typed(e))
+
+    @staticmethod
+    def _typed(e: Exception) -> DjinnError:
+        if isinstance(e, DjinnError):
+            return e
+        log.exception("engine step failed", exc_info=e)
+        return InternalError(f"engine step failed: {type(e).__name__}: {e}")
 
     def _settle(self, out: StepOutput) -> None:
         """Record the step's captures and pauses (after the previous step's tokens went out, to keep order)."""
@@ -284,20 +334,23 @@ class ModelWorker:
         if len(rows) < len(out.finished):
             out.logits = out.logits[to_device(torch.tensor(keep), self.device)]
         n = len(rows)
-        self.sampled[:n] = sample(out.logits, [r.request.sampling for r in rows], [r.step for r in rows],
-                                 self.tallies)
+        sample(out.logits, [r.request.sampling for r in rows], [r.step for r in rows], self.tallies,
+               out=self.sampled[:2 * n].view(2, n))
         for i, r in enumerate(rows):
             r.request.pending = (i, r.span.start + r.span.n_tokens)
         logit_rows = [i for i, r in enumerate(rows) if r.request.return_logits]
         logits = self.runner.stager.stage(out.logits[logit_rows].float()) if logit_rows else None
-        host = self._host_tokens[0][:n]
+        edits_ok = spans = None
+        if out.edits_ok is not None:
+            edits_ok, spans = self.runner.stager.stage(out.edits_ok), [out.spans[id(r)] for r in rows]
+        host = self._host_tokens[0][:2 * n]
         self._host_tokens.reverse()  # the other buffer may still be read for the step before
-        host.copy_(self.sampled[:n], non_blocking=True)
+        host.copy_(self.sampled[:2 * n], non_blocking=True)
         done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-        return InFlight(rows, host, done, logits, logit_rows)
+        return InFlight(rows, host, done, logits, logit_rows, edits_ok, spans)
 
     def drain(self) -> None:
         """Read the step in flight, if any, and hand out its tokens: afterwards every session is settled."""
@@ -306,13 +359,25 @@ class ModelWorker:
             return
         if f.done is not None:  # waits with the GIL released, so client threads run meanwhile
             f.done.synchronize()
-        tokens = f.tokens.tolist()
+        n = len(f.rows)
+        values = f.tokens.tolist()
+        tokens, finite = values[:n], values[n:]
+        edits_ok = f.edits_ok.result() if f.edits_ok is not None else None
         host_logits = dict(zip(f.logit_rows, f.logits.result())) if f.logits is not None else {}
         for i, (row, tok) in enumerate(zip(f.rows, tokens)):
             s, req = row.session, row.request
             if s.request is not req:
                 continue  # the call ended while this step ran
             req.pending = None
+            if edits_ok is not None and not edits_ok[slice(*f.spans[i])].all():
+                self.fail(s, NonFinite(f"an edit of this call made an activation NaN or Inf in step {req.step}; "
+                                       f"the call ends here (the session keeps the tokens before this step)"))
+                continue
+            if not finite[i]:
+                self.fail(s, NonFinite(f"the logits of step {req.step} of this call are NaN or Inf (its "
+                                       f"activations overflowed {str(self.dtype).removeprefix('torch.')}); the "
+                                       f"call ends here (the session keeps the tokens before this step)"))
+                continue
             s.kv_len += row.span.n_tokens
             req.step += 1
             if req.max_new_tokens == 0:

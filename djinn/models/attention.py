@@ -3,7 +3,8 @@
 Tokens of many rows (sessions) are packed as [n_tokens, ...]. Each row has its own block table; a token
 attends to every cached key of its row at a position <= its own (and inside the sliding window, if any).
 On a GPU a Triton kernel reads the blocks in place (djinn/kernels/paged_attention.py); the portable path
-gathers each row's keys and values into a padded batch and calls PyTorch SDPA.
+gathers each row's keys and values into a padded batch and calls PyTorch SDPA. Both read only the row's own
+positions, so nothing another row (or a block's previous owner) left in the cache reaches a row's result.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class AttentionMetadata:
     kv_blocks: Optional[torch.Tensor] = None  # [B, L] block holding each context position of each row
     kv_offsets: Optional[torch.Tensor] = None  # [B, L]
     mask: Optional[torch.Tensor] = None  # [B, 1, T, L] True where a query may attend a key
+    seen: Optional[torch.Tensor] = None  # [B, 1, L, 1] True where some query of the row may attend the key
     max_query_len: int = 0
 
 
@@ -67,8 +69,11 @@ def paged_attention(
     k_cache, v_cache = kv_layer[:, 0], kv_layer[:, 1]
     k_cache[meta.write_blocks, meta.write_offsets] = k
     v_cache[meta.write_blocks, meta.write_offsets] = v
-    keys = k_cache[meta.kv_blocks, meta.kv_offsets].transpose(1, 2)  # [B, n_kv_heads, L, d_head]
-    values = v_cache[meta.kv_blocks, meta.kv_offsets].transpose(1, 2)
+    # The gathered layout also holds slots no query of the row may see (past its context: padded table
+    # entries, a reused block's stale tail, another row's blocks). The mask gives them weight 0, but 0 x NaN
+    # is NaN: they are zeroed, so a row reads nothing but its own keys and values, as the kernel does.
+    keys = k_cache[meta.kv_blocks, meta.kv_offsets].transpose(1, 2).where(meta.seen, 0)  # [B, n_kv, L, d_head]
+    values = v_cache[meta.kv_blocks, meta.kv_offsets].transpose(1, 2).where(meta.seen, 0)
     n_heads, d_head = q.shape[1], q.shape[2]
     queries = q.new_zeros(meta.block_tables.shape[0], meta.max_query_len, n_heads, d_head)
     queries[meta.query_row, meta.query_col] = q

@@ -45,10 +45,12 @@ def _uvicorn_config(app, host: str, port: int, limits: Limits, log_level: str):
 def run(models=None, *, host: str = LOOPBACK, port: int = DEFAULT_PORT, dtype: str = "float32",
         device: str = "cpu", kv_memory: Optional[int] = None, api_keys_file: Union[None, str, Path] = None,
         api_keys: Optional[Iterable[str]] = None, limits: Optional[Limits] = None, log_level: str = "info",
-        engine: Union[None, Engine, EngineService] = None, **engine_options) -> None:
+        engine: Union[None, Engine, EngineService] = None, kv_share_per_key: Optional[float] = None,
+        **engine_options) -> None:
     """Serve until interrupted. `models`: paths / repo ids / LoadedModels (None: the embedded default model),
     or pass a ready `engine`. Keys: `api_keys` plus those in `api_keys_file` and DJINN_API_KEYS; with none the
-    server binds the loopback interface only."""
+    server binds the loopback interface only. `kv_share_per_key` (None: half with API keys, all without) and
+    `engine_options` go to the Engine."""
     import uvicorn
 
     from .app import create_app
@@ -69,7 +71,8 @@ def run(models=None, *, host: str = LOOPBACK, port: int = DEFAULT_PORT, dtype: s
         from ..client import load_models
 
         loaded = load_models(models, dtype, device) if not _all_loaded(models) else list(models)
-        engine = Engine(loaded, kv_memory=kv_memory, **engine_options)
+        share = kv_share_per_key if kv_share_per_key is not None else (0.5 if keys else 1.0)
+        engine = Engine(loaded, kv_memory=kv_memory, kv_share_per_key=share, **engine_options)
     lim = limits or Limits()
     app = create_app(engine, api_keys=keys, limits=lim)
     print(f"djinn: serving on http://{host}:{port}", file=sys.stderr)

@@ -9,6 +9,7 @@ registry, so several servers can live in one process (tests).
 - djinn_processed_tokens_total               tokens that went through the model (prompts included)
 - djinn_step_seconds (summary: _count/_sum)  engine step latency; djinn_last_step_seconds the latest one
 - djinn_kv_blocks_used / djinn_kv_blocks_total / djinn_kv_pool_utilization {model, pool=device|host}
+- djinn_requests_waiting{model} / djinn_request_longest_wait_seconds{model}   calls queued for KV memory
 - djinn_pauses_total                         breakpoint pauses
 - djinn_graphs_recorded_total / djinn_graph_record_seconds_total   CUDA graphs captured (and the time it took)
 - djinn_requests_finished_total              generate calls that ran to completion
@@ -64,9 +65,17 @@ class _EngineCollector:
                 used.add_metric([model, pool], n)
                 total.add_metric([model, pool], t)
                 util.add_metric([model, pool], n / t if t else 0.0)
+        waiting = GaugeMetricFamily("djinn_requests_waiting", "Calls queued for KV memory", labels=["model"])
+        longest = GaugeMetricFamily("djinn_request_longest_wait_seconds", "How long the first queued call has "
+                                    "waited for KV memory", labels=["model"])
+        for model, u in sorted(snap.get("pool", {}).items()):
+            waiting.add_metric([model], u.get("waiting", 0))
+            longest.add_metric([model], u.get("longest_wait", 0.0))
         yield used
         yield total
         yield util
+        yield waiting
+        yield longest
 
 
 class Metrics:
