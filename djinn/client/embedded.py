@@ -31,12 +31,14 @@ class EmbeddedBackend:
         return dataclasses.asdict(out) if method == "session_info" else out
 
     def stream(self, sid: str, prompt, params: dict) -> Iterator[object]:
+        prompt = self.service.engine.encode_prompt(sid, prompt)  # text is tokenized here, not on the engine thread
         return self._events(sid, lambda sink: self.service.call("generate", sid, self.owner, prompt, sink, **params))
 
     def generate(self, sid: str, prompt, params: dict) -> GenerateResult:
         """To completion with the tokens kept on the engine thread: the caller wakes once, for the result
         (many threads generating at once would otherwise each wake for every token)."""
         result: Future = Future()
+        prompt = self.service.engine.encode_prompt(sid, prompt)  # text is tokenized here, not on the engine thread
 
         def sink(ev: object) -> None:  # on the engine thread
             if isinstance(ev, Done):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -25,7 +26,17 @@ from .stats import EngineStats
 from .session import CheckpointRecord, Request, Session, SessionInfo, SessionState
 from .worker import ModelWorker
 
-Prompt = Union[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """A text prompt tokenized before it reached the engine thread (`Engine.encode_prompt`); the engine adds
+    the BOS a string prompt gets."""
+
+    ids: tuple[int, ...]
+
+
+Prompt = Union[str, TextTokens, Sequence[int]]
 # Sampling divides float32 logits by the temperature: within these bounds that never overflows.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e4
 MAX_TOP_K = (1 << 31) - 1  # more than any vocabulary: top_k beyond the vocabulary keeps every token
@@ -140,10 +151,7 @@ class Engine:
         s.interventions, s.plan = list(items), plan
 
     def tokenize(self, text: str, model: Optional[str] = None) -> list[int]:
-        w = self._worker(model)
-        if w.tokenizer is None:
-            raise InvalidRequest(f"model {w.name} has no tokenizer; send token ids")
-        return w.tokenizer.encode(text)
+        return self._encode(self._worker(model), text)
 
     def detokenize(self, ids: Sequence[int], model: Optional[str] = None) -> str:
         w = self._worker(model)
@@ -190,11 +198,25 @@ class Engine:
         s.history.extend(tokens)
         s.request, s.state, s.last_used = req, SessionState.RUNNING, time.monotonic()
 
+    def encode_prompt(self, sid: str, prompt: Prompt) -> Prompt:
+        """A text prompt as TextTokens, tokenized by the calling thread (so that a long text keeps no one's
+        step waiting); anything else as it is. Safe off the engine thread: it reads only the session's model,
+        and generate() checks everything else."""
+        s = self.sessions.get(sid) if isinstance(sid, str) else None
+        if not isinstance(prompt, str) or s is None:
+            return prompt
+        return TextTokens(tuple(self._encode(self.workers[s.model], prompt)))
+
+    def _encode(self, w: ModelWorker, text: str) -> list[int]:
+        if w.tokenizer is None:
+            raise InvalidRequest(f"model {w.name} has no tokenizer; send token ids")
+        return w.tokenizer.encode(validation.text(text, "a text prompt"))
+
     def _prompt_tokens(self, w: ModelWorker, s: Session, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
+        if isinstance(prompt, (str, TextTokens)):
+            ids = self._encode(w, prompt) if isinstance(prompt, str) else list(prompt.ids)
             if w.tokenizer is None:
                 raise InvalidRequest(f"model {w.name} has no tokenizer; send token ids")
-            ids = w.tokenizer.encode(prompt)
             if not s.history and w.tokenizer.add_bos:
                 ids = [w.tokenizer.bos_id] + ids
             return ids
