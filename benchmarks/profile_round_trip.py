@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn  # noqa: E402
 from djinn.engine import cuda_graphs as graphs_mod, engine as engine_mod, runner as runner_mod  # noqa: E402
-from djinn.engine import staging as staging_mod, worker as worker_mod  # noqa: E402
+from djinn.engine import scheduler as scheduler_mod, staging as staging_mod, worker as worker_mod  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
 
@@ -60,7 +60,7 @@ def wrap(owner, name: str, label: str, on_gpu: bool = False) -> None:
 def instrument() -> None:
     wrap(runner_mod.Runner, "run", "runner.run", on_gpu=True)
     wrap(engine_mod.Engine, "resume", "engine.resume")
-    wrap(worker_mod.ModelWorker, "_schedule", "schedule")
+    wrap(scheduler_mod.Scheduler, "schedule", "schedule")
     wrap(worker_mod.ModelWorker, "drain", "drain")
     wrap(worker_mod.ModelWorker, "_settle", "settle")
     wrap(worker_mod.ModelWorker, "_launch_sampling", "launch sampling")

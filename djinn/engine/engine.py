@@ -137,7 +137,7 @@ class Engine:
     def _info(self, s: Session) -> SessionInfo:
         state = "swapped" if s.swapped and s.state == SessionState.IDLE else s.state.value
         return SessionInfo(s.id, s.model, state, len(s.history), s.kv_len, len(s.blocks),
-                           len(s.host_blocks or []), len(s.interventions), self.workers[s.model].queue_position(s))
+                           len(s.host_blocks or []), len(s.interventions), self.workers[s.model].scheduler.queue_position(s))
 
     def close_session(self, sid: str, owner: str) -> None:
         s = self._session(sid, owner)
@@ -478,9 +478,10 @@ class Engine:
         return counts
 
     def pool_usage(self) -> dict[str, dict[str, float]]:
-        now = time.monotonic()
-        return {name: {"device_used": w.pool.device_blocks.n_used, "device_total": w.pool.device_blocks.n_blocks,
-                       "host_used": w.pool.host_blocks.n_used, "host_total": w.pool.host_blocks.n_blocks,
-                       "waiting": len(w.waiting()), "longest_wait": max(
-                           (now - r.waiting_since for r in w.waiting()), default=0.0)}
-                for name, w in self.workers.items()}
+        now, out = time.monotonic(), {}
+        for name, w in self.workers.items():
+            waiting = w.scheduler.waiting()
+            out[name] = {"device_used": w.pool.device_blocks.n_used, "device_total": w.pool.device_blocks.n_blocks,
+                         "host_used": w.pool.host_blocks.n_used, "host_total": w.pool.host_blocks.n_blocks,
+                         "waiting": len(waiting), "longest_wait": now - waiting[0].waiting_since if waiting else 0.0}
+        return out

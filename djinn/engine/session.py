@@ -44,6 +44,7 @@ class Request:
     activation_dtype: Optional[torch.dtype] = None  # dtype of activations sent back (None: the model's)
     kv_blocks: int = 0  # the device blocks the call may grow its session to
     waiting_since: Optional[float] = None  # when it found no KV memory to run in (None: not waiting)
+    passed_over: bool = False  # left out of the last step for its token budget: goes first in the next
     seq: int = field(default_factory=lambda: next(_arrival))
     step: int = 0
     generated: list[int] = field(default_factory=list)

@@ -1,5 +1,6 @@
-"""One model's share of the engine: admission, KV memory (allocation, copy-on-write, swap), continuous
-batching of prefill and decode rows, the step itself, sampling and events."""
+"""One model's share of the engine: each step schedules (scheduler.py: which rows, their KV blocks), runs
+(runner.py, cuda_graphs.py: the forward), then updates (sampling, the sessions' tokens, pauses and captures,
+the events their callers get)."""
 from __future__ import annotations
 
 import logging
@@ -15,12 +16,13 @@ from ..events import Done, Error, GenerateResult, Paused, Token
 from ..models.loading import LoadedModel
 from ..models.tokenizer import IncrementalDecoder
 from ..sites import SiteTable
-from .batch import RowSpan, to_device
+from .batch import to_device
 from .cuda_graphs import BUCKETS, StepGraphs
 from .kv_pool import KVPool
 from .plan import Compiler
 from .runner import Pause, Row, Runner, StepOutput
 from .sampling import sample
+from .scheduler import Scheduler
 from .session import Request, Session, SessionState
 from .staging import Staged
 from .stats import EngineStats
@@ -80,159 +82,20 @@ class ModelWorker:
                                             max_step_tokens, capture=on_gpu)
             self.runner.graphs.record_decode_steps()
         self.sessions: dict[str, Session] = {}
+        self.scheduler = Scheduler(self.pool, self.sessions, max_step_tokens, self.cfg.max_seq_len)
         self._pending_pauses: list[tuple[Session, Pause, object]] = []
-        # nothing could run for lack of KV memory: the waiting calls try again after the next command or
-        # housekeeping (see Engine.housekeeping), not in a busy loop
-        self.stalled = False
-
-    # ------------------------------------------------------------------ memory
-
-    def _free_session_blocks(self, s: Session) -> None:
-        self.pool.device_blocks.decref(s.blocks)
-        s.blocks = []
-        if s.host_blocks is not None:
-            self.pool.host_blocks.decref(s.host_blocks)
-            s.host_blocks = None
-
-    def trim(self, s: Session) -> None:
-        """Drop device blocks beyond what the committed tokens need (after a cancelled step)."""
-        keep = self.pool.blocks_for(s.kv_len)
-        if s.host_blocks is not None:
-            self.pool.host_blocks.decref(s.host_blocks[keep:])
-            s.host_blocks = s.host_blocks[:keep]
-        else:
-            self.pool.device_blocks.decref(s.blocks[keep:])
-            s.blocks = s.blocks[:keep]
-
-    def swap_out(self, s: Session) -> bool:
-        if s.swapped or not s.blocks:
-            return False
-        if self.pool.host_blocks.n_free < len(s.blocks):
-            return False
-        host = self.pool.host_blocks.allocate(len(s.blocks))
-        self.pool.to_host(s.blocks, host, fence=True)
-        self.pool.device_blocks.decref(s.blocks)
-        s.blocks, s.host_blocks = [], host
-        return True
-
-    def _make_room(self, n: int, protected: set[int]) -> bool:
-        """Free `n` device blocks by swapping out sessions not in this step: idle first, then paused, then
-        running ones that were not scheduled, least recently used first."""
-        if self.pool.device_blocks.n_free >= n:
-            return True
-        rank = {SessionState.IDLE: 0, SessionState.PAUSED: 1, SessionState.RUNNING: 2}
-        victims = sorted((s for s in self.sessions.values() if id(s) not in protected and s.blocks),
-                         key=lambda s: (rank[s.state], s.last_used))
-        for v in victims:
-            self.swap_out(v)
-            if self.pool.device_blocks.n_free >= n:
-                return True
-        return False
-
-    def _make_resident(self, s: Session, end: int, protected: set[int]) -> bool:
-        """Ensure `s` is on the device with blocks covering positions < end, its written block unshared;
-        sessions in `protected` (and `s`) are not swapped out for it."""
-        bs = self.pool.block_size
-        start_block = s.kv_len // bs
-        refcount = self.pool.device_blocks.refcount
-        if (not s.swapped and self.pool.blocks_for(end) <= len(s.blocks)
-                and all(refcount[b] == 1 for b in s.blocks[start_block:])):
-            return True  # the common case (most decode steps): nothing to move, allocate or copy
-        protected = protected | {id(s)}
-        if s.swapped:
-            if not self._make_room(len(s.host_blocks), protected):
-                return False
-            dev = self.pool.device_blocks.allocate(len(s.host_blocks))
-            self.pool.to_device(s.host_blocks, dev)
-            self.pool.host_blocks.decref(s.host_blocks)
-            s.blocks, s.host_blocks = dev, None
-        shared = [b for b in range(start_block, len(s.blocks)) if refcount[s.blocks[b]] > 1]
-        need = max(0, self.pool.blocks_for(end) - len(s.blocks)) + len(shared)
-        if not self._make_room(need, protected):
-            return False
-        for b in shared:  # copy-on-write: this session is about to write into a block another one holds
-            (new,) = self.pool.device_blocks.allocate(1)
-            self.pool.copy_block(s.blocks[b], new)
-            self.pool.device_blocks.decref([s.blocks[b]])
-            s.blocks[b] = new
-        s.blocks.extend(self.pool.device_blocks.allocate(max(0, self.pool.blocks_for(end) - len(s.blocks))))
-        return True
 
     # ------------------------------------------------------------------ scheduling
 
     def has_work(self) -> bool:
-        return ((not self.stalled and any(self._runnable(s) for s in self.sessions.values()))
-                or bool(self._pending_pauses) or self._inflight is not None)
-
-    def waiting(self) -> list[Request]:
-        """Calls waiting for KV memory, longest first."""
-        return sorted((s.request for s in self.sessions.values()
-                       if s.request is not None and s.request.waiting_since is not None), key=lambda r: r.seq)
-
-    def queue_position(self, s: Session) -> Optional[int]:
-        if s.request is None or s.request.waiting_since is None:
-            return None
-        return 1 + sum(r.seq < s.request.seq for r in self.waiting())
+        return self.scheduler.has_work() or bool(self._pending_pauses) or self._inflight is not None
 
     def expire_waiting(self, now: float, timeout: float) -> None:
         """Fail the calls that waited for KV memory longer than `timeout`; let the others try again."""
-        for s in list(self.sessions.values()):
-            r = s.request
-            if r is not None and r.waiting_since is not None and now - r.waiting_since > timeout:
-                self.fail(s, CapacityError(f"waited {now - r.waiting_since:.1f} s for KV memory (the limit is "
-                                           f"{timeout:g} s): the pool stayed full of other sessions' caches"))
-        self.stalled = False
-
-    def _runnable(self, s: Session) -> bool:
-        r = s.request
-        if r is None:
-            return False
-        if r.pending is not None:  # its next token is in flight; schedule past it unless that one is the last
-            return len(r.generated) + 1 < r.max_new_tokens and r.pending[1] < self.cfg.max_seq_len
-        return s.state == SessionState.RUNNING or (s.state == SessionState.PAUSED and r.resumed)
-
-    def _schedule(self) -> list[Row]:
-        candidates = sorted((s for s in self.sessions.values() if self._runnable(s)), key=lambda s: s.request.seq)
-        rows: list[Row] = []
-        # sessions already in this step or still computing in the last one stay on the device
-        in_step: set[int] = {id(r.session) for r in self._inflight.rows} if self._inflight else set()
-        used = 0
-        for s in candidates:
-            req = s.request
-            if req.resumed:
-                row = req.pause.row
-                n = row.span.n_tokens
-                end = row.span.start + n
-            elif req.pending is not None:  # feed the token the step in flight samples, after its tokens
-                n, end = 1, req.pending[1] + 1
-                row = None
-            else:
-                tokens = s.history[s.kv_len:]
-                n, end = len(tokens), s.kv_len + len(tokens)
-                row = None
-            if rows and used + n > self.max_step_tokens:
-                continue
-            # any session not in this step may be swapped out to make room
-            if not self._make_resident(s, end, in_step):
-                if req.waiting_since is None:
-                    req.waiting_since = time.monotonic()
-                continue
-            req.waiting_since = None
-            if req.resumed:
-                row.span.block_table = s.blocks  # blocks may have moved through a swap
-                req.pause, req.resumed = None, False
-                s.state = SessionState.RUNNING
-            elif req.pending is not None:
-                index, position = req.pending
-                row = Row(s, req, RowSpan(position, 1, s.blocks), [0], req.step + 1, req.plan, feed_from=index)
-            else:
-                row = Row(s, req, RowSpan(s.kv_len, n, s.blocks), tokens, req.step, req.plan)
-            s.last_used = time.monotonic()
-            rows.append(row)
-            in_step.add(id(s))
-            used += n
-        self.stalled = not rows and self._inflight is None
-        return rows
+        for s in self.scheduler.overdue(now, timeout):
+            waited = now - s.request.waiting_since
+            self.fail(s, CapacityError(f"waited {waited:.1f} s for KV memory (the limit is {timeout:g} s): the "
+                                       f"pool stayed full of other sessions' caches"))
 
     # ------------------------------------------------------------------ the step
 
@@ -241,10 +104,10 @@ class ModelWorker:
         while the GPU computes: rows whose token is still on the device were scheduled with `feed_from`,
         and a row whose call turns out to have ended (a stop token) is dropped when its step is read."""
         self._emit_ready_pauses()
-        rows = self._schedule()
+        rows = self.scheduler.schedule({id(r.session) for r in self._inflight.rows} if self._inflight else set())
         if not rows:
             self.drain()
-            if self._pending_pauses and not any(self._runnable(s) for s in self.sessions.values()):
+            if self._pending_pauses and not any(self.scheduler.runnable(s) for s in self.sessions.values()):
                 # nothing to run but an activation on its way to the host: wait for it with the GIL released
                 # (a poll loop would hold the GIL against the client thread about to receive it)
                 self._pending_pauses[0][2].result()
@@ -260,7 +123,7 @@ class ModelWorker:
         except Exception as e:
             self._isolate(rows, saved, e)
         else:
-            if len(out.paused) == 1 and not any(self._runnable(s) for s in self.sessions.values()):
+            if len(out.paused) == 1 and not any(self.scheduler.runnable(s) for s in self.sessions.values()):
                 self._load_ahead(out.paused[0].row)
         elapsed = time.perf_counter() - started
         st = self.stats
@@ -430,7 +293,7 @@ class ModelWorker:
         logits = torch.stack(req.logits) if req.return_logits and req.logits else None
         text = self.tokenizer.decode(req.generated) if self.tokenizer else ""
         s.request, s.state = None, SessionState.IDLE
-        self.trim(s)  # a step already queued past the end may have taken a block
+        self.scheduler.trim(s)  # a step already queued past the end may have taken a block
         self.stats.requests_finished += 1
         _emit(req, Done(GenerateResult(text, list(req.generated), reason, captures, logits)))
 
@@ -442,12 +305,12 @@ class ModelWorker:
         if req.step == 0:  # the prompt never went through: forget it
             del s.history[req.history_len_before:]
         s.request, s.state = None, SessionState.IDLE
-        self.trim(s)
+        self.scheduler.trim(s)
         _emit(req, Error(error))
 
     def close(self, s: Session, error: Optional[DjinnError] = None) -> None:
         if s.request is not None and error is not None:
             self.fail(s, error)
         s.request, s.state = None, SessionState.IDLE
-        self._free_session_blocks(s)
+        self.scheduler.free(s)
         self.sessions.pop(s.id, None)
