@@ -26,12 +26,13 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn  # noqa: E402
+from djinn.engine.engine import Engine  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import LoadedModel, _materialize, _to_djinn_state  # noqa: E402
 from benchmarks.bench_report import report  # noqa: E402
@@ -158,6 +159,32 @@ def batch1_ms_per_token(client, n_new=256, trials=3, run=generate_tokens) -> flo
         s.close()
         s2.close()
     return med(out)
+
+
+def through_client(run: Callable = generate_tokens, trials: int = 1) -> Callable[[object, int, int], float]:
+    """batch1_ms_per_token for `run(session, prompt, n)`, on a fresh embedded client, after a warm-up:
+    `measure(loaded, kv_memory, n_new)`."""
+    def measure(loaded, kv_memory: int, n_new: int) -> float:
+        client = djinn.connect(model=loaded, kv_memory=kv_memory)
+        batch1_ms_per_token(client, n_new=8, trials=1, run=run)  # warm-up: graphs captured
+        ms = batch1_ms_per_token(client, n_new=n_new, trials=trials, run=run)
+        client.close()
+        return ms
+    return measure
+
+
+def step_ms(loaded, kv_memory: int = 2 << 30, steps: int = 200) -> float:
+    """ms per `engine.step()` driven directly (no engine thread) for one decoding session: the GPU's and the
+    graphs' share of a batch-1 token."""
+    engine = Engine([loaded], kv_memory=kv_memory)
+    sid = engine.create_session("x")
+    engine.generate(sid, "x", list(range(100, 116)), lambda ev: None, max_new_tokens=steps + 200, stop_tokens=[])
+    for _ in range(20):
+        engine.step()
+    t = now()
+    for _ in range(steps):
+        engine.step()
+    return (now() - t) * 1000 / steps
 
 
 def hf_ms_per_token(model, hook_layer=None, scale=1.0, n_new=64, trials=3) -> float:

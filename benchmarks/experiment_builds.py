@@ -15,14 +15,17 @@ import sys
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Run inside a build's tree: only names both builds have.
+# Run inside a build's tree: only names both builds have, or an import that falls back for older trees.
 MEASURE = r"""
 import json, sys, time
 import torch
 sys.path.insert(0, '.')
 from benchmarks import bench
-from benchmarks.experiment_batch1_paths import through_client
-from benchmarks.experiment_one_token import step_ms
+try:
+    from benchmarks.bench import step_ms, through_client
+except ImportError:  # a baseline tree from before they moved into bench.py
+    from benchmarks.experiment_batch1_paths import through_client
+    from benchmarks.experiment_one_token import step_ms
 from djinn.engine.engine import Engine
 from djinn.models.loading import load_random
 

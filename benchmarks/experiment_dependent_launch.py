@@ -17,8 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import djinn  # noqa: E402
 from benchmarks import bench  # noqa: E402
-from benchmarks.experiment_batch1_paths import through_client  # noqa: E402
-from benchmarks.experiment_one_token import step_ms  # noqa: E402
+from benchmarks.bench import step_ms, through_client  # noqa: E402
 from djinn.kernels import dependent_launch  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
 

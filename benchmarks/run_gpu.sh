@@ -5,8 +5,7 @@
 #   benchmarks/run_gpu.sh throughput   # Mistral part, throughput part, the 64-session step profile
 #   benchmarks/run_gpu.sh kernels      # attention: prompts' tiles and programs, decode programs and chunks in
 #                                      # flight; host time per step; one-token steps' kernels (GPT-2, Mistral)
-#   benchmarks/run_gpu.sh sessions     # GPU smoke test; 64 Mistral-shape sessions: the thread queues' A/B and
-#                                      # the throughput part's 64-session row; GPT-2 batch 1 through each path
+#   benchmarks/run_gpu.sh sessions     # GPU smoke test; the throughput part's 64-session row (Mistral shape)
 #   benchmarks/run_gpu.sh launches     # batch 1 with plain and dependent kernel launches (A/B and bits); the
 #                                      # GPU smoke test and GPT-2's one-token step profile (the default: dependent)
 #   BASELINE=<tree> benchmarks/run_gpu.sh builds
@@ -52,9 +51,7 @@ kernels)
     ;;
 sessions)
     run 130 gpu_smoke.log python3 benchmarks/gpu_smoke.py
-    run 150 experiment_event_queue.txt python3 benchmarks/experiment_event_queue.py --device cuda --trials 3
     run 150 bench_throughput_64.log python3 benchmarks/bench.py --part throughput --sessions 64 --trials 3
-    run 100 experiment_batch1_paths.txt python3 benchmarks/experiment_batch1_paths.py
     ;;
 launches)
     run 300 experiment_dependent_launch.txt python3 benchmarks/experiment_dependent_launch.py
