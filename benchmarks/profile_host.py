@@ -20,12 +20,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from djinn.engine import cuda_graphs as graphs_mod, scheduler as scheduler_mod, worker as worker_mod  # noqa: E402
+from djinn.engine import cuda_graphs as graphs_mod, runner as runner_mod, scheduler as scheduler_mod  # noqa: E402
+from djinn.engine import worker as worker_mod  # noqa: E402
 from djinn.engine.engine import Engine  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
 
-PHASES = [(scheduler_mod.Scheduler, "schedule"), (graphs_mod.StepGraphs, "plan_step"),
+PHASES = [(scheduler_mod.Scheduler, "schedule"), (runner_mod, "plan_step"),
           (graphs_mod.StepGraphs, "_load_inputs"), (worker_mod.ModelWorker, "drain"),
           (worker_mod.ModelWorker, "_launch_sampling")]
 SPENT: dict[str, float] = {}

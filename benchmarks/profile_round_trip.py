@@ -64,7 +64,7 @@ def instrument() -> None:
     wrap(worker_mod.ModelWorker, "drain", "drain")
     wrap(worker_mod.ModelWorker, "_settle", "settle")
     wrap(worker_mod.ModelWorker, "_launch_sampling", "launch sampling")
-    wrap(graphs_mod.StepGraphs, "plan_step", "graphs.plan_step")
+    wrap(runner_mod, "plan_step", "plan_step")
     wrap(graphs_mod.StepGraphs, "_load_inputs", "graphs.load_inputs")
     wrap(graphs_mod.StepGraphs, "_at_cut", "graphs.at_cut")
     wrap(staging_mod.HostStager, "stage", "stage")

@@ -53,7 +53,7 @@ def test_pauses_on_segments_are_bit_identical(clients, site):
     # the step really was cut: a segment starting after the pause site exists
     index = {s.name: s.index for s in next(iter(graphs._backend.service.engine.workers.values())).sites.sites}
     canonical = index.get(site, index["blocks.0.hook_resid_post"] if site == "blocks.1.hook_resid_pre" else None)
-    assert any(key[2] == canonical + 1 for key in segments(graphs))  # (tokens, rows, first site, ...)
+    assert any(key.first == canonical + 1 for key in segments(graphs))
 
 
 def test_edited_resume_captures_and_edits_match_eager(clients):
@@ -140,7 +140,7 @@ def test_prompts_of_several_sessions_share_a_step(clients):
             elif isinstance(ev, djinn.Token):
                 ref.append(ev.token_id)
         assert results[k] == ref
-    multi_row = [key for key in segments(graphs) if key[1] > 1]  # a padded row count: prompts shared a step
+    multi_row = [key for key in segments(graphs) if (key.rows or 0) > 1]  # prompts shared a step
     assert multi_row
 
 
@@ -151,9 +151,9 @@ def test_a_prompt_paused_alone_runs_each_layer_once(clients, monkeypatch):
     segments_run = []
     forward = worker.runner.graphs._forward
 
-    def counted(tb, rb, first, last, ends, signature):
-        segments_run.append((first, last))
-        return forward(tb, rb, first, last, ends, signature)
+    def counted(key):
+        segments_run.append((key.first, key.last))
+        return forward(key)
     monkeypatch.setattr(worker.runner.graphs, "_forward", counted)
     site = worker.sites.resolve("blocks.2.hook_resid_post")[0][1].index
     out, pauses = run(graphs.session(), "blocks.2.hook_resid_post", steps=[0], n=1)
@@ -203,7 +203,7 @@ def test_decode_steps_are_recorded_at_start_and_never_again(stories_path):
         stats = client._backend.service.engine.stats
         assert stats.graphs_recorded == len(BUCKETS)  # one whole-forward decode graph a padded row count
         decode_keys = set(segments(client))
-        assert {key[0] for key in decode_keys} == set(BUCKETS) and all(key[1] == 0 for key in decode_keys)
+        assert {key.tokens for key in decode_keys} == set(BUCKETS) and all(key.rows is None for key in decode_keys)
         first = client.session()
         first.generate(PROMPT, max_new_tokens=2)
         after_prompt = stats.graphs_recorded  # the prompt's step, a segment of its own
@@ -221,7 +221,7 @@ def test_decode_steps_are_recorded_at_start_and_never_again(stories_path):
             t.join()
         assert all(isinstance(e, djinn.Done) for e in ends) and len(ends) == 3
         new = set(segments(client)) - decode_keys
-        assert all(key[1] != 0 for key in new)  # only prompt steps (rows bucketed) were recorded since
+        assert all(key.rows is not None for key in new)  # only prompt steps (rows bucketed) were recorded since
         assert stats.graphs_recorded == len(decode_keys) + len(new)
     finally:
         client.close()

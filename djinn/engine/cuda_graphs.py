@@ -1,7 +1,8 @@
-"""CUDA graphs of engine steps, cut into segments where the host has to act.
+"""CUDA graphs of engine steps: the graph executor of a step's plan (step_plan.py), cut into segments where
+the host has to act.
 
-A step replays graphs captured per (first site, last site, padded token count, padded row count, edited
-sites): decode steps (one token a row) and steps with prompts alike, up to a token count whose attention
+A step replays graphs captured per SegmentKey (first site, last site, padded token count, padded row count,
+edited sites): decode steps (one token a row) and steps with prompts alike, up to a token count whose attention
 scratch stays small. With no breakpoint, capture or resumed row due, that is one graph of the whole forward.
 Otherwise the forward is cut after every site where a row pauses, is captured, or re-enters (a resumed
 row): each segment reads and writes the residual stream (and the branch value) in static buffers, and
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -34,8 +35,8 @@ from ..models.attention import AttentionMetadata
 from ..models.context import ForwardContext
 from ..sites import RESID
 from .batch import portable_layout, to_device
-from .plan import Edit, Probe, fold_edits
-from .runner import Pause
+from .plan import Edit, fold_edits
+from .step_plan import StepPlan, plan_step
 from .stats import EngineStats
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # padded row counts
@@ -47,38 +48,29 @@ def bucket_of(n: int, buckets: tuple[int, ...]) -> int:
     return next(b for b in buckets if b >= n)
 
 
-@dataclass
-class RowSites:
-    """The sites one row computes in this step: first..last, pausing at `last` if `pause` is set."""
+@dataclass(frozen=True)
+class SegmentKey:
+    """What one recorded segment computes: sites first..last for `tokens` padded tokens; `rows` padded rows
+    when the step holds prompts (None: a decode step, one token a row, every token its row's last); whether
+    it `ends` the forward (then it returns the logits); the sites it edits."""
 
-    first: int  # 0: from the embedding; else the site after the one it paused at
+    tokens: int
+    rows: Optional[int]
+    first: int
     last: int
-    pause: Optional[Probe]
-    captures: list[tuple[int, Probe]] = field(default_factory=list)
+    ends: bool
+    edited: tuple[int, ...]
 
 
 @dataclass
-class StepPlan:
-    rows: list  # the step's rows (runner.Row)
-    sites: list[RowSites]
-    edits: dict[int, list[list[Edit]]]  # site -> each row's edits there
-    cuts: list[int]  # sites after which the forward is cut, ascending
-    offsets: list[int]  # row i's tokens are offsets[i]:offsets[i + 1]
-    # set by StepGraphs._prepare: the padded token count, each segment's graph key, and whether any row needs it
-    tb: int = 0
-    keys: list[tuple] = field(default_factory=list)
-    needed: list[bool] = field(default_factory=list)
+class Replay:
+    """A step's plan made ready to replay: its padded token count and each segment's key, and whether any
+    row computes in it (a segment none does is skipped)."""
 
-    @property
-    def decode(self) -> bool:
-        """One token a row: the logits are the whole batch's."""
-        return self.offsets[-1] == len(self.rows)
-
-    def segments(self, final: int) -> list[tuple[int, int]]:
-        """(first, last) site of each segment; the last one ends the forward (after a cut at the final site
-        it holds no site, only the unembedding)."""
-        starts = [0] + [c + 1 for c in self.cuts]
-        return list(zip(starts, self.cuts + [final]))
+    plan: StepPlan
+    tokens: int
+    keys: list[SegmentKey]
+    needed: list[bool]
 
 
 class StepGraphs:
@@ -132,11 +124,11 @@ class StepGraphs:
                        True: torch.zeros(mt, cfg.n_heads, cfg.d_head, dtype=dtype, device=self.device)}
         self._edit_bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._filled: dict[int, object] = {}  # what each site's buffers hold now
-        self._graphs: dict[tuple, Callable[[], Optional[torch.Tensor]]] = {}
+        self._graphs: dict[SegmentKey, Callable[[], Optional[torch.Tensor]]] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.window = runner.window or 0
         self._ctx: Optional[ForwardContext] = None  # without capture: this step's attention layout
-        self._ahead: Optional[tuple] = None  # (rows' identity, their plans, step plan): loaded early
+        self._ahead: Optional[tuple] = None  # (rows' identity, their plans, Replay): loaded early
 
     def forget_inputs(self) -> None:
         """After a failed step: trust nothing the device buffers hold (edits, inputs loaded ahead)."""
@@ -147,70 +139,39 @@ class StepGraphs:
         lo, hi = self._layout[name]
         return buf[lo:hi]
 
-    # ------------------------------------------------------------------ eligibility
-
-    def plan_step(self, rows) -> Optional[StepPlan]:
-        """What each row computes, its edits, and where the forward is cut; None if the step must run eagerly."""
-        if not rows or len(rows) > self.max_rows:
-            return None
-        offsets = [0]
-        for r in rows:
-            offsets.append(offsets[-1] + r.span.n_tokens)
-        if offsets[-1] > self.token_buckets[-1]:
-            return None
-        sites, edits, cuts = [], {}, set()
-        for i, r in enumerate(rows):
-            if len(r.span.block_table) > self.width:
-                return None
-            plan, step = r.plan, r.step
-            first, last, pause, captures = r.entry + 1, self.final, None, []
-            if plan.breakpoints or plan.captures or plan.edits:  # most rows declare nothing: no walk
-                for s in sorted(k for k in plan.breakpoints if k >= first):
-                    pause = next((p for p in plan.breakpoints[s] if p.applies(step)), None)
-                    if pause is not None:
-                        last = s
-                        break
-                captures = [(s, p) for s in sorted(plan.captures) if first <= s <= last
-                            for p in plan.captures[s] if p.applies(step)]
-                for s, es in plan.edits.items():
-                    if first <= s <= last:
-                        for e in es:
-                            if e.applies(step) and (e.positions is None or any(p in e.positions for p in r.positions)):
-                                edits.setdefault(s, [[] for _ in rows])[i].append(e)
-            sites.append(RowSites(first, last, pause, captures))
-            if first > 0:
-                cuts.add(first - 1)
-            if pause is not None:
-                cuts.add(last)
-            cuts.update(s for s, _ in captures)
-        return StepPlan(rows, sites, edits, sorted(cuts), offsets)
-
     # ------------------------------------------------------------------ replay
 
-    def run(self, rows, out) -> bool:
-        """Replay the step of `rows` if it fits the graphs (False: it must run eagerly); fills `out` (a
-        runner.StepOutput) with pauses, captures and logits."""
-        if self._ahead is not None and self._ahead[0] == self._identity(rows):
-            _, _, plan = self._ahead  # its inputs are already on the device
-            plan.rows, self._ahead = rows, None
-        else:
-            plan = self.plan_step(rows)
-            if plan is None:
-                return False
-            self._prepare(plan)
-        self._replay(plan, out)
+    def holds(self, plan: StepPlan) -> bool:
+        """Whether the graphs can run the step (else it runs eagerly)."""
+        return (0 < len(plan.rows) <= self.max_rows and plan.offsets[-1] <= self.token_buckets[-1]
+                and all(len(r.span.block_table) <= self.width for r in plan.rows))
+
+    def run(self, plan: StepPlan, out) -> None:
+        """Replay the step of `plan` (one the graphs hold); fills `out` (a runner.StepOutput) with pauses,
+        captures and logits."""
+        self._replay(self._prepare(plan), out)
+
+    def run_loaded(self, rows, out) -> bool:
+        """Replay the step loaded ahead for exactly these rows in this state, if it was (see load_ahead)."""
+        if self._ahead is None or self._ahead[0] != self._identity(rows):
+            return False
+        replay = self._ahead[2]  # its inputs are already on the device
+        replay.plan.rows, self._ahead = rows, None
+        if replay.plan.edits:
+            out.watch_edits(rows, self.runner.edits_ok)
+        self._replay(replay, out)
         return True
 
     def load_ahead(self, rows) -> None:
         """Capture what the step of `rows` needs and put its inputs on the device now: called when the host
         would otherwise wait (a lone row paused, its client yet to answer). Any other step's inputs
-        replace these; `run` uses them only for the same rows in the same state."""
-        plan = self.plan_step(rows)
-        if plan is not None:
-            self._prepare(plan)
+        replace these; `run_loaded` uses them only for the same rows in the same state."""
+        plan = plan_step(rows, self.final)
+        if self.holds(plan):
+            replay = self._prepare(plan)
             plan.rows = []  # not kept alive by this (their saved state is the resume's to drop)
             # the rows' plans are kept alive instead: their ids in the identity cannot come back as others'
-            self._ahead = (self._identity(rows), [r.plan for r in rows], plan)
+            self._ahead = (self._identity(rows), [r.plan for r in rows], replay)
 
     @staticmethod
     def _identity(rows) -> list:
@@ -218,42 +179,42 @@ class StepGraphs:
         return [(id(r), r.entry, r.step, id(r.plan), r.span.start, r.span.n_tokens, tuple(r.span.block_table))
                 for r in rows]
 
-    def _prepare(self, plan: StepPlan) -> None:
+    def _prepare(self, plan: StepPlan) -> Replay:
         """Derive the step's padded size and segment keys, capture the segments it needs, load its inputs."""
-        plan.tb = tb = bucket_of(plan.offsets[-1], self.token_buckets)
-        rb = 0 if plan.decode else bucket_of(len(plan.rows), BUCKETS)  # 0: every token is its row's last
+        tb = bucket_of(plan.offsets[-1], self.token_buckets)
+        rb = None if plan.decode else bucket_of(len(plan.rows), BUCKETS)
         segments = plan.segments(self.final)
-        plan.keys = [(tb, rb, a, b, j == len(segments) - 1, tuple(s for s in sorted(plan.edits) if a <= s <= b))
-                     for j, (a, b) in enumerate(segments)]
+        keys = [SegmentKey(tb, rb, a, b, j == len(segments) - 1, tuple(s for s in sorted(plan.edits) if a <= s <= b))
+                for j, (a, b) in enumerate(segments)]
         # a segment no row computes for is skipped (a prompt paused or resumed alone costs no extra work)
-        plan.needed = [any(s.first <= a and s.last >= b for s in plan.sites) for a, b in segments]
-        for key, need in zip(plan.keys, plan.needed):
+        needed = [any(s.first <= a and s.last >= b for s in plan.sites) for a, b in segments]
+        for key, need in zip(keys, needed):
             if need:  # before the inputs go in: capturing runs the forward
                 self._segment(key)
         self._load_inputs(plan, tb)
+        return Replay(plan, tb, keys, needed)
 
     def record_decode_steps(self) -> None:
         """Record the plain decode step (one token a row, no cut, no edit: one graph of the whole forward) at
         every padded row count now, so that no decode step a session meets waits for a capture."""
         for rows in BUCKETS:
-            self._segment((bucket_of(rows, self.token_buckets), 0, 0, self.final, True, ()))
+            self._segment(SegmentKey(bucket_of(rows, self.token_buckets), None, 0, self.final, True, ()))
 
-    def _segment(self, key: tuple) -> None:
+    def _segment(self, key: SegmentKey) -> None:
         """Make the segment of `key` replayable, unless it already is."""
         if key not in self._graphs:
             started = time.perf_counter()
-            self._graphs[key] = self._record(*key)
+            self._graphs[key] = self._record(key)
             self.stats.graphs_recorded += 1
             self.stats.graph_record_seconds += time.perf_counter() - started
 
-    def _replay(self, plan: StepPlan, out) -> None:
-        rows, n, tb = plan.rows, len(plan.rows), plan.tb
+    def _replay(self, replay: Replay, out) -> None:
+        plan, tb = replay.plan, replay.tokens
+        rows, n = plan.rows, len(plan.rows)
         for site in sorted(plan.edits):
             self._load_edits(site, plan, tb)
-        if plan.edits:  # the graphs mark in it where an edited value is not finite
-            out.watch_edits(rows, self.runner.edits_ok)
         logits = None
-        for j, (need, key) in enumerate(zip(plan.needed, plan.keys)):
+        for j, (need, key) in enumerate(zip(replay.needed, replay.keys)):
             if need:
                 logits = self._graphs[key]()
             if j < len(plan.cuts):
@@ -276,16 +237,12 @@ class StepGraphs:
                 if at == site_index:  # a copy first: the buffers change with the next segment
                     out.captures.append((r, probe.name, self.runner.stager.stage(value[lo:hi].clone())))
             if s.pause is not None and s.last == site_index:
-                r.resid = resid[lo:hi].clone()
-                r.branch = branch[lo:hi].clone() if branch is not None else None
-                r.entry = site_index
-                out.paused.append(Pause(r, s.pause.name, value[lo:hi].clone()))
+                out.paused.append(r.pause_here(s.pause, site_index, resid, branch, value, lo, hi))
             elif s.first == site_index + 1:
                 resid[lo:hi].copy_(r.resid)
                 if branch is not None:
                     branch[lo:hi].copy_(r.branch)
-                r.resid = r.branch = None
-                r.entry = -1
+                r.reenter()
 
     def _state(self, site_index: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The static buffers that hold the state after `site_index` (its branch value only after a branch site)."""
@@ -424,13 +381,13 @@ class StepGraphs:
             tallies=self.runner.tallies)
         return ForwardContext(positions=self.positions[:tb], attention=meta, kv=self.kv)
 
-    def _forward(self, tb: int, rb: int, first: int, last: int, ends: bool,
-                 signature: tuple[int, ...]) -> Optional[torch.Tensor]:
+    def _forward(self, key: SegmentKey) -> Optional[torch.Tensor]:
         """Sites first..last on the static state; then the logits if the segment `ends` the forward (each
         row's last token), else the new state in the static buffers."""
+        tb, first, last = key.tokens, key.first, key.last
         ctx = self._ctx if not self.capture else self._static_context(tb, self.own_blocks[:tb])
-        ctx.attention.write_blocks = self._write_blocks(tb, first, last, ends)
-        ctx.attention.prefill = rb != 0  # rb 0: a decode step, one token a row
+        ctx.attention.write_blocks = self._write_blocks(tb, first, last, key.ends)
+        ctx.attention.prefill = key.rows is not None
         self.model.prepare(ctx)
         tokens = None
         if first == 0:
@@ -446,27 +403,28 @@ class StepGraphs:
             resid, branch = self._state(first - 1)
             resid, branch = resid[:tb], (None if branch is None else branch[:tb])
         for site in self.sites[first:last + 1]:
-            deferrable = site.index not in signature and site.index != last
-            resid, branch = self.runner.compute_site(site, resid, branch, ctx, tokens, deferrable)
-            if site.index in signature:
+            # as StepPlan.defer_add: inside a segment only its edited sites and its last (a cut) are explicit
+            defer_add = site.index not in key.edited and site.index != last
+            resid, branch = self.runner.compute_site(site, resid, branch, ctx, tokens, defer_add)
+            if site.index in key.edited:
                 mul, add = self._edit_bufs[site.index]
                 value = resid if site.kind == RESID else branch
                 value.copy_(value.float() * mul[:tb] + add[:tb])  # as the eager path computes it
                 self.runner.edits_ok[:tb] &= torch.isfinite(value).flatten(1).all(1)
-        if ends:
-            return self.model.unembed(branch if rb == 0 else branch.index_select(0, self.last_token[:rb]))
+        if key.ends:
+            return self.model.unembed(branch if key.rows is None else branch.index_select(0, self.last_token[:key.rows]))
         out_resid, out_branch = self._state(last)
         out_resid[:tb].copy_(resid)
         if out_branch is not None:
             out_branch[:tb].copy_(branch)
         return None
 
-    def _record(self, tb: int, rb: int, first: int, last: int, ends: bool, signature: tuple[int, ...]):
+    def _record(self, key: SegmentKey):
         """A replayable segment: a captured CUDA graph, or (without capture) the forward itself."""
-        for site in signature:
+        for site in key.edited:
             self._buffers(site)
         if not self.capture:
-            return lambda: self._forward(tb, rb, first, last, ends, signature)
+            return lambda: self._forward(key)
         # Warm-up and capture run the forward for real on whatever the inputs hold: indices left by a larger
         # step (a last token at 511 for a 64-token graph) would read out of bounds, and key and value
         # writes must go nowhere. So: every index 0, no fed tokens, every write and table into scratch.
@@ -479,7 +437,7 @@ class StepGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(tb, rb, first, last, ends, signature)
+                self._forward(key)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # A garbage collection inside the capture could free an earlier engine's graph (a reference cycle),
@@ -489,7 +447,7 @@ class StepGraphs:
         try:
             # thread-local: another engine's thread may step on its own streams while this one captures
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                logits = self._forward(tb, rb, first, last, ends, signature)
+                logits = self._forward(key)
         finally:
             if collecting:
                 gc.enable()

@@ -18,6 +18,7 @@ from ..models.context import ForwardContext
 from ..sites import RESID, Site
 from .batch import RowSpan, build_context, to_device
 from .plan import Edit, Plan, fold_edits
+from .step_plan import StepPlan, plan_step
 from .staging import HostStager, Staged
 
 
@@ -32,13 +33,25 @@ class Row:
     step: int
     plan: Plan
     feed_from: Optional[int] = None  # the token is still on the device: this index of the sampled ids
-    entry: int = -1  # site index the row already passed (resumed rows); -1: starts at the embedding
+    entry: Optional[int] = None  # the site a resumed row paused at (it re-enters after it); None: a fresh row
     resid: Optional[torch.Tensor] = None
     branch: Optional[torch.Tensor] = None
 
     @property
     def positions(self) -> list[int]:
         return list(range(self.span.start, self.span.start + self.span.n_tokens))
+
+    def pause_here(self, probe, site: int, resid: torch.Tensor, branch: Optional[torch.Tensor],
+                   value: torch.Tensor, lo: int, hi: int) -> "Pause":
+        """Leave the step at `site`, keeping this row's state there (its tokens are lo:hi of the batch)."""
+        self.resid = resid[lo:hi].clone()
+        self.branch = branch[lo:hi].clone() if branch is not None else None
+        self.entry = site
+        return Pause(self, probe.name, value[lo:hi].clone())
+
+    def reenter(self) -> None:
+        """The row's saved state is back in the batch: it computes from here as any row."""
+        self.resid = self.branch = self.entry = None
 
 
 @dataclass(eq=False)
@@ -85,40 +98,50 @@ class Runner:
 
     @torch.inference_mode()
     def run(self, rows: list[Row]) -> StepOutput:
+        """One step of `rows`: replayed from CUDA graphs where they hold it, else eagerly; either way as the
+        step's plan (step_plan.py) says."""
         out = StepOutput()
-        if self.graphs is not None and self.graphs.run(rows, out):
+        graphs = self.graphs
+        if graphs is not None and graphs.run_loaded(rows, out):
             return out
-        joining: dict[int, list[Row]] = defaultdict(list)
-        live = [r for r in rows if r.entry < 0]
-        for r in rows:
-            if r.entry >= 0:
-                joining[r.entry].append(r)
-        resid = branch = tokens = None
-        ctx = None
-        if any(r.plan.edits for r in rows):
+        plan = plan_step(rows, len(self.sites) - 1)
+        if plan.edits:
             out.watch_edits(rows, self.edits_ok)
+        if graphs is not None and graphs.holds(plan):
+            graphs.run(plan, out)
+        else:
+            self._run_eagerly(plan, out)
+        return out
+
+    def _run_eagerly(self, plan: StepPlan, out: StepOutput) -> None:
+        """Site by site over the rows computing there: a pausing row leaves the batch after its site, a
+        resumed row joins it after the site it paused at."""
+        live = [i for i, s in enumerate(plan.sites) if s.first == 0]
+        entering: dict[int, list[int]] = defaultdict(list)
+        for i, s in enumerate(plan.sites):
+            if s.first > 0:
+                entering[s.first - 1].append(i)
+        resid = branch = tokens = ctx = None
         if live:
-            ctx, tokens = self._context(live)
-        touched = set().union(*(r.plan.sites() for r in rows)) | set(joining)  # sites where adds stay explicit
+            ctx, tokens = self._context([plan.rows[i] for i in live])
         for site in self.sites:
             if live:
-                resid, branch = self.compute_site(site, resid, branch, ctx, tokens, site.index not in touched)
-                live, resid, branch, ctx = self._at_site(site, live, resid, branch, ctx, out)
-            if site.index in joining:
-                new = joining[site.index]
+                resid, branch = self.compute_site(site, resid, branch, ctx, tokens, plan.defer_add(site.index))
+                live, resid, branch, ctx = self._at_site(site, plan, live, resid, branch, ctx, out)
+            if site.index in entering:
+                new = [plan.rows[i] for i in entering[site.index]]
                 resid = torch.cat(([resid] if live else []) + [r.resid for r in new])
                 if site.kind != RESID:
                     branch = torch.cat(([branch] if live else []) + [r.branch for r in new])
                 for r in new:
-                    r.resid = r.branch = None
-                    r.entry = -1
-                live = live + new
-                ctx, _ = self._context(live)
+                    r.reenter()
+                live = live + entering[site.index]
+                ctx, _ = self._context([plan.rows[i] for i in live])
         if live:
-            last = to_device(torch.tensor(self._offsets(live)[1:]) - 1, self.device)
+            finished = [plan.rows[i] for i in live]
+            last = to_device(torch.tensor(self._offsets(finished)[1:]) - 1, self.device)
             out.logits = self.model.unembed(branch[last])
-            out.finished = live
-        return out
+            out.finished = finished
 
     @torch.inference_mode()
     def load_ahead(self, rows: list[Row]) -> None:
@@ -164,36 +187,35 @@ class Runner:
             return m.ln_final.add_and_norm(resid, branch)
         raise AssertionError(site.op)
 
-    def _at_site(self, site: Site, live: list[Row], resid, branch, ctx, out: StepOutput):
+    def _at_site(self, site: Site, plan: StepPlan, live: list[int], resid, branch, ctx, out: StepOutput):
+        """The plan's work at `site` for the live rows (indices into plan.rows): edits, captures, pauses."""
         value = resid if site.kind == RESID else branch
-        offsets = self._offsets(live)
-        edits = [(i, [e for e in r.plan.edits.get(site.index, ()) if e.applies(r.step)]) for i, r in enumerate(live)]
-        edits = [(i, es) for i, es in edits if es]
-        if edits:
-            self._apply_edits(value, live, offsets, edits, out)
+        rows = [plan.rows[i] for i in live]
+        offsets = self._offsets(rows)
+        per_row = plan.edits.get(site.index)
+        if per_row is not None:
+            edits = [(k, per_row[i]) for k, i in enumerate(live) if per_row[i]]
+            if edits:
+                self._apply_edits(value, rows, offsets, edits, out)
         pausing: list[int] = []
-        for i, r in enumerate(live):
-            plan, lo, hi = r.plan, offsets[i], offsets[i + 1]
-            for probe in plan.captures.get(site.index, ()):
-                if probe.applies(r.step):
+        for k, i in enumerate(live):
+            r, s, lo, hi = rows[k], plan.sites[i], offsets[k], offsets[k + 1]
+            for at, probe in s.captures:
+                if at == site.index:
                     out.captures.append((r, probe.name, self.stager.stage(value[lo:hi])))
-            bp = next((p for p in plan.breakpoints.get(site.index, ()) if p.applies(r.step)), None)
-            if bp is not None:
-                r.resid = resid[lo:hi].clone()
-                r.branch = branch[lo:hi].clone() if branch is not None else None
-                r.entry = site.index
-                out.paused.append(Pause(r, bp.name, value[lo:hi].clone()))
-                pausing.append(i)
+            if s.pause is not None and s.last == site.index:
+                out.paused.append(r.pause_here(s.pause, site.index, resid, branch, value, lo, hi))
+                pausing.append(k)
         if not pausing:
             return live, resid, branch, ctx
-        keep = [i for i in range(len(live)) if i not in pausing]
-        live = [live[i] for i in keep]
+        keep = [k for k in range(len(live)) if k not in pausing]
+        live = [live[k] for k in keep]
         if not live:
             return [], None, None, None
-        idx = to_device(torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in keep]), self.device)
+        idx = to_device(torch.cat([torch.arange(offsets[k], offsets[k + 1]) for k in keep]), self.device)
         resid = resid.index_select(0, idx)
         branch = branch.index_select(0, idx) if branch is not None else None
-        ctx, _ = self._context(live)
+        ctx, _ = self._context([plan.rows[i] for i in live])
         return live, resid, branch, ctx
 
     def _apply_edits(self, value: torch.Tensor, live: list[Row], offsets: list[int],

@@ -39,6 +39,15 @@ def _emit(req: Request, event: object) -> None:
 
 
 @dataclass(eq=False)
+class Announcement:
+    """A pause whose Paused event goes out once its activation has reached the host."""
+
+    session: Session
+    pause: Pause
+    activation: Staged
+
+
+@dataclass(eq=False)
 class InFlight:
     """A step whose GPU work is queued and whose sampled ids the host has not read yet."""
 
@@ -83,12 +92,12 @@ class ModelWorker:
             self.runner.graphs.record_decode_steps()
         self.sessions: dict[str, Session] = {}
         self.scheduler = Scheduler(self.pool, self.sessions, max_step_tokens, self.cfg.max_seq_len)
-        self._pending_pauses: list[tuple[Session, Pause, object]] = []
+        self._announcing: list[Announcement] = []
 
     # ------------------------------------------------------------------ scheduling
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._pending_pauses) or self._inflight is not None
+        return self.scheduler.has_work() or bool(self._announcing) or self._inflight is not None
 
     def expire_waiting(self, now: float, timeout: float) -> None:
         """Fail the calls that waited for KV memory longer than `timeout`; let the others try again."""
@@ -107,10 +116,10 @@ class ModelWorker:
         rows = self.scheduler.schedule({id(r.session) for r in self._inflight.rows} if self._inflight else set())
         if not rows:
             self.drain()
-            if self._pending_pauses and not any(self.scheduler.runnable(s) for s in self.sessions.values()):
+            if self._announcing and not any(self.scheduler.runnable(s) for s in self.sessions.values()):
                 # nothing to run but an activation on its way to the host: wait for it with the GIL released
                 # (a poll loop would hold the GIL against the client thread about to receive it)
-                self._pending_pauses[0][2].result()
+                self._announcing[0].activation.result()
                 self._emit_ready_pauses()
             return
         started = time.perf_counter()
@@ -272,19 +281,20 @@ class ModelWorker:
         p = s.request.pause
         act = p.activation if s.request.activation_dtype is None else p.activation.to(s.request.activation_dtype)
         # an attach while an announcement is still on its way replaces it: one Paused event per listener
-        self._pending_pauses = [e for e in self._pending_pauses if e[1] is not p]
-        self._pending_pauses.append((s, p, self.runner.stager.stage(act)))
+        self._announcing = [a for a in self._announcing if a.pause is not p]
+        self._announcing.append(Announcement(s, p, self.runner.stager.stage(act)))
 
     def _emit_ready_pauses(self) -> None:
         still = []
-        for s, p, staged in self._pending_pauses:
+        for a in self._announcing:
+            s, p = a.session, a.pause
             if s.request is None or s.request.pause is not p:
                 continue  # cancelled meanwhile
-            if not staged.ready():
-                still.append((s, p, staged))
+            if not a.activation.ready():
+                still.append(a)
                 continue
-            _emit(s.request, Paused(p.site, p.row.step, p.row.positions, staged.result(), pause_id=p.id))
-        self._pending_pauses = still
+            _emit(s.request, Paused(p.site, p.row.step, p.row.positions, a.activation.result(), pause_id=p.id))
+        self._announcing = still
 
     def _complete(self, s: Session, reason: str) -> None:
         req = s.request

@@ -1,0 +1,85 @@
+"""The plan of one step's sites, computed once and carried out by either executor: the eager runner
+(runner.py) walks it site by site, the graph executor (cuda_graphs.py) replays it segment by segment.
+
+For each row: the sites it computes (from the embedding, or from the site after the one it paused at, to
+the final norm or the site it pauses at now), the captures it takes on the way, and its edits per site.
+For the step: the cuts, the sites after which the host acts (a row pauses, is captured, or re-enters), and
+the sites whose residual add stays explicit. Elsewhere a residual add is deferred into the next norm's
+kernel (which adds and normalises in one pass, with the same bits as a separate add): nothing reads the
+sum at such a site, so nothing needs it there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .plan import Edit, Probe
+
+
+@dataclass
+class RowSites:
+    """The sites one row computes in this step: first..last, pausing at `last` if `pause` is set."""
+
+    first: int  # 0: from the embedding; else the site after the one it paused at
+    last: int
+    pause: Optional[Probe]
+    captures: list[tuple[int, Probe]] = field(default_factory=list)  # (site, what to report it as)
+
+    def computes(self, site: int) -> bool:
+        return self.first <= site <= self.last
+
+
+@dataclass
+class StepPlan:
+    rows: list  # the step's rows (runner.Row)
+    sites: list[RowSites]  # row i's
+    edits: dict[int, list[list[Edit]]]  # site -> each row's edits there (only sites some row edits)
+    cuts: list[int]  # sites after which the host acts, ascending
+    offsets: list[int]  # row i's tokens are offsets[i]:offsets[i + 1]
+    explicit_adds: frozenset[int]  # sites whose residual add is not deferred (edited or cut there)
+
+    @property
+    def decode(self) -> bool:
+        """One token a row: the logits are the whole batch's."""
+        return self.offsets[-1] == len(self.rows)
+
+    def defer_add(self, site: int) -> bool:
+        """Whether an add at `site` may be left to the next norm's kernel."""
+        return site not in self.explicit_adds
+
+    def segments(self, final: int) -> list[tuple[int, int]]:
+        """(first, last) site of each run between cuts; the last run ends the forward (after a cut at the
+        final site it holds no site, only the unembedding)."""
+        starts = [0] + [c + 1 for c in self.cuts]
+        return list(zip(starts, self.cuts + [final]))
+
+
+def plan_step(rows: list, final: int) -> StepPlan:
+    """What each row computes, its edits, and where the step is cut; `final`: the last site's index."""
+    offsets = [0]
+    for r in rows:
+        offsets.append(offsets[-1] + r.span.n_tokens)
+    sites, edits, cuts = [], {}, set()
+    for i, r in enumerate(rows):
+        plan, step = r.plan, r.step
+        first, last, pause, captures = 0 if r.entry is None else r.entry + 1, final, None, []
+        if plan.breakpoints or plan.captures or plan.edits:  # most rows declare nothing: no walk
+            for s in sorted(k for k in plan.breakpoints if k >= first):
+                pause = next((p for p in plan.breakpoints[s] if p.applies(step)), None)
+                if pause is not None:
+                    last = s
+                    break
+            captures = [(s, p) for s in sorted(plan.captures) if first <= s <= last
+                        for p in plan.captures[s] if p.applies(step)]
+            for s, es in plan.edits.items():
+                if first <= s <= last:
+                    for e in es:
+                        if e.applies(step) and (e.positions is None or any(p in e.positions for p in r.positions)):
+                            edits.setdefault(s, [[] for _ in rows])[i].append(e)
+        sites.append(RowSites(first, last, pause, captures))
+        if first > 0:
+            cuts.add(first - 1)
+        if pause is not None:
+            cuts.add(last)
+        cuts.update(s for s, _ in captures)
+    return StepPlan(rows, sites, edits, sorted(cuts), offsets, frozenset(cuts) | frozenset(edits))
