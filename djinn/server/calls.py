@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable, Optional
 
+from .. import validation
 from ..errors import InvalidRequest
 from .protocol import decode_interventions, decode_tensor, int_list, pause_id
 from .state import ServerState, as_plain
@@ -15,7 +16,7 @@ OK = {"ok": True}
 
 def _model_name(model: Any) -> Optional[str]:
     if model is not None and not isinstance(model, str):
-        raise InvalidRequest(f"model must be a model name, got {model!r}")
+        raise InvalidRequest(f"model must be a model name, got {type(model).__name__}")
     return model
 
 
@@ -83,7 +84,7 @@ async def tokenize(state: ServerState, owner: str, text: Any = None, model: Any 
         raise InvalidRequest(f"text must be a string, got {type(text).__name__}")
     if len(text) > state.limits.max_prompt_chars:
         raise InvalidRequest(f"text of {len(text)} characters exceeds the limit of {state.limits.max_prompt_chars}")
-    return {"ids": await state.call("tokenize", text, _model_name(model))}
+    return {"ids": await state.call("tokenize", validation.text(text, "text"), _model_name(model))}
 
 
 async def detokenize(state: ServerState, owner: str, ids: Any = None, model: Any = None) -> dict:

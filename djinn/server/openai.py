@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import secrets
 import time
 from typing import Any, AsyncIterator, Callable, Optional
@@ -30,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import DjinnError, InvalidRequest
 from ..events import Done, Error, Paused, Token
+from ..validation import INT64_MAX, _shown, text
 from .protocol import decode_interventions, is_int, is_number
 from .state import ServerState, error_body
 
@@ -50,6 +50,14 @@ class _Bad(InvalidRequest):
 
 
 # ---------------------------------------------------------------- request validation
+
+def _text(field: str, v: str) -> None:
+    """Refuses text that does not encode as UTF-8 (a lone surrogate), naming the field."""
+    try:
+        text(v, f"a {field} string")
+    except InvalidRequest as e:
+        raise _Bad(field, e.message) from None
+
 
 def _prompts(v: Any) -> list:
     if isinstance(v, str):
@@ -77,8 +85,10 @@ def _parse(body: dict, state: ServerState) -> dict:
     if len(prompts) > MAX_PROMPTS:
         raise _Bad("prompt", f"at most {MAX_PROMPTS} prompts per request")
     for p in prompts:
-        if isinstance(p, str) and len(p) > lim.max_prompt_chars:
-            raise _Bad("prompt", f"a prompt of {len(p)} characters exceeds the limit of {lim.max_prompt_chars}")
+        if isinstance(p, str):
+            if len(p) > lim.max_prompt_chars:
+                raise _Bad("prompt", f"a prompt of {len(p)} characters exceeds the limit of {lim.max_prompt_chars}")
+            _text("prompt", p)
         if isinstance(p, list) and len(p) > lim.max_prompt_tokens:
             raise _Bad("prompt", f"a prompt of {len(p)} tokens exceeds the limit of {lim.max_prompt_tokens}")
 
@@ -91,29 +101,31 @@ def _parse(body: dict, state: ServerState) -> dict:
         raise _Bad("model", "must be a model name")
     max_tokens = get("max_tokens", 16)
     if not is_int(max_tokens) or max_tokens < 0:
-        raise _Bad("max_tokens", f"must be an integer >= 0, got {max_tokens!r}")
+        raise _Bad("max_tokens", f"must be an integer >= 0, got {_shown(max_tokens)}")
     if max_tokens > lim.max_new_tokens:
-        raise _Bad("max_tokens", f"{max_tokens} exceeds this server's limit of {lim.max_new_tokens}")
-    temperature = get("temperature", 1.0)
-    if not is_number(temperature) or not math.isfinite(temperature) or not 0 <= temperature <= 2:
-        raise _Bad("temperature", f"must be a number in [0, 2], got {temperature!r}")
+        raise _Bad("max_tokens", f"{_shown(max_tokens)} exceeds this server's limit of {lim.max_new_tokens}")
+    temperature = get("temperature", 1.0)  # comparing refuses NaN, Inf and ints past any float too
+    if not is_number(temperature) or not 0 <= temperature <= 2:
+        raise _Bad("temperature", f"must be a number in [0, 2], got {_shown(temperature)}")
     top_p = get("top_p", 1.0)
     if not is_number(top_p) or not 0 < top_p <= 1:
-        raise _Bad("top_p", f"must be a number in (0, 1], got {top_p!r}")
+        raise _Bad("top_p", f"must be a number in (0, 1], got {_shown(top_p)}")
     seed = body.get("seed")
-    if seed is not None and not is_int(seed):
-        raise _Bad("seed", f"must be an integer, got {seed!r}")
+    if seed is not None and (not is_int(seed) or not -INT64_MAX - 1 <= seed <= INT64_MAX):
+        raise _Bad("seed", f"must be a 64-bit integer, got {_shown(seed)}")
     stop = get("stop", [])
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise _Bad("stop", "must be a non-empty string or a list of at most 4 non-empty strings")
+    for s in stop:
+        _text("stop", s)
     logprobs = body.get("logprobs")
     if logprobs is not None and (not is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
-        raise _Bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
+        raise _Bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {_shown(logprobs)}")
     n = get("n", 1)
     if not is_int(n) or not 1 <= n <= MAX_N:
-        raise _Bad("n", f"must be an integer in [1, {MAX_N}], got {n!r}")
+        raise _Bad("n", f"must be an integer in [1, {MAX_N}], got {_shown(n)}")
     if len(prompts) * n > MAX_PROMPTS:
         raise _Bad("n", f"prompts x n must be at most {MAX_PROMPTS}")
     best_of = body.get("best_of")

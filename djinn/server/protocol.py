@@ -9,6 +9,10 @@ Interventions and breakpoints are plain data: `{"type": "steer", "site": ..., "v
 The decoder accepts only the known kinds and fields, checks every type, and raises a typed `DjinnError`
 for anything else; nothing a client sends is ever executed.
 
+Every decoded frame or body is at most `MAX_DEPTH` lists and maps deep, and its map keys are text, so that
+no later step (validation, error messages, replies) recurses over a caller's value. JSON is checked before it
+is parsed; msgpack, whose C decoder has its own bounded stack, right after.
+
 This module needs only msgpack, safetensors and torch, so the client can import it without the server's
 dependencies.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from typing import Any, Callable, Optional
 
@@ -25,14 +30,17 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..errors import DjinnError, InvalidRequest, InvalidTensor, MalformedFrame, error_from_code
+from ..errors import (DjinnError, FrameTooLarge, InvalidRequest, InvalidTensor, LimitExceeded, MalformedFrame,
+                      error_from_code)
 from ..events import Done, Error, GenerateResult, ModelInfo, Paused, Token
 from ..interventions import Ablate, Breakpoint, Capture, Replace, Scale, Steer
+from ..validation import INT64_MAX, _shown, integer, number, text
 
 PROTOCOL_VERSION = 1
 TENSOR_EXT = 1
 MSGPACK = "application/msgpack"
 PROTOCOL_HEADER = "X-Djinn-Protocol"
+MAX_DEPTH = 64  # lists and maps nested in one frame or body; Djinn's own frames need fewer than 8
 
 # The dtypes a tensor may have on the wire, by their safetensors names. (Integer tensors decode too, so that
 # the engine can say "must be floating-point".)
@@ -99,20 +107,80 @@ def pack(obj: Any) -> bytes:
 
 
 def unpack(data: bytes, max_bytes: Optional[int] = None) -> Any:
-    """Decode a frame; anything that is not one well-formed msgpack value raises MalformedFrame."""
+    """Decode a frame; anything that is not one well-formed msgpack value of at most MAX_DEPTH levels, with
+    text map keys, raises MalformedFrame."""
     if max_bytes is not None and len(data) > max_bytes:
-        from ..errors import FrameTooLarge
-
         raise FrameTooLarge(f"frame of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MalformedFrame("frames must be binary msgpack")
     try:
-        return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=True,
-                               use_list=True)
+        obj = msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=True,
+                              use_list=True)
     except DjinnError:
         raise
-    except Exception as e:  # ExtraData, FormatError, StackError, UnicodeDecodeError, ValueError, ...
+    except msgpack.StackError:
+        raise MalformedFrame(f"frame nests lists and maps more than {MAX_DEPTH} levels deep") from None
+    except Exception as e:  # ExtraData, FormatError, UnicodeDecodeError, ValueError, ...
         raise MalformedFrame(f"frame is not valid msgpack ({type(e).__name__})") from None
+    _check_nesting(obj)
+    return obj
+
+
+_CONTAINERS = (list, dict)
+
+
+def _check_nesting(obj: Any) -> None:
+    """MAX_DEPTH levels of lists and maps at most, and only text map keys; level by level, never recursive."""
+    level = [obj] if type(obj) in _CONTAINERS else []
+    for _ in range(MAX_DEPTH):
+        if not level:
+            return
+        inner = []
+        for v in level:
+            if type(v) is dict:
+                if not all(type(k) is str for k in v):
+                    raise MalformedFrame("map keys must be text")
+                v = v.values()
+            inner += [x for x in v if type(x) in _CONTAINERS]
+        level = inner
+    if level:
+        raise MalformedFrame(f"frame nests lists and maps more than {MAX_DEPTH} levels deep")
+
+
+_BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 opens, -1 (as int8) closes
+_NOT_STRUCTURE = bytes(set(range(256)) - set(b'[]{}"'))
+
+
+def _json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in a UTF-8 JSON text, from its brackets outside strings: the depth
+    the parser would reach, found without parsing (and before it can fail for other reasons)."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return 0
+    s = re.sub(rb"\\.", b"", raw, flags=re.S).translate(None, _NOT_STRUCTURE)  # escapes, then all but [{"}]
+    s = re.sub(rb'"[^"]*"', b"", s).replace(b'"', b"")  # strings, then an unterminated one's quote
+    if not s:
+        return 0
+    steps = torch.frombuffer(bytearray(s.translate(_BRACKETS)), dtype=torch.int8)
+    depth = top = 0
+    for chunk in steps.split(1 << 20):  # in pieces: a running sum over the whole body could be large
+        run = chunk.cumsum(0, dtype=torch.int32) + depth
+        top, depth = max(top, int(run.max())), int(run[-1])
+    return top
+
+
+def decode_json(raw: bytes) -> Any:
+    """A UTF-8 JSON body of at most MAX_DEPTH levels (checked before parsing); MalformedFrame otherwise."""
+    try:
+        doc = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise MalformedFrame("a JSON body must be UTF-8 text") from None
+    if _json_depth(raw) > MAX_DEPTH:
+        raise MalformedFrame(f"body nests arrays and objects more than {MAX_DEPTH} levels deep")
+    try:
+        return json.loads(doc)
+    except (ValueError, RecursionError):
+        raise MalformedFrame("request body is not valid JSON (send application/json or "
+                             "application/msgpack)") from None
 
 
 def unpack_map(data: bytes, max_bytes: Optional[int] = None) -> dict:
@@ -158,10 +226,7 @@ _MISSING = object()
 
 
 def _fail(what: str, expected: str, value: Any) -> DjinnError:
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return InvalidRequest(f"{what} must be {expected}, got {shown}")
+    return InvalidRequest(f"{what} must be {expected}, got {_shown(value)}")
 
 
 def is_int(v: Any) -> bool:
@@ -172,15 +237,29 @@ def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def int_list(v: Any, what: str, max_items: int) -> list[int]:
+def int_list(v: Any, what: str, max_items: int, lo: int = -INT64_MAX - 1, hi: int = INT64_MAX) -> list[int]:
     if not isinstance(v, (list, tuple)):
         raise _fail(what, "a list of integers", v)
     if len(v) > max_items:
         raise InvalidRequest(f"{what} has {len(v)} entries; at most {max_items} are accepted")
     for x in v:
-        if not is_int(x):
-            raise _fail(f"every entry of {what}", "an integer", x)
+        integer(x, f"every entry of {what}", lo, hi)
     return list(v)
+
+
+def _numbers(v: list) -> bool:
+    """Whether `v` is a list of ints and floats (not bools), or of such lists at any depth; never recursive."""
+    level = [v]
+    while level:
+        inner = []
+        for x in level:
+            kinds = set(map(type, x))
+            if kinds and kinds <= {list, tuple}:
+                inner += x
+            elif not kinds <= {int, float}:
+                return False
+        level = inner
+    return True
 
 
 def decode_tensor(v: Any, what: str) -> torch.Tensor:
@@ -189,36 +268,28 @@ def decode_tensor(v: Any, what: str) -> torch.Tensor:
         return v
     if isinstance(v, (list, tuple)):
         try:
-            t = torch.tensor(v, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError, OverflowError):
-            raise InvalidTensor(f"{what} must be a tensor or a (nested) list of numbers of a regular shape") from None
-        return t
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if _numbers(v):
+                return torch.tensor(v, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError, OverflowError):  # ragged, or a number beyond any float
+            pass
+        raise InvalidTensor(f"{what} must be a tensor or a (nested) list of numbers of a regular shape")
+    if is_number(v):
         raise InvalidTensor(f"{what} must be a tensor, not a single number")
     raise InvalidTensor(f"{what} must be a tensor, got {type(v).__name__}")
 
 
 def pause_id(v: Any) -> Optional[int]:
     """The pause a resume names (None: whichever pause the session is at)."""
-    if v is None:
-        return None
-    if not is_int(v):
-        raise _fail("pause", "an integer or null", v)
-    return v
+    return None if v is None else integer(v, "pause")
 
 
 def decode_steps(v: Any, what: str, max_items: int) -> Any:
     if v is None or v == "all":
         return v
     if is_int(v):
-        if v < 0:
-            raise InvalidRequest(f"{what} must be >= 0")
-        return v
+        return integer(v, what, 0)
     if isinstance(v, (list, tuple)):
-        steps = int_list(v, what, max_items)
-        if any(s < 0 for s in steps):
-            raise InvalidRequest(f"{what} must be >= 0")
-        return steps
+        return int_list(v, what, max_items, 0)
     raise _fail(what, "null, 'all', an integer or a list of integers", v)
 
 
@@ -273,7 +344,7 @@ def decode_intervention(d: Any, *, allowed: tuple[str, ...] = INTERVENTION_KINDS
         raise _fail(where, f"a map with a '{kind_key}' field", d)
     kind = d.get(kind_key)
     if kind not in allowed:
-        raise InvalidRequest(f"{where} has {kind_key} {kind!r}; expected one of {list(allowed)}")
+        raise InvalidRequest(f"{where} has {kind_key} {_shown(kind)}; expected one of {list(allowed)}")
     cls, schema = _SCHEMA[kind]
     unknown = sorted(set(d) - set(schema) - {kind_key})
     if unknown:
@@ -287,15 +358,15 @@ def decode_intervention(d: Any, *, allowed: tuple[str, ...] = INTERVENTION_KINDS
         if vkind == "site":
             if not isinstance(v, str):
                 raise _fail(what, "a hook site name", v)
+            text(v, what)
         elif vkind == "tensor":
             v = decode_tensor(v, what)
         elif vkind == "optional_tensor":
             v = None if v is None else decode_tensor(v, what)
         elif vkind == "number":
-            if not is_number(v):
-                raise _fail(what, "a number", v)
+            v = number(v, what)
         elif vkind == "number_or_tensor":
-            v = float(v) if is_number(v) else decode_tensor(v, what)
+            v = number(v, what) if is_number(v) else decode_tensor(v, what)
         elif vkind == "positions":
             v = None if v is None else int_list(v, what, max_items)
         elif vkind == "steps":
@@ -334,18 +405,17 @@ def encode_prompt(prompt: Any) -> Any:
 
 
 def decode_prompt(v: Any, max_tokens: int, max_chars: int) -> Any:
-    from ..errors import LimitExceeded
-
     if isinstance(v, str):
         if len(v) > max_chars:
             raise LimitExceeded(f"prompt of {len(v)} characters exceeds the limit of {max_chars}")
-        return v
+        return text(v, "the prompt")
     if isinstance(v, (list, tuple)):
         if len(v) > max_tokens:
             raise LimitExceeded(f"prompt of {len(v)} tokens exceeds the limit of {max_tokens}")
         for x in v:
             if not is_int(x):
-                raise InvalidRequest(f"token ids must be integers, got {x!r}")
+                raise InvalidRequest(f"token ids must be integers, got {_shown(x)}")
+            integer(x, "a token id")
         return list(v)
     raise _fail("prompt", "text or a list of token ids", v)
 
@@ -364,7 +434,8 @@ def encode_params(params: dict) -> dict:
 
 
 def decode_params(d: Any, max_items: int = 65536) -> dict:
-    """Generate parameters from the wire, type-checked; ranges are checked by the engine and the limits."""
+    """Generate parameters from the wire, type-checked and representable (finite floats, int64 integers, top_k
+    an int32); the engine and the limits check their ranges."""
     if d is None:
         return {}
     if not isinstance(d, dict):
@@ -374,15 +445,16 @@ def decode_params(d: Any, max_items: int = 65536) -> dict:
         raise InvalidRequest(f"unknown generate parameter(s) {unknown}; parameters are {list(GENERATE_PARAMS)}")
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if k in ("max_new_tokens", "top_k"):
-            if not is_int(v):
-                raise _fail(k, "an integer", v)
-        elif k in ("temperature", "top_p"):
-            if not is_number(v):
-                raise _fail(k, "a number", v)
+        if k == "max_new_tokens":
+            integer(v, k)
+        elif k == "top_k":
+            integer(v, k, 0, (1 << 31) - 1)
+        elif k == "temperature":
+            v = number(v, k, 0.0)
+        elif k == "top_p":
+            v = number(v, k)
         elif k == "seed":
-            if v is not None and not is_int(v):
-                raise _fail(k, "an integer or null", v)
+            v = None if v is None else integer(v, k)
         elif k == "stop_tokens":
             v = None if v is None else int_list(v, k, max_items)
         elif k == "return_logits":
@@ -412,7 +484,8 @@ def decode_result(d: dict) -> GenerateResult:
 
 
 def encode_error(e: DjinnError) -> dict:
-    return {"code": e.code, "message": e.message}
+    """Code and message; the message always encodes as UTF-8 (a lone surrogate it quotes is escaped)."""
+    return {"code": e.code, "message": str(e.message).encode("utf-8", "backslashreplace").decode("utf-8")}
 
 
 def encode_event(ev: Any) -> dict:
@@ -447,6 +520,6 @@ def decode_model_info(d: dict) -> ModelInfo:
 
 
 def mismatch_message(client: Any, server: Any = PROTOCOL_VERSION) -> str:
-    c, s = repr(client)[:40], repr(server)[:40]
+    c, s = _shown(client), _shown(server)
     return (f"protocol version mismatch: the client speaks Djinn wire protocol {c}, the server speaks {s}; "
             f"upgrade the older side")

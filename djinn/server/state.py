@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import json
 import logging
 from collections import defaultdict
 from typing import Any, Callable, Optional
@@ -16,11 +15,13 @@ from fastapi.responses import JSONResponse, Response
 from ..engine.service import EngineService
 from ..errors import (DjinnError, FrameTooLarge, InternalError, InvalidRequest, MalformedFrame,
                       ProtocolMismatch, TokenOutOfRange, UnknownModel)
+from ..validation import _shown
 from .auth import Auth
 from .inbox import LoopInbox
 from .limits import Limits
 from .metrics import Metrics
-from .protocol import MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, jsonable, mismatch_message, pack, unpack_map
+from .protocol import (MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, decode_json, encode_error, jsonable,
+                       mismatch_message, pack, unpack_map)
 
 log = logging.getLogger("djinn.server")
 
@@ -86,7 +87,7 @@ class ServerState:
         for m in infos:
             if m.name == model:
                 return m
-        raise UnknownModel(f"unknown model {model!r}; this server has {sorted(m.name for m in infos)}")
+        raise UnknownModel(f"unknown model {_shown(model)}; this server has {sorted(m.name for m in infos)}")
 
     async def check_ids(self, ids: list[int], model: Optional[str]) -> None:
         """Token ids in range (the engine's detokenize does not check; its tokenizer would raise)."""
@@ -121,11 +122,7 @@ class ServerState:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == MSGPACK:
             return unpack_map(raw)
-        try:
-            obj = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise MalformedFrame("request body is not valid JSON (send application/json or "
-                                 "application/msgpack)") from None
+        obj = decode_json(raw)
         if not isinstance(obj, dict):
             raise MalformedFrame(f"request body must be a JSON object, got {type(obj).__name__}")
         return obj
@@ -142,7 +139,7 @@ class ServerState:
 
 def error_body(e: DjinnError) -> dict:
     """The one error shape of every route (compatible with OpenAI's {"error": {"message", "type", ...}})."""
-    return {"error": {"code": e.code, "message": e.message, "type": e.code, "param": None}}
+    return {"error": {**encode_error(e), "type": e.code, "param": None}}
 
 
 def fields(body: dict, allowed: tuple[str, ...], where: str) -> None:
