@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load(specs: Optional[Sequence[str]], dtype: str, device: str) -> list:
     from tqdm import tqdm
 
-    from .client import load_models
+    from .models.loading import load_models
 
     if not specs:
         with tqdm(total=1, desc="loading the default model", unit="model", file=sys.stderr) as bar:

@@ -7,7 +7,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -350,3 +350,17 @@ def load_model(spec: str, dtype: Union[str, torch.dtype] = "float32", device: Un
     if cached is not None:
         return load_hf_folder(cached, dt, dev, name or spec)
     raise UnknownModel(f"no model at {spec!r}: not a file or folder, and not in the local Hugging Face cache")
+
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
+ModelSpec = Union[str, LoadedModel]
+
+
+def load_models(model: Union[None, ModelSpec, Sequence[ModelSpec]], dtype: str, device: str) -> list[LoadedModel]:
+    """Models by path or repo id (or already loaded); None means the small model shipped with Djinn."""
+    if model is None:
+        if not (DEFAULT_MODEL_DIR / "config.json").exists():
+            raise UnknownModel(f"the embedded default model is missing from {DEFAULT_MODEL_DIR}")
+        return [load_model(str(DEFAULT_MODEL_DIR), dtype, device, name="djinn-default")]
+    specs = [model] if isinstance(model, (str, LoadedModel)) else list(model)
+    return [m if isinstance(m, LoadedModel) else load_model(m, dtype, device) for m in specs]

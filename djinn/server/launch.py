@@ -68,7 +68,7 @@ def run(models=None, *, host: str = LOOPBACK, port: int = DEFAULT_PORT, dtype: s
     else:
         print(f"djinn: {len(keys)} API key(s) configured", file=sys.stderr)
     if engine is None:
-        from ..client import load_models
+        from ..models.loading import load_models
 
         loaded = load_models(models, dtype, device) if not _all_loaded(models) else list(models)
         share = kv_share_per_key if kv_share_per_key is not None else (0.5 if keys else 1.0)
