@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .. import validation
+from ..validation import shown
 from ..errors import (CapacityError, Cancelled, ContextOverflow, Forbidden, InvalidRequest, LimitExceeded, NotPaused,
                       SessionBusy, SessionExpired, TokenOutOfRange, UnknownCheckpoint, UnknownModel, UnknownSession)
 from ..events import Error, ModelInfo
@@ -92,7 +93,7 @@ class Engine:
     def _worker(self, model: Optional[str]) -> ModelWorker:
         name = model or self.default_model
         if name not in self.workers:
-            raise UnknownModel(f"unknown model {name!r}; this server has {sorted(self.workers)}")
+            raise UnknownModel(f"unknown model {shown(name)}; this server has {sorted(self.workers)}")
         return self.workers[name]
 
     def _session(self, sid: str, owner: str) -> Session:
@@ -101,9 +102,9 @@ class Engine:
             if isinstance(sid, str) and self.expired.get(sid) == owner:
                 raise SessionExpired(f"session {sid} was idle longer than its time-to-live ({self.idle_ttl:g} s) "
                                      f"and was closed")
-            raise UnknownSession(f"no session {sid!r} (closed, expired, or never created)")
+            raise UnknownSession(f"no session {shown(sid)} (closed, expired, or never created)")
         if s.owner != owner:
-            raise Forbidden(f"session {sid!r} belongs to another user")
+            raise Forbidden(f"session {shown(sid)} belongs to another user")
         s.last_used = time.monotonic()  # any call of its owner keeps it alive
         return s
 
@@ -174,7 +175,7 @@ class Engine:
         cfg = w.cfg
         tokens = self._prompt_tokens(w, s, prompt)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise InvalidRequest(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+            raise InvalidRequest(f"max_new_tokens must be a non-negative integer, got {shown(max_new_tokens)}")
         sampling = self._sampling(temperature, top_k, top_p, seed)
         total = len(s.history) + len(tokens)
         if total == s.kv_len:
@@ -191,7 +192,7 @@ class Engine:
         else:
             stop = frozenset(self._check_ids(cfg.vocab_size, stop_tokens, "stop token"))
         if activation_dtype is not None and activation_dtype not in DTYPES:
-            raise InvalidRequest(f"activation_dtype must be one of {sorted(DTYPES)}, got {activation_dtype!r}")
+            raise InvalidRequest(f"activation_dtype must be one of {sorted(DTYPES)}, got {shown(activation_dtype)}")
         plan = s.plan.extend(w.compiler.compile(list(interventions), list(breakpoints)))
         req = Request(max_new_tokens, sampling, stop, bool(return_logits), plan, sink, len(s.history),
                       DTYPES[activation_dtype] if activation_dtype else None, kv_blocks=need)
@@ -232,7 +233,7 @@ class Engine:
             raise InvalidRequest(f"a prompt is text or a list of token ids, got {type(ids).__name__}") from None
         for t in ids:
             if not isinstance(t, int) or isinstance(t, bool):
-                raise InvalidRequest(f"{what}s must be integers, got {t!r}")
+                raise InvalidRequest(f"{what}s must be integers, got {shown(t)}")
             if not 0 <= t < vocab:
                 raise TokenOutOfRange(f"{what} {t} is outside the vocabulary [0, {vocab})")
         return ids
@@ -340,9 +341,9 @@ class Engine:
     def _checkpoint(self, cid: str, owner: str) -> CheckpointRecord:
         rec = self.checkpoints.get(cid) if isinstance(cid, str) else None
         if rec is None:
-            raise UnknownCheckpoint(f"no checkpoint {cid!r}")
+            raise UnknownCheckpoint(f"no checkpoint {shown(cid)}")
         if rec.owner != owner:
-            raise Forbidden(f"checkpoint {cid!r} belongs to another user")
+            raise Forbidden(f"checkpoint {shown(cid)} belongs to another user")
         return rec
 
     def list_checkpoints(self, owner: str) -> list[str]:

@@ -153,7 +153,7 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
             elif isinstance(ev, Paused):  # cannot happen without breakpoints; never leave a session stuck
                 state.post_nowait("resume", sid, owner, None)
 
-        await state.call("generate", sid, owner, prompt, state.sink(on_event), **params)
+        await state.generate(sid, owner, prompt, state.sink(on_event), **params)
         return state.reply(request, encode_result(await result))
 
     @app.put("/api/sessions/{sid}/interventions")

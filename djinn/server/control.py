@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import WebSocket
 
 from ..errors import DjinnError, InternalError, InvalidRequest, MalformedFrame
-from ..validation import _shown
+from ..validation import shown
 from .calls import CALLS
 from .protocol import encode_error
 from .state import ServerState
@@ -54,14 +54,14 @@ async def _answer(state: ServerState, owner: str, conn: Conn) -> dict:
         frame = await conn.recv()
         call_id = frame.get("id")
         if frame.get("type") != "call":
-            raise MalformedFrame(f"unknown frame type {_shown(frame.get('type'))}; the control socket takes "
+            raise MalformedFrame(f"unknown frame type {shown(frame.get('type'))}; the control socket takes "
                                  f"'call' frames")
         unknown = sorted(set(frame) - {"type", "id", "method", "args"})
         if unknown:
             raise InvalidRequest(f"call frame: unknown field(s) {unknown}; fields are ['id', 'method', 'args']")
         method, args = frame.get("method"), frame.get("args", [])
         if not isinstance(method, str) or method not in CALLS:
-            raise InvalidRequest(f"unknown call {_shown(method)}; calls are {sorted(CALLS)}")
+            raise InvalidRequest(f"unknown call {shown(method)}; calls are {sorted(CALLS)}")
         if not isinstance(args, list):
             raise MalformedFrame(f"the arguments of {method} must be a list")
         try:

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import DjinnError, InvalidRequest
 from ..events import Done, Error, Paused, Token
-from ..validation import INT64_MAX, _shown, text
+from ..validation import INT64_MAX, shown, text
 from .protocol import decode_interventions, is_int, is_number
 from .state import ServerState, error_body
 
@@ -101,18 +101,18 @@ def _parse(body: dict, state: ServerState) -> dict:
         raise _Bad("model", "must be a model name")
     max_tokens = get("max_tokens", 16)
     if not is_int(max_tokens) or max_tokens < 0:
-        raise _Bad("max_tokens", f"must be an integer >= 0, got {_shown(max_tokens)}")
+        raise _Bad("max_tokens", f"must be an integer >= 0, got {shown(max_tokens)}")
     if max_tokens > lim.max_new_tokens:
-        raise _Bad("max_tokens", f"{_shown(max_tokens)} exceeds this server's limit of {lim.max_new_tokens}")
+        raise _Bad("max_tokens", f"{shown(max_tokens)} exceeds this server's limit of {lim.max_new_tokens}")
     temperature = get("temperature", 1.0)  # comparing refuses NaN, Inf and ints past any float too
     if not is_number(temperature) or not 0 <= temperature <= 2:
-        raise _Bad("temperature", f"must be a number in [0, 2], got {_shown(temperature)}")
+        raise _Bad("temperature", f"must be a number in [0, 2], got {shown(temperature)}")
     top_p = get("top_p", 1.0)
     if not is_number(top_p) or not 0 < top_p <= 1:
-        raise _Bad("top_p", f"must be a number in (0, 1], got {_shown(top_p)}")
+        raise _Bad("top_p", f"must be a number in (0, 1], got {shown(top_p)}")
     seed = body.get("seed")
     if seed is not None and (not is_int(seed) or not -INT64_MAX - 1 <= seed <= INT64_MAX):
-        raise _Bad("seed", f"must be a 64-bit integer, got {_shown(seed)}")
+        raise _Bad("seed", f"must be a 64-bit integer, got {shown(seed)}")
     stop = get("stop", [])
     if isinstance(stop, str):
         stop = [stop]
@@ -122,10 +122,10 @@ def _parse(body: dict, state: ServerState) -> dict:
         _text("stop", s)
     logprobs = body.get("logprobs")
     if logprobs is not None and (not is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
-        raise _Bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {_shown(logprobs)}")
+        raise _Bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {shown(logprobs)}")
     n = get("n", 1)
     if not is_int(n) or not 1 <= n <= MAX_N:
-        raise _Bad("n", f"must be an integer in [1, {MAX_N}], got {_shown(n)}")
+        raise _Bad("n", f"must be an integer in [1, {MAX_N}], got {shown(n)}")
     if len(prompts) * n > MAX_PROMPTS:
         raise _Bad("n", f"prompts x n must be at most {MAX_PROMPTS}")
     best_of = body.get("best_of")
@@ -217,10 +217,10 @@ class _Choice:
     async def start(self) -> None:
         st, req = self.state, self.req
         self.sid = await st.new_session(self.owner, "create_session", self.model)
-        await st.call("generate", self.sid, self.owner, self.prompt, st.sink(self.events.put_nowait),
-                      max_new_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
-                      seed=self.seed, return_logits=req["logprobs"] is not None,
-                      interventions=req["interventions"])
+        await st.generate(self.sid, self.owner, self.prompt, st.sink(self.events.put_nowait),
+                          max_new_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
+                          seed=self.seed, return_logits=req["logprobs"] is not None,
+                          interventions=req["interventions"])
 
     async def pieces(self) -> AsyncIterator[tuple[str, Optional[dict]]]:
         """(text, logprobs part) as tokens arrive; sets finish_reason at the end."""

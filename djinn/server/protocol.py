@@ -34,7 +34,7 @@ from ..errors import (DjinnError, FrameTooLarge, InvalidRequest, InvalidTensor, 
                       error_from_code)
 from ..events import Done, Error, GenerateResult, ModelInfo, Paused, Token
 from ..interventions import Ablate, Breakpoint, Capture, Replace, Scale, Steer
-from ..validation import INT64_MAX, _shown, integer, number, text
+from ..validation import INT64_MAX, shown, integer, number, text
 
 PROTOCOL_VERSION = 1
 TENSOR_EXT = 1
@@ -226,7 +226,7 @@ _MISSING = object()
 
 
 def _fail(what: str, expected: str, value: Any) -> DjinnError:
-    return InvalidRequest(f"{what} must be {expected}, got {_shown(value)}")
+    return InvalidRequest(f"{what} must be {expected}, got {shown(value)}")
 
 
 def is_int(v: Any) -> bool:
@@ -344,7 +344,7 @@ def decode_intervention(d: Any, *, allowed: tuple[str, ...] = INTERVENTION_KINDS
         raise _fail(where, f"a map with a '{kind_key}' field", d)
     kind = d.get(kind_key)
     if kind not in allowed:
-        raise InvalidRequest(f"{where} has {kind_key} {_shown(kind)}; expected one of {list(allowed)}")
+        raise InvalidRequest(f"{where} has {kind_key} {shown(kind)}; expected one of {list(allowed)}")
     cls, schema = _SCHEMA[kind]
     unknown = sorted(set(d) - set(schema) - {kind_key})
     if unknown:
@@ -414,7 +414,7 @@ def decode_prompt(v: Any, max_tokens: int, max_chars: int) -> Any:
             raise LimitExceeded(f"prompt of {len(v)} tokens exceeds the limit of {max_tokens}")
         for x in v:
             if not is_int(x):
-                raise InvalidRequest(f"token ids must be integers, got {_shown(x)}")
+                raise InvalidRequest(f"token ids must be integers, got {shown(x)}")
             integer(x, "a token id")
         return list(v)
     raise _fail("prompt", "text or a list of token ids", v)
@@ -520,6 +520,6 @@ def decode_model_info(d: dict) -> ModelInfo:
 
 
 def mismatch_message(client: Any, server: Any = PROTOCOL_VERSION) -> str:
-    c, s = _shown(client), _shown(server)
+    c, s = shown(client), shown(server)
     return (f"protocol version mismatch: the client speaks Djinn wire protocol {c}, the server speaks {s}; "
             f"upgrade the older side")

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from ..engine.service import EngineService
 from ..errors import (DjinnError, FrameTooLarge, InternalError, InvalidRequest, MalformedFrame,
                       ProtocolMismatch, TokenOutOfRange, UnknownModel)
-from ..validation import _shown
+from ..validation import shown
 from .auth import Auth
 from .inbox import LoopInbox
 from .limits import Limits
@@ -44,6 +44,14 @@ class ServerState:
         except RuntimeError:
             raise InternalError("the engine is shut down") from None
         return await asyncio.wrap_future(fut)
+
+    async def generate(self, sid: str, owner: str, prompt: Any, sink: Callable[[object], None], **params: Any) -> None:
+        """Start a generate call. A text prompt is tokenized in a worker thread first (its length was checked
+        when it was decoded): neither the event loop nor the engine thread spends time on it."""
+        if isinstance(prompt, str):
+            prompt = await asyncio.get_running_loop().run_in_executor(
+                None, self.service.engine.encode_prompt, sid, prompt)
+        await self.call("generate", sid, owner, prompt, sink, **params)
 
     def sink(self, on_event: Callable[[object], None]) -> Callable[[object], None]:
         """A sink the engine thread can call: hands each event to `on_event` on this server's event loop (call
@@ -87,7 +95,7 @@ class ServerState:
         for m in infos:
             if m.name == model:
                 return m
-        raise UnknownModel(f"unknown model {_shown(model)}; this server has {sorted(m.name for m in infos)}")
+        raise UnknownModel(f"unknown model {shown(model)}; this server has {sorted(m.name for m in infos)}")
 
     async def check_ids(self, ids: list[int], model: Optional[str]) -> None:
         """Token ids in range (the engine's detokenize does not check; its tokenizer would raise)."""

@@ -30,7 +30,7 @@ from fastapi import WebSocket
 
 from ..errors import DjinnError, InternalError, InvalidRequest, MalformedFrame
 from ..events import Done, Error
-from ..validation import _shown
+from ..validation import shown
 from .protocol import decode_params, decode_prompt, decode_tensor, encode_error, encode_event, pause_id
 from .sockets import Conn, Gone, greet
 from .state import ServerState
@@ -62,7 +62,7 @@ async def _serve(conn: Conn, sid: str, state: ServerState) -> None:
     req = await conn.recv()
     kind = req.get("type")
     if kind not in ("generate", "attach"):
-        raise MalformedFrame(f"expected a 'generate' or 'attach' frame after hello, got type {_shown(kind)}")
+        raise MalformedFrame(f"expected a 'generate' or 'attach' frame after hello, got type {shown(kind)}")
     fields = ("prompt", "params") if kind == "generate" else ()
     unknown = sorted(set(req) - {"type", *fields})
     if unknown:
@@ -96,7 +96,7 @@ async def _serve(conn: Conn, sid: str, state: ServerState) -> None:
     try:
         sink = state.sink(on_event)
         if kind == "generate":
-            await state.call("generate", sid, owner, prompt, sink, **params)
+            await state.generate(sid, owner, prompt, sink, **params)
         else:
             await state.call("attach", sid, owner, sink)
     except BaseException:
@@ -177,5 +177,5 @@ async def _client_frame(state: ServerState, sid: str, owner: str, frame: dict) -
     elif kind in ("hello", "generate", "attach"):
         raise InvalidRequest(f"a '{kind}' frame is only valid at the start of a stream; this one is running")
     else:
-        raise MalformedFrame(f"unknown frame type {_shown(kind)}; during a stream the client sends 'resume' or "
+        raise MalformedFrame(f"unknown frame type {shown(kind)}; during a stream the client sends 'resume' or "
                              f"'cancel'")
