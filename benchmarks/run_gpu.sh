@@ -10,7 +10,7 @@
 #                                      # GPU smoke test and GPT-2's one-token step profile (the default: dependent)
 #   BASELINE=<tree> benchmarks/run_gpu.sh builds
 #                                      # this build against the baseline build's source tree, side by side,
-#                                      # 4 rounds (benchmarks/experiment_builds.py)
+#                                      # 5 rounds (benchmarks/experiment_builds.py)
 #   benchmarks/run_gpu.sh gpt2         # GPT-2 part; GPT-2's and the Mistral shape's one-token step profiles
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
@@ -59,7 +59,7 @@ launches)
     run 100 profile_gpt2_1.txt python3 benchmarks/profile_step.py --shape gpt2 --sessions 1
     ;;
 builds)
-    run 570 experiment_builds.txt python3 benchmarks/experiment_builds.py --rounds 4 \
+    run 570 experiment_builds.txt python3 benchmarks/experiment_builds.py --rounds 5 \
         --baseline "${BASELINE:?set BASELINE to the baseline build tree}"
     ;;
 gpt2)
