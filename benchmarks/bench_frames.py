@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from djinn.events import Paused  # noqa: E402
 from djinn.allocator import keep_freed_memory  # noqa: E402
-from djinn.server.protocol import decode_event, encode_event, pack, unpack  # noqa: E402
+from djinn.wire import decode_event, encode_event, pack, unpack  # noqa: E402
 
 
 def main() -> None:

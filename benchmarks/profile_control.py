@@ -30,7 +30,7 @@ HOPS = ("client -> loop", "loop -> engine thread", "drain", "Engine.checkpoint",
 def serve(device: str, port: int, stamps_path: str) -> None:
     """The server, with the checkpoint call's hops stamped; the stamps go to `stamps_path` on SIGTERM."""
     from djinn.engine import engine as engine_mod
-    from djinn.server import calls, control
+    from djinn.server import state as state_mod
     from djinn.server.launch import run
 
     def stamped(name: str, fn):
@@ -42,18 +42,20 @@ def serve(device: str, port: int, stamps_path: str) -> None:
                 STAMPS.append((name + "_end", time.perf_counter()))
         return wrapper
 
-    call = calls.CALLS["checkpoint"]
+    run_call = state_mod.ServerState.run_call
 
-    async def control_call(*args):
+    async def control_call(self, owner, call, args):
+        if call.name != "checkpoint":
+            return await run_call(self, owner, call, args)
         STAMPS.append(("call_start", time.perf_counter()))
         try:
-            return await call(*args)
+            return await run_call(self, owner, call, args)
         finally:
             STAMPS.append(("call_end", time.perf_counter()))
 
     engine_mod.Engine.checkpoint = stamped("engine", engine_mod.Engine.checkpoint)
     engine_mod.Engine.drain = stamped("drain", engine_mod.Engine.drain)
-    control.CALLS["checkpoint"] = control_call  # the call table the control socket looks methods up in
+    state_mod.ServerState.run_call = control_call  # what the control socket runs a call with
     dump_on_sigterm(stamps_path)
     loaded, _ = model(device)
     run([loaded], port=port, api_keys=[], kv_memory=2 << 30, log_level="warning")

@@ -31,7 +31,7 @@ import djinn  # noqa: E402
 from djinn.allocator import keep_freed_memory  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import load_random  # noqa: E402
-from djinn.server.protocol import unpack  # noqa: E402
+from djinn.wire import unpack  # noqa: E402
 from benchmarks.engine_stamps import (STAMPS, dump_on_sigterm, load, paused_before, paused_to_client_ms,  # noqa: E402
                                      served, stamp_engine)
 

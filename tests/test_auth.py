@@ -11,7 +11,7 @@ import websockets.sync.client
 
 import djinn
 from djinn.server.auth import Auth, identity, load_api_keys
-from djinn.server.protocol import PROTOCOL_VERSION, pack, unpack
+from djinn.wire import PROTOCOL_VERSION, pack, unpack
 from serverutil import WAIT, running_server
 
 ALICE, BOB = "alice-secret-key", "bob-other-key"

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from djinn.errors import ERRORS_BY_CODE
 from djinn.server.limits import Limits
-from djinn.server.protocol import MAX_DEPTH, PROTOCOL_VERSION, TENSOR_EXT, tensor_to_bytes, unpack
+from djinn.wire import MAX_DEPTH, PROTOCOL_VERSION, TENSOR_EXT, tensor_to_bytes, unpack
 from serverutil import running_server
 
 SEED = int(os.environ.get("DJINN_FUZZ_SEED", "7051"))  # fixed unless asked otherwise

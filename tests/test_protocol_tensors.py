@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load, save
 
 from djinn.errors import InvalidRequest
-from djinn.server.protocol import WIRE_DTYPES, pack, tensor_to_bytes, unpack
+from djinn.wire import WIRE_DTYPES, pack, tensor_to_bytes, unpack
 
 
 @pytest.mark.parametrize("dtype", sorted(WIRE_DTYPES, key=str))

@@ -16,7 +16,7 @@ import djinn
 from djinn.client.aio import AsyncSession, connect_async
 from djinn.client.embedded import EmbeddedBackend
 from djinn.engine.engine import Engine
-from djinn.server.protocol import PROTOCOL_VERSION, encode_intervention, pack, unpack
+from djinn.wire import PROTOCOL_VERSION, encode_intervention, pack, unpack
 from serverutil import WAIT, make_models, running_server
 
 STORY = "Once upon a time"

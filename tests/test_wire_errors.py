@@ -19,7 +19,7 @@ import djinn
 import test_bad_input as engine_cases  # the engine's bad-input cases, run again through the server
 from djinn.errors import ERRORS_BY_CODE
 from djinn.server.limits import Limits
-from djinn.server.protocol import PROTOCOL_VERSION, TENSOR_EXT, encode_intervention, pack, unpack
+from djinn.wire import PROTOCOL_VERSION, TENSOR_EXT, encode_intervention, pack, unpack
 from serverutil import WAIT, running_server
 
 SITE = "blocks.2.hook_resid_post"
@@ -162,11 +162,40 @@ def test_control_socket_frames(server, client, sessions):
         assert s.fork().generate(" and", max_new_tokens=8).token_ids == expected[s.id]
 
 
-def test_client_and_server_know_the_same_calls():
-    from djinn.client.remote import CALLS
-    from djinn.server.calls import CALLS as SERVED
+def test_every_declared_call_is_an_engine_method_taking_the_key_where_declared():
+    import inspect
 
-    assert sorted(CALLS) == sorted(SERVED)
+    from djinn.calls import CALLS, Owner
+    from djinn.engine.engine import Engine
+
+    for call in CALLS.values():
+        params = list(inspect.signature(getattr(Engine, call.name)).parameters)[1:]  # after self
+        extra = 1 if call.creates == "checkpoint" else 0  # the server's limit check
+        inspect.signature(getattr(Engine, call.name)).bind(
+            None, *call.engine_args("key", [None] * len(call.args)), *[None] * extra)
+        where = {Owner.NONE: None, Owner.CALLER: 0, Owner.OF_ID: 1}[call.owner]
+        assert ("owner" in params) == (where is not None), call.name
+        if where is not None:
+            assert params.index("owner") == where, call.name
+
+
+def test_the_clients_import_nothing_of_the_server():
+    import subprocess
+    import sys
+
+    code = ("import sys, djinn, djinn.client.remote, djinn.client.aio; "
+            "print(sorted(m for m in sys.modules if m.startswith('djinn.server')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_app_serves_each_declared_call_at_its_route(server):
+    from djinn.calls import CALLS
+
+    served = {(r.path, m) for r in server.app.routes for m in getattr(r, "methods", ()) or ()}
+    for call in CALLS.values():
+        assert (call.path, call.verb) in served, call.name
 
 
 def test_rest_routes_give_what_the_control_socket_gives(server, client):

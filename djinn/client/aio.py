@@ -21,11 +21,12 @@ from typing import Any, AsyncIterator, Optional, Sequence
 import httpx
 import torch
 
+from ..calls import activation
 from ..errors import DjinnError, FrameTooLarge, ProtocolMismatch, error_from_code
 from ..events import Done, Error, GenerateResult, ModelInfo, Paused
 from ..interventions import Breakpoint
-from ..server.protocol import MSGPACK, PROTOCOL_VERSION, decode_event, mismatch_message, pack
-from .remote import (API_KEY_ENV, NODELAY, OutOfStep, StreamClosed, _activation, _p, base_headers, check_hello,
+from ..wire import MSGPACK, PROTOCOL_VERSION, decode_event, mismatch_message, pack
+from .remote import (API_KEY_ENV, NODELAY, OutOfStep, StreamClosed, _p, base_headers, check_hello,
                      closed_error, control_result, decode_body, frame_map, generate_frame, hello_frame, normalize_url,
                      open_socket, raise_for, wire_args, ws_url)
 
@@ -169,7 +170,7 @@ class AsyncRemoteBackend:
             raise DjinnError(f"cannot open a socket to the Djinn server at {self.url}: {e}") from None
 
     async def generate(self, sid: str, prompt: Any, params: dict) -> GenerateResult:
-        from ..server.protocol import decode_result, encode_params, encode_prompt
+        from ..wire import decode_result, encode_params, encode_prompt
 
         body = {"prompt": encode_prompt(prompt), **encode_params(params)}
         return decode_result(await self._request("POST", f"/api/sessions/{_p(sid)}/generate", body))
@@ -213,7 +214,7 @@ class AsyncRemoteBackend:
             await s.close()
 
     async def _resume(self, s: _AsyncStream, sid: str, act: Any, pid: int) -> None:
-        act = _activation(act)
+        act = activation(act)
         if not s.closed:
             try:
                 await s.request({"type": "resume", "activation": act, "pause": pid}, "resume")

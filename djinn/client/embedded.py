@@ -1,11 +1,11 @@
 """The in-process backend: the same engine thread a server would run, called directly."""
 from __future__ import annotations
 
-import dataclasses
 import queue
 from concurrent.futures import Future
 from typing import Any, Iterator
 
+from ..calls import control_call
 from ..engine.engine import Engine
 from ..engine.service import EngineService
 from ..events import Done, Error, GenerateResult, Paused
@@ -17,18 +17,15 @@ class EmbeddedBackend:
     def __init__(self, engine: Engine, owner: str = LOCAL_OWNER):
         self.service, self.owner = EngineService(engine), owner
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if method in ("models", "tokenize", "detokenize"):
-            return self.service.call(method, *args, **kwargs)
-        if method in ("create_session", "list_sessions"):
-            out = self.service.call(method, self.owner, *args, **kwargs)
-        else:  # every other command takes (id, owner, ...)
-            first, *rest = args
-            out = self.service.call(method, first, self.owner, *rest, **kwargs)
-        # session infos reach users as plain dicts, as they do from a remote server
-        if method == "list_sessions":
-            return [dataclasses.asdict(o) for o in out]
-        return dataclasses.asdict(out) if method == "session_info" else out
+    def call(self, method: str, *args: Any) -> Any:
+        """A declared control call (djinn/calls.py) for this backend's owner; its result as a remote client's."""
+        call = control_call(method)
+        engine_args = call.engine_args(self.owner, args)
+        if call.on_engine_thread:
+            result = self.service.call(method, *engine_args)
+        else:
+            result = getattr(self.service.engine, method)(*engine_args)
+        return call.reply.value(call.reply.wire(result))
 
     def stream(self, sid: str, prompt, params: dict) -> Iterator[object]:
         prompt = self.service.engine.encode_prompt(sid, prompt)  # text is tokenized here, not on the engine thread

@@ -4,7 +4,7 @@ generation and the health check over HTTP (httpx). `djinn.connect(url, api_key=.
 `Client`, `Session` and `Checkpoint` classes, the same events and the same typed errors as the embedded
 engine.
 
-Tensors travel as safetensors bytes inside msgpack frames (see `djinn.server.protocol`), so activations
+Tensors travel as safetensors bytes inside msgpack frames (see `djinn.wire`), so activations
 arrive as torch tensors in the model's dtype (bfloat16 included).
 """
 from __future__ import annotations
@@ -21,12 +21,11 @@ import torch
 
 from .. import __version__
 from ..allocator import keep_freed_memory as tune_allocator
-from ..errors import (DjinnError, FrameTooLarge, InvalidRequest, InvalidTensor, ProtocolMismatch,
-                      error_from_code)
+from ..calls import CALLS, activation, control_call
+from ..errors import DjinnError, FrameTooLarge, InvalidRequest, ProtocolMismatch, error_from_code
 from ..events import Done, Error, GenerateResult, Paused
-from ..server.protocol import (MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, decode_event, decode_model_info,
-                               decode_result, encode_intervention, encode_params, encode_prompt, mismatch_message,
-                               pack, unpack)
+from ..wire import (MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, decode_event, decode_result, encode_params,
+                    encode_prompt, mismatch_message, pack, unpack)
 
 if TYPE_CHECKING:  # websockets is imported where a socket opens
     from websockets.exceptions import ConnectionClosed
@@ -43,23 +42,9 @@ def _p(x: Any) -> str:
     return quote(str(x), safe="")
 
 
-CALLS = ("models", "create_session", "list_sessions", "session_info", "close_session", "set_interventions",
-         "resume", "cancel", "checkpoint", "fork", "checkpoint_status", "restore", "delete_checkpoint", "tokenize",
-         "detokenize")  # the engine's method names, without the owner (the server's `calls.CALLS`)
-
-
 def wire_args(method: str, args: Sequence[Any]) -> list:
     """A Backend call's arguments as the control socket takes them (interventions and tensors encoded)."""
-    if method not in CALLS:
-        raise InvalidRequest(f"unknown call {method!r}")
-    a = list(args)
-    if method == "set_interventions" and len(a) > 1:
-        a[1] = [encode_intervention(x) for x in _items(a[1])]
-    elif method == "resume" and len(a) > 1:
-        a[1] = _activation(a[1])
-    elif method == "detokenize" and a:
-        a[0] = [int(i) for i in a[0]]
-    return a
+    return control_call(method).encode(args)
 
 
 def control_result(method: str, msg: dict, call_id: int) -> Any:
@@ -71,7 +56,7 @@ def control_result(method: str, msg: dict, call_id: int) -> Any:
         raise OutOfStep(DjinnError(f"the server answered {method} with an unexpected frame ({msg.get('type')!r})"))
     if not msg.get("ok"):
         raise error_from_code(msg.get("code", "djinn_error"), msg.get("message", ""))
-    return result(method, msg.get("result"))
+    return CALLS[method].reply.value(msg.get("result"))
 
 
 class OutOfStep(Exception):
@@ -79,34 +64,6 @@ class OutOfStep(Exception):
 
     def __init__(self, error: DjinnError):
         self.error = error
-
-
-def _items(items: Any) -> list:
-    try:
-        return list(items)
-    except TypeError:
-        raise InvalidRequest(f"interventions must be a list, got {type(items).__name__}") from None
-
-
-def _activation(act: Any) -> Optional[torch.Tensor]:
-    if act is not None and not isinstance(act, torch.Tensor):
-        raise InvalidTensor(f"the replacement activation must be a torch.Tensor, got {type(act).__name__}")
-    return act
-
-
-def result(method: str, data: Any) -> Any:
-    """The Backend call's return value, shaped like the embedded backend's."""
-    if method == "models":
-        return [decode_model_info(m) for m in data]
-    if method in ("create_session", "checkpoint", "fork", "restore"):
-        return data["id"]
-    if method == "tokenize":
-        return list(data["ids"])
-    if method == "detokenize":
-        return data["text"]
-    if method in ("close_session", "set_interventions", "resume", "cancel", "delete_checkpoint"):
-        return None
-    return data  # session_info, list_sessions, checkpoint_status: plain dicts
 
 
 def raise_for(status: int, content_type: str, content: bytes) -> None:
@@ -399,7 +356,7 @@ class RemoteBackend:
             s.close()
 
     def _resume(self, s: _Stream, sid: str, act: Any, pid: int) -> None:
-        act = _activation(act)
+        act = activation(act)
         if not s.closed:
             try:
                 s.request({"type": "resume", "activation": act, "pause": pid}, "resume")

@@ -1,14 +1,14 @@
 """The Djinn server: FastAPI + uvicorn over the engine thread.
 
 `create_app(engine_or_service, api_keys=..., limits=...)` builds the app; `run(...)` serves it (what
-`djinn serve` calls); `ServerThread` runs one in a background thread. Imports are lazy so that the client
-can use `djinn.server.protocol` without the server's dependencies.
+`djinn serve` calls); `ServerThread` runs one in a background thread. Imports are lazy: importing this
+package needs none of the server's dependencies.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from .protocol import PROTOCOL_VERSION
+from ..wire import PROTOCOL_VERSION
 
 
 def create_app(*args: Any, **kwargs: Any):

@@ -5,22 +5,10 @@ every error is `{"error": {"code", "message", ...}}` with the error's HTTP statu
 
     GET    /healthz                              {"status": "ok", "protocol": N, "version": ...}
     GET    /metrics                              Prometheus text
-    GET    /api/models                           [ModelInfo]
-    POST   /api/sessions            {model?}     {"id"}
-    GET    /api/sessions                         [SessionInfo]   (the caller's own sessions only)
-    GET    /api/sessions/{sid}                   SessionInfo
-    DELETE /api/sessions/{sid}
+    *      /api/...                              the control calls: each call's verb and path as declared in
+                                                 djinn/calls.py, its first argument in the path, the others as
+                                                 body fields of their names; replies as declared there
     POST   /api/sessions/{sid}/generate  {prompt, max_new_tokens, ...}   GenerateResult (no breakpoints)
-    PUT    /api/sessions/{sid}/interventions  {interventions: [...]}
-    POST   /api/sessions/{sid}/resume   {activation?}     (a paused stream, e.g. after a reconnect)
-    POST   /api/sessions/{sid}/cancel
-    POST   /api/sessions/{sid}/checkpoint         {"id"}
-    POST   /api/sessions/{sid}/fork               {"id"}
-    GET    /api/checkpoints/{cid}                 status
-    POST   /api/checkpoints/{cid}/restore         {"id"}
-    DELETE /api/checkpoints/{cid}
-    POST   /api/tokenize     {text, model?}       {"ids"}
-    POST   /api/detokenize   {ids, model?}        {"text"}
     WS     /api/sessions/{sid}/stream             see stream.py
     WS     /api/control                           the same control calls over one socket: see control.py
     POST   /v1/completions, GET /v1/models        see openai.py
@@ -30,24 +18,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import Iterable, Optional, Union
+from typing import Awaitable, Callable, Iterable, Optional, Union
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..calls import CALLS, Call
 from ..engine.engine import Engine
 from ..engine.service import EngineService
 from ..errors import InvalidRequest
 from ..events import Done, Error, Paused
+from ..wire import PROTOCOL_VERSION, decode_params, decode_prompt, encode_result
 from . import openai as openai_routes
 from .auth import Auth, load_api_keys
 from .limits import Limits
-from .metrics import CONTENT_TYPE
-from . import calls
 from .control import control_endpoint
-from .protocol import PROTOCOL_VERSION, decode_params, decode_prompt, encode_result
+from .metrics import CONTENT_TYPE
 from .state import ServerState, error_body, fields, guarded
 from .stream import stream_endpoint
 
@@ -86,7 +74,7 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
         state.metrics.error(e.code)
         return JSONResponse(error_body(e), status_code=exc.status_code)
 
-    # ------------------------------------------------------------------ health, metrics, models
+    # ------------------------------------------------------------------ health, metrics
 
     @app.get("/healthz")
     async def healthz():
@@ -98,35 +86,12 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
     async def metrics():
         return Response(await state.metrics.render(state.call), media_type=CONTENT_TYPE)
 
-    @app.get("/api/models")
-    @guard
-    async def models(request: Request):
-        return state.reply(request, await calls.models(state, state.identify(request)))
+    # ------------------------------------------------------------------ the control calls
 
-    # ------------------------------------------------------------------ sessions
+    for call in CALLS.values():
+        app.add_api_route(call.path, guard(control_route(state, call)), methods=[call.verb], name=call.name)
 
-    @app.post("/api/sessions")
-    @guard
-    async def create_session(request: Request):
-        owner = state.identify(request)
-        body = await state.body(request)
-        fields(body, ("model",), "create session")
-        return state.reply(request, await calls.create_session(state, owner, body.get("model")))
-
-    @app.get("/api/sessions")
-    @guard
-    async def list_sessions(request: Request):
-        return state.reply(request, await calls.list_sessions(state, state.identify(request)))
-
-    @app.get("/api/sessions/{sid}")
-    @guard
-    async def session_info(request: Request, sid: str):
-        return state.reply(request, await calls.session_info(state, state.identify(request), sid))
-
-    @app.delete("/api/sessions/{sid}")
-    @guard
-    async def close_session(request: Request, sid: str):
-        return state.reply(request, await calls.close_session(state, state.identify(request), sid))
+    # ------------------------------------------------------------------ generation
 
     @app.post("/api/sessions/{sid}/generate")
     @guard
@@ -156,74 +121,6 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
         await state.generate(sid, owner, prompt, state.sink(on_event), **params)
         return state.reply(request, encode_result(await result))
 
-    @app.put("/api/sessions/{sid}/interventions")
-    @guard
-    async def set_interventions(request: Request, sid: str):
-        owner = state.identify(request)
-        body = await state.body(request)
-        fields(body, ("interventions",), "set interventions")
-        return state.reply(request, await calls.set_interventions(state, owner, sid, body.get("interventions", [])))
-
-    @app.post("/api/sessions/{sid}/resume")
-    @guard
-    async def resume(request: Request, sid: str):
-        owner = state.identify(request)
-        body = await state.body(request)
-        fields(body, ("activation", "pause"), "resume")
-        return state.reply(request, await calls.resume(state, owner, sid, body.get("activation"), body.get("pause")))
-
-    @app.post("/api/sessions/{sid}/cancel")
-    @guard
-    async def cancel(request: Request, sid: str):
-        return state.reply(request, await calls.cancel(state, state.identify(request), sid))
-
-    @app.post("/api/sessions/{sid}/checkpoint")
-    @guard
-    async def checkpoint(request: Request, sid: str):
-        owner = state.identify(request)
-        fields(await state.body(request), (), "checkpoint")
-        return state.reply(request, await calls.checkpoint(state, owner, sid))
-
-    @app.post("/api/sessions/{sid}/fork")
-    @guard
-    async def fork(request: Request, sid: str):
-        return state.reply(request, await calls.fork(state, state.identify(request), sid))
-
-    # ------------------------------------------------------------------ checkpoints
-
-    @app.get("/api/checkpoints/{cid}")
-    @guard
-    async def checkpoint_status(request: Request, cid: str):
-        return state.reply(request, await calls.checkpoint_status(state, state.identify(request), cid))
-
-    @app.post("/api/checkpoints/{cid}/restore")
-    @guard
-    async def restore(request: Request, cid: str):
-        return state.reply(request, await calls.restore(state, state.identify(request), cid))
-
-    @app.delete("/api/checkpoints/{cid}")
-    @guard
-    async def delete_checkpoint(request: Request, cid: str):
-        return state.reply(request, await calls.delete_checkpoint(state, state.identify(request), cid))
-
-    # ------------------------------------------------------------------ tokenizer
-
-    @app.post("/api/tokenize")
-    @guard
-    async def tokenize(request: Request):
-        owner = state.identify(request)
-        body = await state.body(request)
-        fields(body, ("text", "model"), "tokenize")
-        return state.reply(request, await calls.tokenize(state, owner, body.get("text"), body.get("model")))
-
-    @app.post("/api/detokenize")
-    @guard
-    async def detokenize(request: Request):
-        owner = state.identify(request)
-        body = await state.body(request)
-        fields(body, ("ids", "model"), "detokenize")
-        return state.reply(request, await calls.detokenize(state, owner, body.get("ids"), body.get("model")))
-
     # ------------------------------------------------------------------ the interactive stream
 
     @app.websocket("/api/sessions/{sid}/stream")
@@ -236,6 +133,24 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
 
     openai_routes.register(app, state, guard)
     return app
+
+
+def control_route(state: ServerState, call: Call) -> Callable[[Request], Awaitable[Response]]:
+    """The REST route of a declared call: its first argument from the path, where the path names it; the
+    others from the body's fields of their names."""
+    reads_body = call.verb in ("POST", "PUT")
+
+    async def route(request: Request) -> Response:
+        owner = state.identify(request)
+        args = [request.path_params[a.name] for a in call.in_path]
+        if reads_body:
+            body = await state.body(request)
+            fields(body, tuple(a.name for a in call.in_body), call.name.replace("_", " "))
+            args += [body.get(a.name, a.default) for a in call.in_body]
+        return state.reply(request, await state.run_call(owner, call, args))
+
+    route.__name__ = call.name
+    return route
 
 
 __all__ = ["create_app"]

@@ -7,28 +7,25 @@ costs a frame each way instead of an HTTP request (what `checkpoint()` returning
     server -> {"type": "reply", "id": k, "ok": true, "result": {"id": ...}}
               or {"type": "reply", "id": k, "ok": false, "code": ..., "message": ...}
 
-Methods and arguments are the client's `Backend.call` (see calls.py); results are the REST routes' bodies.
+Methods and arguments are the calls declared in `djinn/calls.py`; results are the REST routes' bodies.
 Calls on one socket are answered one at a time, in order. A bad frame or call gets an `ok: false` reply with
 its typed error; the socket and every session carry on.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 
 from fastapi import WebSocket
 
+from ..calls import control_call
 from ..errors import DjinnError, InternalError, InvalidRequest, MalformedFrame
 from ..validation import shown
-from .calls import CALLS
-from .protocol import encode_error
-from .state import ServerState
+from ..wire import encode_error
 from .sockets import Conn, Gone, greet
+from .state import ServerState
 
 log = logging.getLogger("djinn.server")
-
-_SIGNATURES = {name: inspect.signature(fn) for name, fn in CALLS.items()}
 
 
 async def control_endpoint(ws: WebSocket, state: ServerState) -> None:
@@ -59,17 +56,10 @@ async def _answer(state: ServerState, owner: str, conn: Conn) -> dict:
         unknown = sorted(set(frame) - {"type", "id", "method", "args"})
         if unknown:
             raise InvalidRequest(f"call frame: unknown field(s) {unknown}; fields are ['id', 'method', 'args']")
-        method, args = frame.get("method"), frame.get("args", [])
-        if not isinstance(method, str) or method not in CALLS:
-            raise InvalidRequest(f"unknown call {shown(method)}; calls are {sorted(CALLS)}")
+        call, args = control_call(frame.get("method")), frame.get("args", [])
         if not isinstance(args, list):
-            raise MalformedFrame(f"the arguments of {method} must be a list")
-        try:
-            _SIGNATURES[method].bind(state, owner, *args)
-        except TypeError:
-            raise InvalidRequest(f"{method} takes {len(_SIGNATURES[method].parameters) - 2} argument(s) at most, "
-                                 f"got {len(args)}") from None
-        return {"type": "reply", "id": call_id, "ok": True, "result": await CALLS[method](state, owner, *args)}
+            raise MalformedFrame(f"the arguments of {call.name} must be a list")
+        return {"type": "reply", "id": call_id, "ok": True, "result": await state.run_call(owner, call, args)}
     except Gone:
         raise
     except Exception as e:

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..errors import DjinnError, InvalidRequest
 from ..events import Done, Error, Paused, Token
 from ..validation import INT64_MAX, shown, text
-from .protocol import decode_interventions, is_int, is_number
+from ..wire import decode_interventions, is_int, is_number
 from .state import ServerState, error_body
 
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "n", "stream",

@@ -9,7 +9,7 @@ from fastapi import WebSocket
 
 from .. import __version__
 from ..errors import DjinnError, FrameTooLarge, InvalidRequest, MalformedFrame, ProtocolMismatch
-from .protocol import PROTOCOL_VERSION, encode_error, mismatch_message, pack, unpack_map
+from ..wire import PROTOCOL_VERSION, encode_error, mismatch_message, pack, unpack_map
 from .state import ServerState
 
 HELLO_TIMEOUT = 30.0

@@ -3,24 +3,24 @@ typed errors; handing engine events (produced on the engine thread) to the event
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 from collections import defaultdict
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from ..calls import CALLS, Call
 from ..engine.service import EngineService
 from ..errors import (DjinnError, FrameTooLarge, InternalError, InvalidRequest, MalformedFrame,
-                      ProtocolMismatch, TokenOutOfRange, UnknownModel)
+                      ProtocolMismatch, UnknownModel)
 from ..validation import shown
 from .auth import Auth
 from .inbox import LoopInbox
 from .limits import Limits
 from .metrics import Metrics
-from .protocol import (MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, decode_json, encode_error, jsonable,
+from ..wire import (MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, decode_json, encode_error, jsonable,
                        mismatch_message, pack, unpack_map)
 
 log = logging.getLogger("djinn.server")
@@ -71,21 +71,30 @@ class ServerState:
     def owner_lock(self, owner: str) -> asyncio.Lock:
         return self._owner_locks.setdefault(owner, asyncio.Lock())
 
-    async def new_session(self, owner: str, method: str, *args: Any) -> str:
+    async def run_call(self, owner: str, call: Call, args: Sequence[Any]) -> Any:
+        """A declared control call for `owner`, its arguments as they came off the wire: its reply body."""
+        values = call.decode(args, self.limits)
+        if call.creates == "session":
+            result = await self.new_session(owner, call.name, *values)
+        elif call.creates == "checkpoint":  # the per-key limit is checked by the engine thread: one round trip
+            result = await self.call(call.name, *call.engine_args(owner, values), self.limits.check_checkpoints)
+        elif call.on_engine_thread:
+            result = await self.call(call.name, *call.engine_args(owner, values))
+        else:
+            method = getattr(self.service.engine, call.name)
+            result = await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(method, *call.engine_args(owner, values)))
+        return call.reply.wire(result)
+
+    async def new_session(self, owner: str, name: str, *args: Any) -> str:
         """create_session / fork / restore under the per-key session limit."""
         async with self.owner_lock(owner):
             held = await self.call("list_sessions", owner)
             self.limits.check_sessions(len(held))
-            if method == "fork" and any(h.id == args[0] and h.state == "paused" for h in held):
+            if name == "fork" and any(h.id == args[0] and h.state == "paused" for h in held):
                 # a fork made at a pause is one more paused session of this key
                 self.limits.check_paused(sum(h.state == "paused" for h in held))
-            if method == "create_session":
-                return await self.call(method, owner, *args)
-            return await self.call(method, args[0], owner, *args[1:])
-
-    async def new_checkpoint(self, owner: str, sid: str) -> str:
-        """checkpoint under the per-key checkpoint limit (checked by the engine thread: one round trip)."""
-        return await self.call("checkpoint", sid, owner, self.limits.check_checkpoints)
+            return await self.call(name, *CALLS[name].engine_args(owner, args))
 
     async def model_info(self, model: Optional[str]) -> Any:
         """The ModelInfo of `model` (None: the default model), or UnknownModel."""
@@ -96,13 +105,6 @@ class ServerState:
             if m.name == model:
                 return m
         raise UnknownModel(f"unknown model {shown(model)}; this server has {sorted(m.name for m in infos)}")
-
-    async def check_ids(self, ids: list[int], model: Optional[str]) -> None:
-        """Token ids in range (the engine's detokenize does not check; its tokenizer would raise)."""
-        vocab = (await self.model_info(model)).vocab_size
-        for t in ids:
-            if not 0 <= t < vocab:
-                raise TokenOutOfRange(f"token id {t} is outside the vocabulary [0, {vocab})")
 
     # -------------------------------------------------------------- requests
 
@@ -154,10 +156,6 @@ def fields(body: dict, allowed: tuple[str, ...], where: str) -> None:
     unknown = sorted(set(body) - set(allowed))
     if unknown:
         raise InvalidRequest(f"{where}: unknown field(s) {unknown}; fields are {list(allowed)}")
-
-
-def as_plain(obj: Any) -> Any:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else obj
 
 
 def guarded(state: ServerState) -> Callable:

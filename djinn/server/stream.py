@@ -31,7 +31,7 @@ from fastapi import WebSocket
 from ..errors import DjinnError, InternalError, InvalidRequest, MalformedFrame
 from ..events import Done, Error
 from ..validation import shown
-from .protocol import decode_params, decode_prompt, decode_tensor, encode_error, encode_event, pause_id
+from ..wire import decode_params, decode_prompt, decode_tensor, encode_error, encode_event, pause_id
 from .sockets import Conn, Gone, greet
 from .state import ServerState
 

@@ -30,11 +30,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..errors import (DjinnError, FrameTooLarge, InvalidRequest, InvalidTensor, LimitExceeded, MalformedFrame,
-                      error_from_code)
-from ..events import Done, Error, GenerateResult, ModelInfo, Paused, Token
-from ..interventions import Ablate, Breakpoint, Capture, Replace, Scale, Steer
-from ..validation import INT64_MAX, shown, integer, number, text
+from .errors import (DjinnError, FrameTooLarge, InvalidRequest, InvalidTensor, LimitExceeded, MalformedFrame,
+                     error_from_code)
+from .events import Done, Error, GenerateResult, ModelInfo, Paused, Token
+from .interventions import Ablate, Breakpoint, Capture, Replace, Scale, Steer
+from .validation import INT64_MAX, shown, integer, number, text
 
 PROTOCOL_VERSION = 1
 TENSOR_EXT = 1
