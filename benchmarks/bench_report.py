@@ -1,7 +1,7 @@
 """The table `bench.py` prints last: one part's results beside the targets they are measured against, with
 the ratios. Also renders saved results:
 
-    python3 benchmarks/bench_report.py benchmarks/results/bench_gpt2_h200.json [more.json ...]
+    python3 benchmarks/bench_report.py benchmarks/results/bench_gpt2_h100_c328c34.json [more.json ...]
 """
 from __future__ import annotations
 

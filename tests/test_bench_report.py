@@ -18,17 +18,17 @@ def line_of(text: str, start: str) -> str:
 
 
 def test_saved_results_render_with_their_figures():
-    gpt2 = report(load("bench_gpt2_h200.json"))
-    r = load("bench_gpt2_h200.json")
+    gpt2 = report(load("bench_gpt2_h100_c328c34.json"))
+    r = load("bench_gpt2_h100_c328c34.json")
     assert f"{r['djinn_batch1_ms_per_token']:.3f}" in line_of(gpt2, "Djinn, batch 1")
     assert f"{r['hf_eager_ms_per_token'] / r['djinn_batch1_ms_per_token']:.1f}x" in line_of(gpt2, "HF eager ")
     assert gpt2.count("layer 6 ") == 2  # embedded and WebSocket
-    rows = report(load("bench_throughput_h200.json")).splitlines()
+    rows = report(load("bench_throughput_h100_c328c34.json")).splitlines()
     assert sum(line.startswith("64 (") for line in rows) == 2
 
 
 def test_verdicts_follow_the_targets():
-    r = load("bench_gpt2_h200.json")
+    r = load("bench_gpt2_h100_c328c34.json")
     for speedup, word in ((100.5, "met"), (99.5, "MISSED")):
         near = copy.deepcopy(r)
         near["djinn_batch1_ms_per_token"] = r["hf_eager_ms_per_token"] / speedup
@@ -48,7 +48,7 @@ def test_verdicts_follow_the_targets():
     assert "1.234" in line_of(text.split("seed experiment, websocket")[1].split("\n", 1)[1], "layer 6")
     assert "not measured" in line_of(text.split("seed experiment, embedded")[1].split("\n", 1)[1], "layer 6")
 
-    t = load("bench_throughput_h200.json")
+    t = load("bench_throughput_h100_c328c34.json")
     row = next(x for x in t["rows"] if x["sessions"] == 64)
     for key in [k for k in row if "_running" in k]:  # as results made before the running sessions' figures
         del row[key]
