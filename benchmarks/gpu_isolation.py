@@ -31,7 +31,7 @@ def hostile_edits(harmful: bool) -> list[list]:
     return [[djinn.Scale("blocks.0.hook_resid_post", 1e38 if harmful else 1.0)],
             [djinn.Steer("blocks.5.hook_attn_out", torch.full((768,), big)),
              djinn.Steer("blocks.5.hook_attn_out", torch.full((768,), big))],
-            [djinn.Steer("ln_final.hook_normalized", torch.full((768,), 6e4 if harmful else 0.0))]]
+            [djinn.Steer("ln_final.hook_out", torch.full((768,), 6e4 if harmful else 0.0))]]
 
 
 def run_step_group(engine: Engine, harmful: bool) -> tuple[list, list]:

@@ -234,7 +234,7 @@ def main() -> None:
     ref = client.session().generate(prompt, max_new_tokens=64, return_logits=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "dependent_launches": dependent_launch.enabled(), "checks": {}}
-    for site in ["blocks.6.hook_resid_post", "blocks.3.attn.hook_z", "blocks.9.hook_mlp_out", "ln_final.hook_normalized"]:
+    for site in ["blocks.6.hook_resid_post", "blocks.3.attn.hook_z", "blocks.9.hook_mlp_out", "ln_final.hook_out"]:
         pauses = 0
         for ev in client.session().stream(prompt, max_new_tokens=64, return_logits=True,
                                           breakpoints=[djinn.Breakpoint(site, steps=[0, 1, 17, 63])]):

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import DjinnError
+from .sites import SiteInfo
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class ModelInfo:
     dtype: str
     device: str
     has_tokenizer: bool
+    sites: tuple[SiteInfo, ...] = ()  # every public hook site, in forward order
 
 
 @dataclass

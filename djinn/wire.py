@@ -34,6 +34,7 @@ from .errors import (DjinnError, FrameTooLarge, InvalidRequest, InvalidTensor, L
                      error_from_code)
 from .events import Done, Error, GenerateResult, ModelInfo, Paused, Token
 from .interventions import Ablate, Breakpoint, Capture, Replace, Scale, Steer
+from .sites import SiteInfo
 from .validation import INT64_MAX, shown, integer, number, text
 
 PROTOCOL_VERSION = 1
@@ -516,7 +517,9 @@ def decode_event(d: dict, paused_cls: Callable[..., Paused] = Paused) -> Any:
 
 def decode_model_info(d: dict) -> ModelInfo:
     names = {f.name for f in dataclasses.fields(ModelInfo)}
-    return ModelInfo(**{k: v for k, v in d.items() if k in names})
+    fields = {k: v for k, v in d.items() if k in names}
+    fields["sites"] = tuple(SiteInfo(s["name"], tuple(s["shape"]), s["kind"]) for s in fields.get("sites", ()))
+    return ModelInfo(**fields)
 
 
 def mismatch_message(client: Any, server: Any = PROTOCOL_VERSION) -> str:

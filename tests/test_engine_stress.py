@@ -11,7 +11,7 @@ from djinn.models.loading import load_model
 
 PROMPTS = ["Once upon a time", " The dog", " She was happy.", " Then", " One day, a little girl", ""]
 SITES = ["hook_embed", "blocks.0.attn.hook_z", "blocks.1.hook_resid_mid", "blocks.2.hook_mlp_out",
-         "blocks.4.hook_resid_post", "ln_final.hook_normalized"]
+         "blocks.4.hook_resid_post", "ln_final.hook_out"]
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -5,7 +5,7 @@ included), saved to disk in one of the checkpoint layouts Djinn reads, loaded ba
 compared with transformers (eager attention, float32, CPU):
 
 - logits of the prefill's last position and of 32 decode steps, max |diff| <= 1e-4;
-- the final-norm hidden state at every prompt position (Capture of `ln_final.hook_normalized`) and at every
+- the final-norm hidden state at every prompt position (Capture of `ln_final.hook_out`) and at every
   decode step, max |diff| <= 1e-4;
 - identical greedy tokens over 64 steps on a fresh session.
 
@@ -39,7 +39,7 @@ TOL = 1e-4
 PROMPT_LEN = 20
 LOGIT_STEPS = 33  # new tokens whose logits are compared: the prefill's last position + 32 decode steps
 GREEDY_STEPS = 64
-SITE = "ln_final.hook_normalized"
+SITE = "ln_final.hook_out"
 STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
          "One day, she saw a big,")
 

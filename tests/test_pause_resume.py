@@ -9,7 +9,7 @@ import torch
 import djinn
 
 SITES = ["hook_embed", "blocks.1.hook_resid_pre", "blocks.2.attn.hook_z", "blocks.2.hook_attn_out",
-         "blocks.3.hook_resid_mid", "blocks.3.hook_mlp_out", "blocks.4.hook_resid_post", "ln_final.hook_normalized"]
+         "blocks.3.hook_resid_mid", "blocks.3.hook_mlp_out", "blocks.4.hook_resid_post", "ln_final.hook_out"]
 PROMPT = "Once upon a time, there was a dog"
 
 
@@ -91,7 +91,7 @@ def test_many_sessions_paused_at_once_at_different_sites(client):
     prompts = ["The dog", "A girl", "Tim saw", "One day", "The sun", "Lily had"]
     solo = [client.session().generate(p, max_new_tokens=10).token_ids for p in prompts]
     sites = ["hook_embed", "blocks.0.attn.hook_z", "blocks.1.hook_mlp_out", "blocks.2.hook_resid_mid",
-             "blocks.4.hook_resid_post", "ln_final.hook_normalized"]
+             "blocks.4.hook_resid_post", "ln_final.hook_out"]
     barrier = threading.Barrier(len(prompts), timeout=60)
     results = [None] * len(prompts)
     states = []

@@ -9,7 +9,7 @@ import djinn
 
 PROMPT = "Once upon a time, there was a dog"
 SITES = ["blocks.1.hook_resid_pre", "blocks.2.attn.hook_z", "blocks.2.hook_attn_out", "blocks.3.hook_resid_mid",
-         "blocks.3.hook_mlp_out", "ln_final.hook_normalized"]
+         "blocks.3.hook_mlp_out", "ln_final.hook_out"]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_edited_resume_captures_and_edits_match_eager(clients):
              djinn.Scale("blocks.1.hook_mlp_out", 0.5),
              djinn.Replace("blocks.0.hook_resid_post", torch.randn(3, d), positions=[2, 5, 13]),
              djinn.Capture("blocks.*.hook_resid_post", steps=[0, 3, 4]),
-             djinn.Capture("ln_final.hook_normalized", steps=[4])]
+             djinn.Capture("ln_final.hook_out", steps=[4])]
     results = []
     for c in (graphs, eager):
         out, pauses = run(c.session(), "blocks.3.hook_resid_mid", steps=[0, 2, 4], edit=lambda a: a * 0.5,

@@ -107,7 +107,7 @@ def test_logits_that_overflow_fail_the_call_and_keep_the_session(loaded):
     before = engine.session_info(sid, "A").n_tokens
     ev.clear()
     engine.generate(sid, "A", [], ev.append, max_new_tokens=4,
-                    interventions=[djinn.Steer("ln_final.hook_normalized", torch.full((64,), 3e38), steps=[2])])
+                    interventions=[djinn.Steer("ln_final.hook_out", torch.full((64,), 3e38), steps=[2])])
     finish(engine)
     assert isinstance(error(ev), djinn.NonFinite) and "logits" in str(error(ev))
     assert sum(isinstance(e, djinn.Token) for e in ev) == 2  # steps 0 and 1 went through

@@ -35,7 +35,7 @@ def hostile_bodies() -> list[dict]:
          "interventions": [{"type": "steer", "site": "blocks.1.hook_attn_out", "vector": big},
                            {"type": "steer", "site": "blocks.1.hook_attn_out", "vector": big}]},
         {"prompt": "Once upon", "max_new_tokens": 8,
-         "interventions": [{"type": "steer", "site": "ln_final.hook_normalized", "vector": big}]},
+         "interventions": [{"type": "steer", "site": "ln_final.hook_out", "vector": big}]},
         {"prompt": "Once upon", "max_new_tokens": 8, "interventions": [
             {"type": "replace", "site": SITE, "tensor": [1e300] * 64}]},  # finite in JSON, not in float32
         {"prompt": "Once upon", "max_new_tokens": 8, "temperature": 1.0, "top_k": 2 ** 64 - 1},

@@ -166,8 +166,8 @@ class StepGraphs:
         """Capture what the step of `rows` needs and put its inputs on the device now: called when the host
         would otherwise wait (a lone row paused, its client yet to answer). Any other step's inputs
         replace these; `run_loaded` uses them only for the same rows in the same state."""
-        plan = plan_step(rows, self.final)
-        if self.holds(plan):
+        plan = plan_step(rows, self.runner.table)
+        if self.holds(plan) and not plan.details and all(r.detail is None for r in rows):
             replay = self._prepare(plan)
             plan.rows = []  # not kept alive by this (their saved state is the resume's to drop)
             # the rows' plans are kept alive instead: their ids in the identity cannot come back as others'
@@ -237,7 +237,7 @@ class StepGraphs:
                 if at == site_index:  # a copy first: the buffers change with the next segment
                     out.captures.append((r, probe.name, self.runner.stager.stage(value[lo:hi].clone())))
             if s.pause is not None and s.last == site_index:
-                out.paused.append(r.pause_here(s.pause, site_index, resid, branch, value, lo, hi))
+                out.paused.append(r.pause_here(s.pause, site_index, resid, branch, value[lo:hi], lo, hi))
             elif s.first == site_index + 1:
                 resid[lo:hi].copy_(r.resid)
                 if branch is not None:

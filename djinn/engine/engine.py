@@ -21,6 +21,7 @@ from ..events import Error, ModelInfo
 from ..interventions import Breakpoint
 from ..models.loading import DTYPES, LoadedModel
 from ..sites import RESID
+from .detail import accept
 from .kv_pool import KVPool
 from .sampling import SamplingParams
 from .stats import EngineStats
@@ -120,7 +121,7 @@ class Engine:
             c = w.cfg
             out.append(ModelInfo(w.name, c.family, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head,
                                  c.vocab_size, c.max_seq_len, str(w.dtype).removeprefix("torch."), str(w.device),
-                                 w.tokenizer is not None))
+                                 w.tokenizer is not None, tuple(w.sites.info())))
         return out
 
     def create_session(self, owner: str, model: Optional[str] = None) -> str:
@@ -263,7 +264,13 @@ class Engine:
             raise NotPaused(f"that pause of session {sid} was already resumed; it is now paused at "
                             f"{req.pause.site}, step {req.pause.row.step}")
         row = req.pause.row
-        if activation is not None:
+        if activation is not None and row.detail is not None:  # paused inside an op: it is finished from there
+            w = self.workers[s.model]
+            site, shown_value = w.sites[row.detail.site], req.pause.activation
+            new = w.compiler.tensor(activation, f"replacement activation for {site.name}", tuple(shown_value.shape),
+                                    None, shown_value.dtype)
+            row.detail.replacement = accept(site, new)
+        elif activation is not None:
             w = self.workers[s.model]
             site = w.sites.sites[row.entry]
             current = row.resid if site.kind == RESID else row.branch

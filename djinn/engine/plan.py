@@ -12,7 +12,7 @@ import torch
 from .. import validation
 from ..errors import InvalidRequest, InvalidTensor
 from ..interventions import EDIT_TYPES, Ablate, Breakpoint, Capture, Replace, Scale, Steer, normalize_steps
-from ..sites import Site, SiteTable
+from ..sites import KEYS, Site, SiteTable
 from .batch import to_device
 
 
@@ -99,16 +99,21 @@ def _selected(t: torch.Tensor, which: Optional[list[int]], shape) -> torch.Tenso
     return t
 
 
+def _fits(got: tuple[int, ...], shape: tuple) -> bool:
+    return len(got) == len(shape) and all(g == d or d == KEYS for g, d in zip(got, shape))
+
+
 class Compiler:
     """Validates client data against one model (sites, shapes, dtypes, finiteness)."""
 
-    def __init__(self, sites: SiteTable, d_model: int, n_heads: int, d_head: int, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(self, sites: SiteTable, dtype: torch.dtype, device: torch.device):
         self.sites, self.dtype, self.device = sites, dtype, device
-        self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_head
 
-    def site_shape(self, site: Site) -> tuple[int, ...]:
-        return (self.n_heads, self.d_head) if site.per_head else (self.d_model,)
+    @staticmethod
+    def site_shape(site: Site) -> tuple:
+        """One token's value at `site`; KEYS (the history's length) is known per step, so any length or 1
+        passes here and a step checks it."""
+        return site.shape
 
     def tensor(self, t, what: str, shape: tuple[int, ...], n_rows: Optional[int],
                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -118,7 +123,7 @@ class Compiler:
             raise InvalidTensor(f"{what} must be a torch.Tensor, got {type(t).__name__}")
         if not (t.is_floating_point()):
             raise InvalidTensor(f"{what} must be a floating-point tensor, got {t.dtype}")
-        ok = tuple(t.shape) == shape or (n_rows is not None and tuple(t.shape) == (n_rows, *shape))
+        ok = _fits(tuple(t.shape), shape) or (n_rows is not None and _fits(tuple(t.shape), (n_rows, *shape)))
         if not ok:
             want = f"{list(shape)}" + (f" or [{n_rows}, {', '.join(map(str, shape))}]" if n_rows else "")
             raise InvalidTensor(f"{what} has shape {list(t.shape)}, expected {want}")

@@ -14,9 +14,11 @@ from typing import Optional
 
 import torch
 
+from ..errors import NonFinite
 from ..models.context import ForwardContext
-from ..sites import RESID, Site
+from ..sites import RESID, Site, SiteTable
 from .batch import RowSpan, build_context, to_device
+from .detail import DetailPause, DetailRun, OpDetail, edits_inside, present, row_kv
 from .plan import Edit, Plan, fold_edits
 from .step_plan import StepPlan, plan_step
 from .staging import HostStager, Staged
@@ -36,22 +38,24 @@ class Row:
     entry: Optional[int] = None  # the site a resumed row paused at (it re-enters after it); None: a fresh row
     resid: Optional[torch.Tensor] = None
     branch: Optional[torch.Tensor] = None
+    detail: Optional[DetailPause] = None  # paused at a detail site: its op is finished after the resume
 
     @property
     def positions(self) -> list[int]:
         return list(range(self.span.start, self.span.start + self.span.n_tokens))
 
     def pause_here(self, probe, site: int, resid: torch.Tensor, branch: Optional[torch.Tensor],
-                   value: torch.Tensor, lo: int, hi: int) -> "Pause":
-        """Leave the step at `site`, keeping this row's state there (its tokens are lo:hi of the batch)."""
+                   activation: torch.Tensor, lo: int, hi: int) -> "Pause":
+        """Leave the step after chain site `site`, keeping this row's state there (its tokens are lo:hi of the
+        batch); `activation`: the row's value at the probe's site, as the client is shown it."""
         self.resid = resid[lo:hi].clone()
         self.branch = branch[lo:hi].clone() if branch is not None else None
         self.entry = site
-        return Pause(self, probe.name, value[lo:hi].clone())
+        return Pause(self, probe.name, activation.clone())
 
     def reenter(self) -> None:
         """The row's saved state is back in the batch: it computes from here as any row."""
-        self.resid = self.branch = self.entry = None
+        self.resid = self.branch = self.entry = self.detail = None
 
 
 @dataclass(eq=False)
@@ -85,10 +89,11 @@ class StepOutput:
 
 
 class Runner:
-    def __init__(self, model: torch.nn.Module, kv: torch.Tensor, sites: list[Site], block_size: int,
+    def __init__(self, model: torch.nn.Module, kv: torch.Tensor, table: SiteTable, block_size: int,
                  sliding_window: Optional[int], device: torch.device, sampled: torch.Tensor,
                  tallies: Optional[torch.Tensor] = None):
-        self.model, self.kv, self.sites = model, kv, sites
+        self.model, self.kv, self.table, self.sites = model, kv, table, table.sites
+        self.rope = getattr(model, "rotary", None)  # rotary tables, for the detailed attention
         self.sampled = sampled  # the previous step's sampled ids, on the device (rows with feed_from read them)
         self.edits_ok = torch.ones(len(sampled), dtype=torch.bool, device=device)  # see StepOutput.edits_ok
         self.tallies = tallies  # arrival tallies for the step's kernels (djinn/kernels/tallies.py)
@@ -101,13 +106,16 @@ class Runner:
         """One step of `rows`: replayed from CUDA graphs where they hold it, else eagerly; either way as the
         step's plan (step_plan.py) says."""
         out = StepOutput()
+        rows = [r for r in rows if not (r.detail is not None and self._finish_op(r, out))]
+        if not rows:
+            return out
         graphs = self.graphs
         if graphs is not None and graphs.run_loaded(rows, out):
             return out
-        plan = plan_step(rows, len(self.sites) - 1)
+        plan = plan_step(rows, self.table)
         if plan.edits:
             out.watch_edits(rows, self.edits_ok)
-        if graphs is not None and graphs.holds(plan):
+        if graphs is not None and not plan.details and graphs.holds(plan):
             graphs.run(plan, out)
         else:
             self._run_eagerly(plan, out)
@@ -126,8 +134,13 @@ class Runner:
             ctx, tokens = self._context([plan.rows[i] for i in live])
         for site in self.sites:
             if live:
+                before = branch
                 resid, branch = self.compute_site(site, resid, branch, ctx, tokens, plan.defer_add(site.index))
-                live, resid, branch, ctx = self._at_site(site, plan, live, resid, branch, ctx, out)
+                met = {}
+                if site.index in plan.details:  # the op's input: z for the projection, tokens for the embedding
+                    op_input = {"attn_out": before, "embed": tokens}.get(site.op, resid)
+                    met = self._details(site, plan, live, op_input, resid, branch, out)
+                live, resid, branch, ctx = self._at_site(site, plan, live, resid, branch, ctx, out, met)
             if site.index in entering:
                 new = [plan.rows[i] for i in entering[site.index]]
                 resid = torch.cat(([resid] if live else []) + [r.resid for r in new])
@@ -187,8 +200,10 @@ class Runner:
             return m.ln_final.add_and_norm(resid, branch)
         raise AssertionError(site.op)
 
-    def _at_site(self, site: Site, plan: StepPlan, live: list[int], resid, branch, ctx, out: StepOutput):
-        """The plan's work at `site` for the live rows (indices into plan.rows): edits, captures, pauses."""
+    def _at_site(self, site: Site, plan: StepPlan, live: list[int], resid, branch, ctx, out: StepOutput,
+                 met: dict[int, torch.Tensor]):
+        """The plan's work at `site` for the live rows (indices into plan.rows): edits, captures, pauses (`met`:
+        the values of pauses at detail sites inside the op, by live row)."""
         value = resid if site.kind == RESID else branch
         rows = [plan.rows[i] for i in live]
         offsets = self._offsets(rows)
@@ -204,7 +219,8 @@ class Runner:
                 if at == site.index:
                     out.captures.append((r, probe.name, self.stager.stage(value[lo:hi])))
             if s.pause is not None and s.last == site.index:
-                out.paused.append(r.pause_here(s.pause, site.index, resid, branch, value, lo, hi))
+                act = value[lo:hi] if s.pause.site == site.index else met[k]  # met: a detail site's value
+                out.paused.append(r.pause_here(s.pause, site.index, resid, branch, act, lo, hi))
                 pausing.append(k)
         if not pausing:
             return live, resid, branch, ctx
@@ -217,6 +233,103 @@ class Runner:
         branch = branch.index_select(0, idx) if branch is not None else None
         ctx, _ = self._context([plan.rows[i] for i in live])
         return live, resid, branch, ctx
+
+    # ------------------------------------------------------------------ the detailed path (detail.py)
+
+    def _details(self, site: Site, plan: StepPlan, live: list[int], op_input: torch.Tensor, resid, branch,
+                 out: StepOutput) -> dict[int, torch.Tensor]:
+        """Each live row's work inside the op of chain site `site`: a row that edits there takes the detailed
+        output; the others keep the fast path's. Returns the values of the pauses met, by live row."""
+        rows = [plan.rows[i] for i in live]
+        offsets = self._offsets(rows)
+        met = {}
+        for k, i in enumerate(live):
+            work = plan.sites[i].details.get(site.index)
+            if work is None:
+                continue
+            r, lo, hi = rows[k], offsets[k], offsets[k + 1]
+            run = DetailRun(self.table, site.index, r, work, self.stager, out.captures)
+            edited = edits_inside(work)
+            new = self._detailed_op(site, r, op_input[lo:hi], run, write=edited)
+            if edited:
+                (resid if site.kind == RESID else branch)[lo:hi] = new
+            if run.paused is not None:
+                probe, value = run.paused
+                r.detail = DetailPause(probe.site, op_input[lo:hi].clone())
+                met[k] = present(self.table[probe.site], value)
+        return met
+
+    def _detailed_op(self, site: Site, r: Row, op_input: torch.Tensor, run: DetailRun, write: bool) -> torch.Tensor:
+        """The op of chain site `site` for row `r` on the detailed path (`write`: store its keys and values)."""
+        m = self.model
+        if site.op == "embed":
+            positions = torch.arange(r.span.start, r.span.start + r.span.n_tokens, device=self.device)
+            return m.embed_detailed(op_input, positions, run)
+        if site.op == "final_norm":
+            return m.ln_final.detailed(op_input, run, "ln_final")
+        block = m.blocks[site.layer]
+        if site.op == "attn_z":
+            return block.attn_z_detailed(op_input, self.kv, row_kv(r, self.block_size, self.window, write, self.rope,
+                                                                   self.device), run)
+        if site.op == "attn_out":
+            return block.attn_out_detailed(op_input, run)
+        if site.op == "mlp_out":
+            return block.mlp_out_detailed(op_input, run)
+        raise AssertionError(site.op)
+
+    def _finish_op(self, r: Row, out: StepOutput) -> bool:
+        """A row resumed after a pause at a detail site: finish its op from there (with the client's value,
+        if it sent one), taking the captures after the pause site, or pausing again at a later breakpoint
+        inside the op. Returns whether it paused again (it then leaves this step)."""
+        d, plan, step = r.detail, r.plan, r.step
+        host = self.table[d.site].host
+        site, after = self.table[host], self.table.order(self.table[d.site])
+        later = [k for k in plan.breakpoints if self.table[k].host == host and self.table.order(self.table[k]) > after]
+        pause = next((p for k in sorted(later, key=lambda k: self.table.order(self.table[k]))
+                      for p in plan.breakpoints[k] if p.applies(step)), None)
+        stop = self.table.order(self.table[pause.site]) if pause is not None else None
+        work = OpDetail(pause=pause)
+        chain_captures = []
+        for k, probes in plan.captures.items():
+            s = self.table[k]
+            if s.host == host and (stop is None or self.table.order(s) <= stop):
+                for p in probes:
+                    if p.applies(step):
+                        (chain_captures if s.index == host else work.captures).append((k, p))
+        for k, es in plan.edits.items():
+            if self.table[k].host == host and k != host:
+                mine = [e for e in es if e.applies(step) and (e.positions is None or
+                                                               any(p in e.positions for p in r.positions))]
+                if mine:
+                    work.edits[k] = mine
+        changed = d.replacement is not None
+        if changed or work.captures or pause is not None:
+            run = DetailRun(self.table, host, r, work, self.stager, out.captures, skip_before=d.site,
+                            replacement=d.replacement)
+            new = self._detailed_op(site, r, d.op_input, run, write=changed)
+            if changed:  # the op's output follows the client's value, then the edits at the op's own site
+                chain_edits = [e for e in plan.edits.get(host, []) if e.applies(step) and (
+                    e.positions is None or any(p in e.positions for p in r.positions))]
+                if chain_edits:
+                    mul, add = fold_edits(chain_edits, r.span.start, r.span.n_tokens, tuple(new.shape[1:]), new.device)
+                    new = (new.float() * mul + add).to(new.dtype)
+                if not torch.isfinite(new).all():
+                    raise NonFinite(f"the value resumed at {self.table[d.site].name} made {site.name} NaN or Inf "
+                                    f"in step {step}")
+                if site.kind == RESID:
+                    r.resid = new
+                else:
+                    r.branch = new
+            if run.paused is not None:
+                probe, value = run.paused
+                r.detail = DetailPause(probe.site, d.op_input)
+                out.paused.append(Pause(r, probe.name, present(self.table[probe.site], value)))
+                return True
+        value = r.resid if site.kind == RESID else r.branch
+        for _, p in chain_captures:
+            out.captures.append((r, p.name, self.stager.stage(value)))
+        r.detail = None
+        return False
 
     def _apply_edits(self, value: torch.Tensor, live: list[Row], offsets: list[int],
                      edits: list[tuple[int, list[Edit]]], out: StepOutput) -> None:

@@ -4,7 +4,8 @@
 For each row: the sites it computes (from the embedding, or from the site after the one it paused at, to
 the final norm or the site it pauses at now), the captures it takes on the way, and its edits per site.
 For the step: the cuts, the sites after which the host acts (a row pauses, is captured, or re-enters), and
-the sites whose residual add stays explicit. Elsewhere a residual add is deferred into the next norm's
+the sites whose residual add stays explicit, and the ops some row runs on the detailed path (detail.py):
+a row's work at detail sites is kept per op, at the chain site the op computes. Elsewhere a residual add is deferred into the next norm's
 kernel (which adds and normalises in one pass, with the same bits as a separate add): nothing reads the
 sum at such a site, so nothing needs it there.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..sites import DETAIL, SiteTable
+from .detail import OpDetail
 from .plan import Edit, Probe
 
 
@@ -24,6 +27,7 @@ class RowSites:
     last: int
     pause: Optional[Probe]
     captures: list[tuple[int, Probe]] = field(default_factory=list)  # (site, what to report it as)
+    details: dict[int, OpDetail] = field(default_factory=dict)  # chain site -> the row's work inside its op
 
     def computes(self, site: int) -> bool:
         return self.first <= site <= self.last
@@ -37,6 +41,7 @@ class StepPlan:
     cuts: list[int]  # sites after which the host acts, ascending
     offsets: list[int]  # row i's tokens are offsets[i]:offsets[i + 1]
     explicit_adds: frozenset[int]  # sites whose residual add is not deferred (edited or cut there)
+    details: frozenset[int] = frozenset()  # chain sites whose op some row runs on the detailed path
 
     @property
     def decode(self) -> bool:
@@ -54,32 +59,47 @@ class StepPlan:
         return list(zip(starts, self.cuts + [final]))
 
 
-def plan_step(rows: list, final: int) -> StepPlan:
-    """What each row computes, its edits, and where the step is cut; `final`: the last site's index."""
+def plan_step(rows: list, table: SiteTable) -> StepPlan:
+    """What each row computes, its edits, its work inside ops, and where the step is cut."""
+    final = len(table.sites) - 1
     offsets = [0]
     for r in rows:
         offsets.append(offsets[-1] + r.span.n_tokens)
     sites, edits, cuts = [], {}, set()
     for i, r in enumerate(rows):
         plan, step = r.plan, r.step
-        first, last, pause, captures = 0 if r.entry is None else r.entry + 1, final, None, []
+        first, last, pause, captures, details = 0 if r.entry is None else r.entry + 1, final, None, [], {}
         if plan.breakpoints or plan.captures or plan.edits:  # most rows declare nothing: no walk
-            for s in sorted(k for k in plan.breakpoints if k >= first):
+            for s in sorted((k for k in plan.breakpoints if table[k].host >= first), key=lambda k: table.order(table[k])):
                 pause = next((p for p in plan.breakpoints[s] if p.applies(step)), None)
                 if pause is not None:
-                    last = s
+                    last = table[s].host
                     break
-            captures = [(s, p) for s in sorted(plan.captures) if first <= s <= last
-                        for p in plan.captures[s] if p.applies(step)]
+            stop = table.order(table[pause.site]) if pause is not None else None
+            for s in sorted(plan.captures):
+                site = table[s]
+                if first <= site.host <= last and (stop is None or table.order(site) <= stop):
+                    for p in plan.captures[s]:
+                        if p.applies(step):
+                            (details.setdefault(site.host, OpDetail()).captures if site.kind == DETAIL
+                             else captures).append((s, p))
             for s, es in plan.edits.items():
-                if first <= s <= last:
+                site = table[s]
+                if first <= site.host <= last:
                     for e in es:
                         if e.applies(step) and (e.positions is None or any(p in e.positions for p in r.positions)):
-                            edits.setdefault(s, [[] for _ in rows])[i].append(e)
-        sites.append(RowSites(first, last, pause, captures))
+                            if site.kind == DETAIL:
+                                details.setdefault(site.host, OpDetail()).edits.setdefault(s, []).append(e)
+                            else:
+                                edits.setdefault(s, [[] for _ in rows])[i].append(e)
+            if pause is not None and table[pause.site].kind == DETAIL:
+                details.setdefault(last, OpDetail()).pause = pause
+        sites.append(RowSites(first, last, pause, captures, details))
         if first > 0:
             cuts.add(first - 1)
         if pause is not None:
             cuts.add(last)
         cuts.update(s for s, _ in captures)
-    return StepPlan(rows, sites, edits, sorted(cuts), offsets, frozenset(cuts) | frozenset(edits))
+        cuts.update(details)
+    hosts = frozenset(h for s in sites for h in s.details)
+    return StepPlan(rows, sites, edits, sorted(cuts), offsets, frozenset(cuts) | frozenset(edits), hosts)

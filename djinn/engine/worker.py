@@ -68,9 +68,8 @@ class ModelWorker:
         p = next(self.model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self.pool = KVPool(self.cfg, n_blocks, n_host_blocks, block_size, self.dtype, self.device)
-        self.sites = SiteTable(self.cfg.n_layers)
-        self.compiler = Compiler(self.sites, self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head, self.dtype,
-                                 self.device)
+        self.sites = SiteTable(self.cfg, self.model.detail_sites)
+        self.compiler = Compiler(self.sites, self.dtype, self.device)
         self.max_step_tokens = max_step_tokens
         # A step's sampled ids stay on the device, where the next step reads them (see step()); the host gets
         # them through alternating pinned buffers, with after them whether each row's logits were finite.
@@ -79,7 +78,7 @@ class ModelWorker:
         # the step's kernels that finish a result in the same launch count their programs in here: a slot per
         # (token, KV head) for attention, per row for the greedy pick
         self.tallies = tallies.new(len(self.sampled) * self.cfg.n_kv_heads, self.device) if on_gpu else None
-        self.runner = Runner(self.model, self.pool.kv, self.sites.sites, block_size, self.cfg.sliding_window,
+        self.runner = Runner(self.model, self.pool.kv, self.sites, block_size, self.cfg.sliding_window,
                              self.device, self.sampled, self.tallies)
         self._host_tokens = [torch.zeros(len(self.sampled), dtype=torch.long, pin_memory=on_gpu) for _ in range(2)]
         self._inflight: Optional[InFlight] = None
@@ -123,7 +122,7 @@ class ModelWorker:
                 self._emit_ready_pauses()
             return
         started = time.perf_counter()
-        saved = [(r.entry, r.resid, r.branch) for r in rows]  # a failed step may have moved rows' state
+        saved = [(r.entry, r.resid, r.branch, r.detail) for r in rows]  # a failed step may have moved rows' state
         try:
             out = self.runner.run(rows)
             self.drain()
@@ -155,10 +154,10 @@ class ModelWorker:
         if self.runner.graphs is not None:
             self.runner.graphs.forget_inputs()
         live = []
-        for r, (entry, resid, branch) in zip(rows, saved):
+        for r, (entry, resid, branch, detail) in zip(rows, saved):
             if r.session.request is not r.request:
                 continue  # its call ended with the step before (a stop token)
-            r.entry, r.resid, r.branch, r.request.pending = entry, resid, branch, None
+            r.entry, r.resid, r.branch, r.detail, r.request.pending = entry, resid, branch, detail, None
             if r.feed_from is not None:  # its token is on the host now
                 r.tokens, r.feed_from = [r.session.history[r.span.start]], None
             live.append(r)

@@ -83,3 +83,45 @@ def paged_attention(
             enable_gqa=keys.shape[1] != n_heads,
         )  # [B, n_heads, T, d_head]
     return out.transpose(1, 2)[meta.query_row, meta.query_col]
+
+
+@dataclass
+class RowKV:
+    """Where one row's history lives in the cache, for the detailed path: `blocks[p]`, `offsets[p]` hold
+    position p (0 .. the row's last token); its new tokens are the last `len(positions)` of them."""
+
+    positions: torch.Tensor  # [T] long: the row's new tokens
+    blocks: torch.Tensor  # [P] long
+    offsets: torch.Tensor  # [P] long
+    window: int  # sliding window (0: none)
+    write: bool  # store the row's (edited) keys and values, replacing what the fast path wrote
+    rope: Optional[object] = None  # the model's Rotary tables, for families with rotary embeddings
+
+
+def detailed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, row: RowKV,
+                       scale: float, hook) -> torch.Tensor:
+    """Attention of one row spelled out, each value handed to `hook` (see models/layers.py): q, k, v (before
+    rotary), rot_q, rot_k, the scores (masked: -inf) and the pattern, both float32, over the row's whole
+    history. The row's earlier keys and values come from the cache, its new ones from here. Returns z."""
+    q, k, v = hook("attn.hook_q", q), hook("attn.hook_k", k), hook("attn.hook_v", v)
+    if row.rope is not None:
+        q = hook("attn.hook_rot_q", row.rope.apply(q, row.positions))
+        k = hook("attn.hook_rot_k", row.rope.apply(k, row.positions))
+    n_new, n_heads = q.shape[0], q.shape[1]
+    earlier = slice(0, row.blocks.shape[0] - n_new)
+    new = slice(earlier.stop, None)
+    if row.write:
+        kv_layer[row.blocks[new], 0, row.offsets[new]] = k.to(kv_layer.dtype)
+        kv_layer[row.blocks[new], 1, row.offsets[new]] = v.to(kv_layer.dtype)
+    keys = torch.cat([kv_layer[row.blocks[earlier], 0, row.offsets[earlier]], k.to(kv_layer.dtype)])
+    values = torch.cat([kv_layer[row.blocks[earlier], 1, row.offsets[earlier]], v.to(kv_layer.dtype)])
+    group = n_heads // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1).float(), values.repeat_interleave(group, 1).float()
+    scores = torch.einsum("thd,phd->thp", q.float(), keys) * scale
+    key_pos = torch.arange(keys.shape[0], device=q.device)
+    seen = key_pos[None, :] <= row.positions[:, None]
+    if row.window:
+        seen &= row.positions[:, None] - key_pos[None, :] < row.window
+    scores = hook("attn.hook_attn_scores", scores.masked_fill(~seen[:, None, :], float("-inf")))
+    pattern = hook("attn.hook_pattern", torch.softmax(scores, dim=-1).nan_to_num(0.0))
+    return torch.einsum("thp,phd->thd", pattern, values).to(q.dtype)

@@ -9,11 +9,18 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .attention import paged_attention
+from .. import sites
+from .attention import RowKV, detailed_attention, paged_attention
 from .config import ModelConfig
 from .context import ForwardContext
-from .layers import LayerNorm, Linear, normed_linear
+from .layers import Hook, LayerNorm, Linear, normed_linear
+
+# The values inside each op that the detailed path (the `*_detailed` methods) shows, in the order it computes them
+DETAIL_SITES = {"embed": sites.EMBEDDING, "attn_z": tuple(n for n in sites.ATTENTION if "rot_" not in n),
+                "attn_out": sites.PROJECTION, "mlp_out": tuple(n for n in sites.MLP if n != "mlp.hook_pre_linear"),
+                "final_norm": sites.FINAL}
 
 
 class GPT2Attention(nn.Module):
@@ -27,6 +34,10 @@ class GPT2Attention(nn.Module):
         """z from the fused projections `qkv` (self.qkv of the normalised residual)."""
         q, k, v = qkv.view(qkv.shape[0], 3 * self.n_heads, self.d_head).split(self.n_heads, dim=1)
         return paged_attention(q, k, v, ctx.kv[:, self.layer], ctx.attention, self.d_head**-0.5)
+
+    def detailed(self, qkv: torch.Tensor, kv: torch.Tensor, row: RowKV, hook: Hook) -> torch.Tensor:
+        q, k, v = qkv.view(qkv.shape[0], 3 * self.n_heads, self.d_head).split(self.n_heads, dim=1)
+        return detailed_attention(q, k, v, kv[:, self.layer], row, self.d_head**-0.5, hook)
 
 
 class GPT2MLP(nn.Module):
@@ -60,8 +71,31 @@ class GPT2Block(nn.Module):
         resid, hidden = normed_linear(self.ln2, self.mlp.fc, resid, pending, gelu=True)
         return resid, self.mlp.proj(hidden)
 
+    # the same ops spelled out, for rows that read or edit the values inside them
+
+    def attn_z_detailed(self, resid: torch.Tensor, kv: torch.Tensor, row: RowKV, hook: Hook) -> torch.Tensor:
+        return self.attn.detailed(self.attn.qkv(self.ln1.detailed(resid, hook, "ln1")), kv, row, hook)
+
+    def attn_out_detailed(self, z: torch.Tensor, hook: Hook) -> torch.Tensor:
+        return per_head_results(self.attn.proj, z, hook)
+
+    def mlp_out_detailed(self, resid: torch.Tensor, hook: Hook) -> torch.Tensor:
+        pre = hook("mlp.hook_pre", self.mlp.fc(self.ln2.detailed(resid, hook, "ln2")))
+        return self.mlp.proj(hook("mlp.hook_post", F.gelu(pre, approximate="tanh")))
+
+
+def per_head_results(proj: Linear, z: torch.Tensor, hook: Hook) -> torch.Tensor:
+    """The output projection as the sum of each head's result ([T, n_heads, d_model]), plus the bias."""
+    n_heads, d_head = z.shape[1], z.shape[2]
+    w = proj.weight.view(proj.out_features, n_heads, d_head)
+    result = hook("attn.hook_result", torch.einsum("thd,mhd->thm", z, w))
+    out = result.sum(1)
+    return out if proj.bias is None else out + proj.bias
+
 
 class GPT2Model(nn.Module):
+    detail_sites = DETAIL_SITES
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -82,6 +116,9 @@ class GPT2Model(nn.Module):
 
             return embed(self.embed.weight, tokens, self.pos_embed.weight, positions)
         return self.embed(tokens) + self.pos_embed(positions)
+
+    def embed_detailed(self, tokens: torch.Tensor, positions: torch.Tensor, hook: Hook) -> torch.Tensor:
+        return hook("hook_embed", self.embed(tokens)) + hook("hook_pos_embed", self.pos_embed(positions))
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(x)

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+# A detailed forward hands each detail site's value to `hook(local name, value)` and goes on with what it
+# returns (the value, edited or replaced): the engine's edits, captures and pauses at that site.
+Hook = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 class Linear(nn.Linear):
@@ -58,6 +63,19 @@ class _Norm(nn.Module):
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def detailed(self, x: torch.Tensor, hook: Hook, name: str) -> torch.Tensor:
+        """The norm with its values at `{name}.hook_scale` (sqrt(var + eps), the RMS for RMSNorm) and
+        `{name}.hook_normalized` (the input, centred for LayerNorm, over that scale): float32, as TransformerLens
+        4.x names them; the weight and bias come after."""
+        h = x.float()
+        if not self.rms:
+            h = h - h.mean(-1, keepdim=True)
+        scale = hook(f"{name}.hook_scale", (h.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        normalized = hook(f"{name}.hook_normalized", h / scale)
+        if self.rms:  # scaled in the input dtype, as `reference`
+            return self.weight * normalized.to(x.dtype)
+        return (normalized * self.weight.float() + self.bias.float()).to(x.dtype)
 
 
 class RMSNorm(_Norm):

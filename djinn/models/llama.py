@@ -15,11 +15,18 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .attention import paged_attention
+from .. import sites
+from .attention import RowKV, detailed_attention, paged_attention
 from .config import ModelConfig
 from .context import ForwardContext
-from .layers import Linear, RMSNorm, Rotary, normed_linear, silu_mul
+from .gpt2 import per_head_results
+from .layers import Hook, Linear, RMSNorm, Rotary, normed_linear, silu_mul
+
+# The values inside each op that the detailed path (the `*_detailed` methods) shows; the embedding is the
+# residual stream's start, so `hook_embed` is `blocks.0.hook_resid_pre`
+DETAIL_SITES = {"attn_z": sites.ATTENTION, "attn_out": sites.PROJECTION, "mlp_out": sites.MLP, "final_norm": sites.FINAL}
 
 
 class LlamaAttention(nn.Module):
@@ -35,6 +42,11 @@ class LlamaAttention(nn.Module):
         h, kv, dh = self.n_heads, self.n_kv_heads, self.d_head
         q, k, v = qkv.view(qkv.shape[0], h + 2 * kv, dh).split([h, kv, kv], dim=1)
         return paged_attention(q, k, v, ctx.kv[:, self.layer], ctx.attention, dh**-0.5, rope=ctx.rope)
+
+    def detailed(self, qkv: torch.Tensor, kv: torch.Tensor, row: RowKV, hook: Hook) -> torch.Tensor:
+        h, n_kv, dh = self.n_heads, self.n_kv_heads, self.d_head
+        q, k, v = qkv.view(qkv.shape[0], h + 2 * n_kv, dh).split([h, n_kv, n_kv], dim=1)
+        return detailed_attention(q, k, v, kv[:, self.layer], row, dh**-0.5, hook)
 
 
 class LlamaMLP(nn.Module):
@@ -70,8 +82,23 @@ class LlamaBlock(nn.Module):
         resid, gate_up = normed_linear(self.ln2, self.mlp.gate_up_proj, resid, pending)
         return resid, self.mlp(gate_up)
 
+    # the same ops spelled out, for rows that read or edit the values inside them
+
+    def attn_z_detailed(self, resid: torch.Tensor, kv: torch.Tensor, row: RowKV, hook: Hook) -> torch.Tensor:
+        return self.attn.detailed(self.attn.qkv_proj(self.ln1.detailed(resid, hook, "ln1")), kv, row, hook)
+
+    def attn_out_detailed(self, z: torch.Tensor, hook: Hook) -> torch.Tensor:
+        return per_head_results(self.attn.o_proj, z, hook)
+
+    def mlp_out_detailed(self, resid: torch.Tensor, hook: Hook) -> torch.Tensor:
+        gate, up = self.mlp.gate_up_proj(self.ln2.detailed(resid, hook, "ln2")).chunk(2, dim=-1)
+        pre, pre_linear = hook("mlp.hook_pre", gate), hook("mlp.hook_pre_linear", up)
+        return self.mlp.down_proj(hook("mlp.hook_post", F.silu(pre) * pre_linear))
+
 
 class LlamaModel(nn.Module):
+    detail_sites = DETAIL_SITES
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
