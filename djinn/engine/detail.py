@@ -44,7 +44,8 @@ def present(site: Site, value: torch.Tensor) -> torch.Tensor:
 
 
 def accept(site: Site, value: torch.Tensor) -> torch.Tensor:
-    return value.transpose(0, 1).contiguous() if site.heads_first else value
+    """A client's value for a site, token-first again (the swap undoes itself)."""
+    return present(site, value)
 
 
 class DetailRun:
