@@ -83,15 +83,20 @@ class DetailRun:
     def _edited(self, site: Site, value: torch.Tensor, edits: list[Edit]) -> torch.Tensor:
         r = self.row
         try:
-            mul, add = fold_edits(edits, r.span.start, r.span.n_tokens, tuple(value.shape[1:]), value.device)
+            new = edit_row(value, edits, r)
         except RuntimeError:  # only the history's length can disagree: it is known per step
             raise InvalidTensor(f"an edit at {site.name} does not fit its value's shape {list(value.shape[1:])} in "
                                 f"step {r.step} (its last dimension spans the {value.shape[-1]} positions "
                                 f"of the history)") from None
-        new = (value.float() * mul + add).to(value.dtype)
         if not torch.isfinite(new).all():
             raise NonFinite(f"an edit at {site.name} made its value NaN or Inf in step {r.step}")
         return new
+
+
+def edit_row(value: torch.Tensor, edits: list[Edit], row) -> torch.Tensor:
+    """One row's edits at a site applied to its value, in float32 and rounded once (as the batched edits)."""
+    mul, add = fold_edits(edits, row.span.start, row.span.n_tokens, tuple(value.shape[1:]), value.device)
+    return (value.float() * mul + add).to(value.dtype)
 
 
 def edits_inside(work: Optional[OpDetail]) -> bool:

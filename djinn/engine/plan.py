@@ -31,6 +31,10 @@ class Edit:
     def applies(self, step: int) -> bool:
         return self.steps is None or step in self.steps
 
+    def reaches(self, step: int, positions: list[int]) -> bool:
+        """Whether it applies to a row's tokens at `positions` in `step`."""
+        return self.applies(step) and (self.positions is None or any(p in self.positions for p in positions))
+
 
 @dataclass(frozen=True)
 class Probe:

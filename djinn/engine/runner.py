@@ -18,7 +18,7 @@ from ..errors import NonFinite
 from ..models.context import ForwardContext
 from ..sites import RESID, Site, SiteTable
 from .batch import RowSpan, build_context, to_device
-from .detail import DetailPause, DetailRun, OpDetail, edits_inside, present, row_kv
+from .detail import DetailPause, DetailRun, OpDetail, edit_row, edits_inside, present, row_kv
 from .plan import Edit, Plan, fold_edits
 from .step_plan import StepPlan, plan_step
 from .staging import HostStager, Staged
@@ -298,8 +298,7 @@ class Runner:
                         (chain_captures if s.index == host else work.captures).append((k, p))
         for k, es in plan.edits.items():
             if self.table[k].host == host and k != host:
-                mine = [e for e in es if e.applies(step) and (e.positions is None or
-                                                               any(p in e.positions for p in r.positions))]
+                mine = [e for e in es if e.reaches(step, r.positions)]
                 if mine:
                     work.edits[k] = mine
         changed = d.replacement is not None
@@ -308,11 +307,9 @@ class Runner:
                             replacement=d.replacement)
             new = self._detailed_op(site, r, d.op_input, run, write=changed)
             if changed:  # the op's output follows the client's value, then the edits at the op's own site
-                chain_edits = [e for e in plan.edits.get(host, []) if e.applies(step) and (
-                    e.positions is None or any(p in e.positions for p in r.positions))]
+                chain_edits = [e for e in plan.edits.get(host, []) if e.reaches(step, r.positions)]
                 if chain_edits:
-                    mul, add = fold_edits(chain_edits, r.span.start, r.span.n_tokens, tuple(new.shape[1:]), new.device)
-                    new = (new.float() * mul + add).to(new.dtype)
+                    new = edit_row(new, chain_edits, r)
                 if not torch.isfinite(new).all():
                     raise NonFinite(f"the value resumed at {self.table[d.site].name} made {site.name} NaN or Inf "
                                     f"in step {step}")

@@ -87,7 +87,7 @@ def plan_step(rows: list, table: SiteTable) -> StepPlan:
                 site = table[s]
                 if first <= site.host <= last:
                     for e in es:
-                        if e.applies(step) and (e.positions is None or any(p in e.positions for p in r.positions)):
+                        if e.reaches(step, r.positions):
                             if site.kind == DETAIL:
                                 details.setdefault(site.host, OpDetail()).edits.setdefault(s, []).append(e)
                             else:
