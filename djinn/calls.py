@@ -131,6 +131,20 @@ def _text(value: Any, limits: Any) -> str:
     return validation.text(value, "text")
 
 
+def _optional_bool(value: Any, limits: Any = None) -> Optional[bool]:
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequest(f"prepend_bos must be true, false or null, got {validation.shown(value)}")
+    return value
+
+
+def _text_or_ids(value: Any, limits: Any) -> Any:
+    return _text(value, limits) if isinstance(value, str) else int_list(value, "tokens", limits.max_prompt_tokens)
+
+
+def _encode_text_or_ids(value: Any) -> Any:
+    return value if isinstance(value, str) else [int(i) for i in value]
+
+
 SESSION = Arg("sid", required=True)  # ids are checked by the engine, which knows them
 CHECKPOINT = Arg("cid", required=True)
 MODEL = Arg("model", _model, _model)
@@ -140,6 +154,8 @@ ACTIVATION = Arg("activation", lambda v, lim: None if v is None else decode_tens
                  activation)
 PAUSE = Arg("pause", lambda v, lim: pause_id(v))
 TEXT = Arg("text", _text, required=True)
+PREPEND_BOS = Arg("prepend_bos", _optional_bool, _optional_bool)
+TOKENS = Arg("tokens", _text_or_ids, _encode_text_or_ids, required=True)
 IDS = Arg("ids", lambda v, lim: int_list(v, "ids", lim.max_prompt_tokens), lambda v: [int(i) for i in v],
           required=True)
 
@@ -179,7 +195,10 @@ CALLS: dict[str, Call] = {c.name: c for c in (
     Call("checkpoint_status", "GET", "/api/checkpoints/{cid}", (CHECKPOINT,), Owner.OF_ID, PLAIN),
     Call("restore", "POST", "/api/checkpoints/{cid}/restore", (CHECKPOINT,), Owner.OF_ID, ID, creates="session"),
     Call("delete_checkpoint", "DELETE", "/api/checkpoints/{cid}", (CHECKPOINT,), Owner.OF_ID, OK),
-    Call("tokenize", "POST", "/api/tokenize", (TEXT, MODEL), Owner.NONE, _field("ids"), on_engine_thread=False),
+    Call("tokenize", "POST", "/api/tokenize", (TEXT, MODEL, PREPEND_BOS), Owner.NONE, _field("ids"),
+         on_engine_thread=False),
+    Call("to_str_tokens", "POST", "/api/str_tokens", (TOKENS, MODEL), Owner.NONE, _field("tokens"),
+         on_engine_thread=False),
     Call("detokenize", "POST", "/api/detokenize", (IDS, MODEL), Owner.NONE, _field("text"), on_engine_thread=False),
 )}
 

@@ -27,6 +27,17 @@ class ModelInfo:
     sites: tuple[SiteInfo, ...] = ()  # every public hook site, in forward order
 
 
+@dataclass(frozen=True)
+class TopTokens:
+    """The k most likely tokens at each of n positions, best first: `ids` and `logprobs` are [n, k]."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+
+
+LensResult = TopTokens  # what a LogitLens reports for a (site, step): the top-k at each of its positions
+
+
 @dataclass
 class Token:
     token_id: int
@@ -61,7 +72,12 @@ class GenerateResult:
     token_ids: list[int]
     finish_reason: str  # "length" | "stop" | "context"
     captures: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
-    logits: Optional[torch.Tensor] = None  # [n_new_tokens, vocab_size] when return_logits=True
+    # return_logits=True: [n_new_tokens, vocab_size], the distribution each new token was drawn from;
+    # return_logits="all": [n_tokens, vocab_size] at each of the call's tokens (prompt and new), predicting the next
+    logits: Optional[torch.Tensor] = None
+    logprobs: Optional[torch.Tensor] = None  # logprobs=True: [n_tokens], log p(token | the tokens before it)
+    top_logprobs: Optional[TopTokens] = None  # top_logprobs=k: [n_new_tokens, k]
+    lens: dict[tuple[str, int], TopTokens] = field(default_factory=dict)  # LogitLens results by (site, step)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from safetensors.torch import save as st_save
 
 from .errors import (DjinnError, FrameTooLarge, InvalidRequest, InvalidTensor, LimitExceeded, MalformedFrame,
                      error_from_code)
-from .events import Done, Error, GenerateResult, ModelInfo, Paused, Token
+from .events import Done, Error, GenerateResult, ModelInfo, Paused, Token, TopTokens
 from .interventions import Ablate, Breakpoint, Capture, Replace, Scale, Steer
 from .sites import SiteInfo
 from .validation import INT64_MAX, shown, integer, number, text
@@ -391,7 +391,7 @@ def decode_interventions(v: Any, what: str, max_items: int, *, breakpoints: bool
 # ---------------------------------------------------------------- generate parameters and prompts
 
 GENERATE_PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_tokens", "return_logits",
-                   "interventions", "breakpoints", "activation_dtype")
+                   "logprobs", "top_logprobs", "interventions", "breakpoints", "activation_dtype")
 
 
 def encode_prompt(prompt: Any) -> Any:
@@ -459,8 +459,13 @@ def decode_params(d: Any, max_items: int = 65536) -> dict:
         elif k == "stop_tokens":
             v = None if v is None else int_list(v, k, max_items)
         elif k == "return_logits":
+            if not isinstance(v, bool) and v != "all":
+                raise _fail(k, "true, false or 'all'", v)
+        elif k == "logprobs":
             if not isinstance(v, bool):
                 raise _fail(k, "true or false", v)
+        elif k == "top_logprobs":
+            integer(v, k)
         elif k == "activation_dtype":
             if v is not None and not isinstance(v, str):
                 raise _fail(k, "a dtype name or null", v)
@@ -474,14 +479,23 @@ def decode_params(d: Any, max_items: int = 65536) -> dict:
 
 # ---------------------------------------------------------------- events and results
 
+def _top(t: Optional[TopTokens]) -> Optional[list]:
+    return None if t is None else [t.ids, t.logprobs]
+
+
 def encode_result(r: GenerateResult) -> dict:
     return {"text": r.text, "token_ids": list(r.token_ids), "finish_reason": r.finish_reason,
-            "captures": [[site, step, t] for (site, step), t in r.captures.items()], "logits": r.logits}
+            "captures": [[site, step, t] for (site, step), t in r.captures.items()], "logits": r.logits,
+            "logprobs": r.logprobs, "top_logprobs": _top(r.top_logprobs),
+            "lens": [[site, step, *_top(t)] for (site, step), t in r.lens.items()]}
 
 
 def decode_result(d: dict) -> GenerateResult:
+    top = d.get("top_logprobs")
     return GenerateResult(d["text"], list(d["token_ids"]), d["finish_reason"],
-                          {(site, step): t for site, step, t in d.get("captures") or []}, d.get("logits"))
+                          {(site, step): t for site, step, t in d.get("captures") or []}, d.get("logits"),
+                          d.get("logprobs"), None if top is None else TopTokens(*top),
+                          {(site, step): TopTokens(ids, lp) for site, step, ids, lp in d.get("lens") or []})
 
 
 def encode_error(e: DjinnError) -> dict:

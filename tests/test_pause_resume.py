@@ -41,7 +41,7 @@ def run_with_pauses(session, site, steps, edit=None):
 def test_unmodified_pause_is_bit_identical(client, reference, site):
     out, pauses = run_with_pauses(client.session(), site, [0, 1, 5])
     assert [(p.site, p.step) for p in pauses] == [(site, 0), (site, 1), (site, 5)]
-    n_prompt = len(client.tokenize(PROMPT)) + 1  # + BOS
+    n_prompt = len(client.tokenize(PROMPT))  # BOS included, as the prompt is fed
     assert pauses[0].positions == list(range(n_prompt))
     assert pauses[1].positions == [n_prompt]
     per_token = (8, 8) if site.endswith("hook_z") else (64,)

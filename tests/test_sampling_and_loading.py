@@ -64,8 +64,8 @@ def test_max_new_tokens_zero_runs_the_prompt_only(client):
     assert s.info()["kv_len"] == s.info()["n_tokens"]
     with pytest.raises(djinn.InvalidRequest, match="nothing to continue"):
         s.generate([], max_new_tokens=5)  # no pending token and no prompt: nothing to predict from
-    ids = client.tokenize(" there")
-    whole = client.session().generate([1] + client.tokenize("Once upon a time") + ids, max_new_tokens=5)
+    ids = client.tokenize(" there", prepend_bos=False)
+    whole = client.session().generate(client.tokenize("Once upon a time") + ids, max_new_tokens=5)
     assert s.generate(ids, max_new_tokens=5).token_ids == whole.token_ids
 
 

@@ -321,8 +321,11 @@ class AsyncClient:
     async def sessions(self) -> list[dict]:
         return await self._backend.call("list_sessions")
 
-    async def tokenize(self, text: str, model: Optional[str] = None) -> list[int]:
-        return await self._backend.call("tokenize", text, model)
+    async def tokenize(self, text: str, model: Optional[str] = None, prepend_bos: Optional[bool] = None) -> list[int]:
+        return await self._backend.call("tokenize", text, model, prepend_bos)
+
+    async def to_str_tokens(self, tokens: Any, model: Optional[str] = None) -> list[str]:
+        return await self._backend.call("to_str_tokens", tokens if isinstance(tokens, str) else list(tokens), model)
 
     async def detokenize(self, ids: Sequence[int], model: Optional[str] = None) -> str:
         return await self._backend.call("detokenize", list(ids), model)

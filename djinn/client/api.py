@@ -137,8 +137,14 @@ class Client:
     def sessions(self) -> list[dict]:
         return self._backend.call("list_sessions")
 
-    def tokenize(self, text: str, model: Optional[str] = None) -> list[int]:
-        return self._backend.call("tokenize", text, model)
+    def tokenize(self, text: str, model: Optional[str] = None, prepend_bos: Optional[bool] = None) -> list[int]:
+        """Exactly the ids `text` is fed as when it opens a session: BOS first where the model's tokenizer
+        adds one. A later prompt of a session gets no BOS: `prepend_bos=False` gives its ids."""
+        return self._backend.call("tokenize", text, model, prepend_bos)
+
+    def to_str_tokens(self, tokens: Prompt, model: Optional[str] = None) -> list[str]:
+        """Each token's text as it reads in place (spaces kept), of text (tokenized as `tokenize` does) or ids."""
+        return self._backend.call("to_str_tokens", tokens if isinstance(tokens, str) else list(tokens), model)
 
     def detokenize(self, ids: Sequence[int], model: Optional[str] = None) -> str:
         return self._backend.call("detokenize", list(ids), model)

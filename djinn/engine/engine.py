@@ -20,6 +20,7 @@ from ..errors import (CapacityError, Cancelled, ContextOverflow, Forbidden, Inva
 from ..events import Error, ModelInfo
 from ..interventions import Breakpoint
 from ..models.loading import DTYPES, LoadedModel
+from ..models.tokenizer import IncrementalDecoder
 from ..sites import RESID
 from .detail import accept
 from .kv_pool import KVPool
@@ -41,6 +42,7 @@ class TextTokens:
 Prompt = Union[str, TextTokens, Sequence[int]]
 # Sampling divides float32 logits by the temperature: within these bounds that never overflows.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e4
+MAX_TOP_LOGPROBS = 1024  # ids and log-probs of the k best tokens, each new token
 MAX_TOP_K = (1 << 31) - 1  # more than any vocabulary: top_k beyond the vocabulary keeps every token
 EXPIRED_REMEMBERED = 100_000  # expired session ids kept to tell their owners why they are gone
 
@@ -152,8 +154,25 @@ class Engine:
         plan = self.workers[s.model].compiler.compile(list(items))
         s.interventions, s.plan = list(items), plan
 
-    def tokenize(self, text: str, model: Optional[str] = None) -> list[int]:
-        return self._encode(self._worker(model), text)
+    def tokenize(self, text: str, model: Optional[str] = None, prepend_bos: Optional[bool] = None) -> list[int]:
+        """The ids `text` is fed as when it opens a session (BOS first where the model's tokenizer adds one),
+        or with `prepend_bos` False as a later prompt of a session is (True: BOS first in any case)."""
+        w = self._worker(model)
+        ids = self._encode(w, text)
+        if prepend_bos is None:
+            prepend_bos = w.tokenizer.add_bos
+        return ([w.tokenizer.bos_id] if prepend_bos and w.tokenizer.bos_id is not None else []) + ids
+
+    def to_str_tokens(self, tokens: Union[str, Sequence[int]], model: Optional[str] = None) -> list[str]:
+        """Each token's text as it reads in place (spaces kept), for text (tokenized as `tokenize` does) or
+        ids; the pieces join into the decoded text."""
+        w = self._worker(model)
+        ids = self.tokenize(tokens, model) if isinstance(tokens, str) else self._check_ids(w.cfg.vocab_size, tokens,
+                                                                                              "token id")
+        if w.tokenizer is None:
+            raise InvalidRequest(f"model {w.name} has no tokenizer")
+        decoder = IncrementalDecoder(w.tokenizer)
+        return [decoder.push(t) for t in ids]
 
     def detokenize(self, ids: Sequence[int], model: Optional[str] = None) -> str:
         w = self._worker(model)
@@ -166,10 +185,16 @@ class Engine:
     def generate(self, sid: str, owner: str, prompt: Prompt, sink: Callable[[object], None], *,
                  max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: Optional[int] = None, stop_tokens: Optional[Sequence[int]] = None,
-                 return_logits: bool = False, interventions: Sequence = (),
+                 return_logits: Union[bool, str] = False, logprobs: bool = False, top_logprobs: int = 0,
+                 interventions: Sequence = (),
                  breakpoints: Sequence[Breakpoint] = (), activation_dtype: Optional[str] = None) -> None:
         """Start a request; events go to `sink` from the engine thread. Raises on bad input, changing nothing.
-        Paused activations and captures arrive in the model's dtype, or in `activation_dtype` if given."""
+        Paused activations and captures arrive in the model's dtype, or in `activation_dtype` if given.
+
+        Scores (events.GenerateResult): `return_logits` True gives the distribution each new token was drawn
+        from, "all" the logits at every token of the call, prompt and new (the last new token is then fed
+        too, to have its row); `logprobs` log p of each token of the call; `top_logprobs` k the top-k of
+        each new token's distribution."""
         s = self._session(sid, owner)
         self._idle(s, "generate")
         w = self.workers[s.model]
@@ -192,12 +217,18 @@ class Engine:
             stop = frozenset([w.tokenizer.eos_id]) if w.tokenizer and w.tokenizer.eos_id is not None else frozenset()
         else:
             stop = frozenset(self._check_ids(cfg.vocab_size, stop_tokens, "stop token"))
+        if return_logits not in (False, True, "all"):
+            raise InvalidRequest(f"return_logits must be true, false or 'all', got {shown(return_logits)}")
+        if not isinstance(logprobs, bool):
+            raise InvalidRequest(f"logprobs must be true or false, got {shown(logprobs)}")
+        top_logprobs = validation.integer(top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if activation_dtype is not None and activation_dtype not in DTYPES:
             raise InvalidRequest(f"activation_dtype must be one of {sorted(DTYPES)}, got {shown(activation_dtype)}")
         plan = s.plan.extend(w.compiler.compile(list(interventions), list(breakpoints)))
-        req = Request(max_new_tokens, sampling, stop, bool(return_logits), plan, sink, len(s.history),
-                      DTYPES[activation_dtype] if activation_dtype else None, kv_blocks=need)
+        req = Request(max_new_tokens, sampling, stop, return_logits, plan, sink, len(s.history),
+                      DTYPES[activation_dtype] if activation_dtype else None, logprobs, top_logprobs, need)
         s.history.extend(tokens)
+        req.text_context = s.history[-1:]
         s.request, s.state, s.last_used = req, SessionState.RUNNING, time.monotonic()
 
     def encode_prompt(self, sid: str, prompt: Prompt) -> Prompt:
@@ -217,11 +248,7 @@ class Engine:
     def _prompt_tokens(self, w: ModelWorker, s: Session, prompt: Prompt) -> list[int]:
         if isinstance(prompt, (str, TextTokens)):
             ids = self._encode(w, prompt) if isinstance(prompt, str) else list(prompt.ids)
-            if w.tokenizer is None:
-                raise InvalidRequest(f"model {w.name} has no tokenizer; send token ids")
-            if not s.history and w.tokenizer.add_bos:
-                ids = [w.tokenizer.bos_id] + ids
-            return ids
+            return ([w.tokenizer.bos_id] if not s.history and w.tokenizer.add_bos else []) + ids
         return self._check_ids(w.cfg.vocab_size, prompt, "token id")
 
     @staticmethod

@@ -76,6 +76,8 @@ class StepOutput:
     # stayed finite; `spans` maps each row to its tokens there.
     edits_ok: Optional[torch.Tensor] = None
     spans: dict[int, tuple[int, int]] = field(default_factory=dict)  # id(row) -> (first token, end)
+    # the final norm's output at every token of the finished rows of several tokens that score each position
+    normed: dict[int, torch.Tensor] = field(default_factory=dict)  # id(row) -> [n_tokens, d_model]
 
     def watch_edits(self, rows: list[Row], edits_ok: torch.Tensor) -> torch.Tensor:
         """Start tracking the step's edits in `edits_ok` (a device buffer, reset here to all true)."""
@@ -110,12 +112,14 @@ class Runner:
         if not rows:
             return out
         graphs = self.graphs
-        if graphs is not None and graphs.run_loaded(rows, out):
+        # the graphs keep only each row's last position of the final norm: rows scoring every one run eagerly
+        every_position = any(r.span.n_tokens > 1 and r.request.scores_positions for r in rows)
+        if graphs is not None and not every_position and graphs.run_loaded(rows, out):
             return out
         plan = plan_step(rows, self.table)
         if plan.edits:
             out.watch_edits(rows, self.edits_ok)
-        if graphs is not None and not plan.details and graphs.holds(plan):
+        if graphs is not None and not plan.details and not every_position and graphs.holds(plan):
             graphs.run(plan, out)
         else:
             self._run_eagerly(plan, out)
@@ -152,7 +156,11 @@ class Runner:
                 ctx, _ = self._context([plan.rows[i] for i in live])
         if live:
             finished = [plan.rows[i] for i in live]
-            last = to_device(torch.tensor(self._offsets(finished)[1:]) - 1, self.device)
+            offsets = self._offsets(finished)
+            for r, lo, hi in zip(finished, offsets, offsets[1:]):
+                if hi - lo > 1 and r.request.scores_positions:
+                    out.normed[id(r)] = branch[lo:hi]
+            last = to_device(torch.tensor(offsets[1:]) - 1, self.device)
             out.logits = self.model.unembed(branch[last])
             out.finished = finished
 

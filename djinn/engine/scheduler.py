@@ -37,7 +37,10 @@ class Scheduler:
         if r is None:
             return False
         if r.pending is not None:  # its next token is in flight; schedule past it unless that one is the last
-            return len(r.generated) + 1 < r.max_new_tokens and r.pending[1] < self.max_seq_len
+            if r.finishing is not None:  # the step in flight feeds the call's last token
+                return False
+            last_fed = r.return_logits == "all"  # the call's last token is fed too
+            return len(r.generated) + 1 < r.max_new_tokens + last_fed and r.pending[1] < self.max_seq_len
         return s.state == SessionState.RUNNING or (s.state == SessionState.PAUSED and r.resumed)
 
     def has_work(self) -> bool:

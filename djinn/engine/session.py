@@ -6,7 +6,7 @@ import copy
 import itertools
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -15,6 +15,7 @@ from .plan import Plan
 from .batch import RowSpan
 from .runner import Pause
 from .sampling import SamplingParams
+from .scores import StepScores
 from .staging import Staged
 
 _arrival = itertools.count()
@@ -37,11 +38,13 @@ class Request:
     max_new_tokens: int
     sampling: SamplingParams
     stop_tokens: frozenset[int]
-    return_logits: bool
+    return_logits: Union[bool, str]  # False, True (the new tokens' distributions) or "all" (every position's)
     plan: Plan
     sink: Callable[[object], None]
     history_len_before: int
     activation_dtype: Optional[torch.dtype] = None  # dtype of activations sent back (None: the model's)
+    logprobs: bool = False  # log p of every token of the call, computed on the device
+    top_logprobs: int = 0  # k: the top-k of each new token's distribution
     kv_blocks: int = 0  # the device blocks the call may grow its session to
     waiting_since: Optional[float] = None  # when it found no KV memory to run in (None: not waiting)
     passed_over: bool = False  # left out of the last step for its token budget: goes first in the next
@@ -49,13 +52,27 @@ class Request:
     step: int = 0
     generated: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
+    scores: list[StepScores] = field(default_factory=list)
+    # with return_logits="all" the call's last token is fed too (its logits are the last row): the reason the
+    # call ends for once that step is read
+    finishing: Optional[str] = None
     captures: dict[tuple[str, int], Staged] = field(default_factory=dict)
     decoder: Optional[object] = None  # IncrementalDecoder of the generated text
+    text_context: list[int] = field(default_factory=list)  # the token before the new ones: their text follows it
     pause: Optional[Pause] = None  # where the row waits at a breakpoint, its state saved
     paused_since: float = 0.0
     resumed: bool = False  # the paused row re-enters at its site in the next step
     # (index among the sampled ids, its position) of this call's next token while a step in flight samples it
     pending: Optional[tuple[int, int]] = None
+
+    @property
+    def scores_positions(self) -> bool:
+        """Whether a step scores every position of a row (else only its last, the one the sampler reads)."""
+        return self.logprobs or self.return_logits == "all"
+
+    @property
+    def scored(self) -> bool:
+        return self.scores_positions or self.top_logprobs > 0
 
     def fork_for(self, session: "Session") -> "Request":
         """This paused call, copied for `session` (a fork made at the pause); it has no listener until a
@@ -65,7 +82,7 @@ class Request:
                           tokens=list(row.tokens), resid=row.resid.clone(),
                           branch=None if row.branch is None else row.branch.clone())
         fork = replace(self, sink=_no_listener, seq=next(_arrival), generated=list(self.generated),
-                       logits=list(self.logits), captures=dict(self.captures), decoder=copy.deepcopy(self.decoder),
+                       logits=list(self.logits), scores=list(self.scores), captures=dict(self.captures), decoder=copy.deepcopy(self.decoder),
                        pause=Pause(new_row, p.site, p.activation))
         new_row.request = fork
         return fork

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -23,6 +23,7 @@ from .plan import Compiler
 from .runner import Pause, Row, Runner, StepOutput
 from .sampling import sample
 from .scheduler import Scheduler
+from .scores import CallScores, StepScores, score_step
 from .session import Request, Session, SessionState
 from .staging import Staged
 from .stats import EngineStats
@@ -58,6 +59,7 @@ class InFlight:
     logit_rows: list[int]
     edits_ok: Optional[Staged] = None  # StepOutput.edits_ok, in a step with edits
     spans: Optional[list[tuple[int, int]]] = None  # each row's tokens there
+    scores: dict[int, StepScores] = field(default_factory=dict)  # by index in `rows`: rows whose call scores
 
 
 class ModelWorker:
@@ -207,8 +209,14 @@ class ModelWorker:
         n = len(rows)
         sample(out.logits, [r.request.sampling for r in rows], [r.step for r in rows], self.tallies,
                out=self.sampled[:2 * n].view(2, n))
+        scores = {}
         for i, r in enumerate(rows):
             r.request.pending = (i, r.span.start + r.span.n_tokens)
+            req = r.request
+            if req.scored:
+                scores[i] = score_step(self.model.unembed, r.span.start, r.tokens[1:], out.logits[i],
+                                       self.sampled[i:i + 1], out.normed.get(id(r)), req.logprobs,
+                                       req.return_logits == "all", req.top_logprobs, self.runner.stager)
         logit_rows = [i for i, r in enumerate(rows) if r.request.return_logits]
         logits = self.runner.stager.stage(out.logits[logit_rows].float()) if logit_rows else None
         edits_ok = spans = None
@@ -221,7 +229,7 @@ class ModelWorker:
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-        return InFlight(rows, host, done, logits, logit_rows, edits_ok, spans)
+        return InFlight(rows, host, done, logits, logit_rows, edits_ok, spans, scores)
 
     def drain(self) -> None:
         """Read the step in flight, if any, and hand out its tokens: afterwards every session is settled."""
@@ -251,8 +259,10 @@ class ModelWorker:
                 continue
             s.kv_len += row.span.n_tokens
             req.step += 1
-            if req.max_new_tokens == 0:
-                self._complete(s, "length")
+            if i in f.scores:
+                req.scores.append(f.scores[i])
+            if req.finishing is not None or req.max_new_tokens == 0:  # a step that only fed the call's tokens
+                self._complete(s, req.finishing or "length")
                 continue
             s.history.append(tok)
             req.generated.append(tok)
@@ -262,9 +272,9 @@ class ModelWorker:
                 req.logits.append(logits)
             _emit(req, Token(tok, self._text_delta(req), req.step - 1, logits))
             if tok in req.stop_tokens:
-                self._complete(s, "stop")
+                self._end(s, "stop")
             elif len(req.generated) >= req.max_new_tokens:
-                self._complete(s, "length")
+                self._end(s, "length")
             elif s.kv_len >= self.cfg.max_seq_len:
                 self._complete(s, "context")
 
@@ -272,7 +282,7 @@ class ModelWorker:
         if self.tokenizer is None:
             return ""
         if req.decoder is None:
-            req.decoder = IncrementalDecoder(self.tokenizer)
+            req.decoder = IncrementalDecoder(self.tokenizer, req.text_context)
         return req.decoder.push(req.generated[-1])
 
     def announce_pause(self, s: Session) -> None:
@@ -295,16 +305,31 @@ class ModelWorker:
             _emit(s.request, Paused(p.site, p.row.step, p.row.positions, a.activation.result(), pause_id=p.id))
         self._announcing = still
 
+    def _end(self, s: Session, reason: str) -> None:
+        """The call has its last token: it completes, once that token is fed if its logits are asked for."""
+        if s.request.return_logits == "all":
+            s.request.finishing = reason  # the scheduler feeds it as any unfed token
+        else:
+            self._complete(s, reason)
+
     def _complete(self, s: Session, reason: str) -> None:
         req = s.request
         dt = req.activation_dtype
         captures = {k: v.result() if dt is None else v.result().to(dt) for k, v in req.captures.items()}
-        logits = torch.stack(req.logits) if req.return_logits and req.logits else None
-        text = self.tokenizer.decode(req.generated) if self.tokenizer else ""
+        first, n = req.history_len_before, len(s.history) - req.history_len_before
+        scores = CallScores(req.scores)
+        if req.return_logits == "all":
+            logits = scores.logits(first, n, self.cfg.vocab_size)
+        else:
+            logits = torch.stack(req.logits) if req.return_logits and req.logits else None
+        logprobs = scores.logprobs(first, n) if req.logprobs else None
+        top = scores.top(list(range(len(s.history) - len(req.generated), len(s.history)))) \
+            if req.top_logprobs and req.generated else None
+        text = self.tokenizer.decode_after(req.text_context, req.generated) if self.tokenizer else ""
         s.request, s.state = None, SessionState.IDLE
         self.scheduler.trim(s)  # a step already queued past the end may have taken a block
         self.stats.requests_finished += 1
-        _emit(req, Done(GenerateResult(text, list(req.generated), reason, captures, logits)))
+        _emit(req, Done(GenerateResult(text, list(req.generated), reason, captures, logits, logprobs, top)))
 
     def fail(self, s: Session, error: DjinnError) -> None:
         """End the session's request with `error`; the session keeps every committed token."""

@@ -15,7 +15,7 @@ from .. import sites
 from .attention import RowKV, detailed_attention, paged_attention
 from .config import ModelConfig
 from .context import ForwardContext
-from .layers import Hook, LayerNorm, Linear, normed_linear
+from .layers import Hook, LayerNorm, Linear, normed_linear, prefixed, tl_heads_in, tl_heads_out, tl_linear, tl_norm
 
 # The values inside each op that the detailed path (the `*_detailed` methods) shows, in the order it computes them
 DETAIL_SITES = {"embed": sites.EMBEDDING, "attn_z": tuple(n for n in sites.ATTENTION if "rot_" not in n),
@@ -122,3 +122,19 @@ class GPT2Model(nn.Module):
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(x)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every weight by its TransformerLens name and in its layout (views)."""
+        h, dh = self.cfg.n_heads, self.cfg.d_head
+        out = {"W_E": self.embed.weight, "W_pos": self.pos_embed.weight}
+        for i, b in enumerate(self.blocks):
+            qkv = b.attn.qkv
+            out.update(prefixed(f"blocks.{i}", {
+                **tl_norm("ln1", b.ln1),
+                **prefixed("attn", {**tl_heads_in("W_Q", "b_Q", qkv, slice(0, h * dh), h, dh),
+                                    **tl_heads_in("W_K", "b_K", qkv, slice(h * dh, 2 * h * dh), h, dh),
+                                    **tl_heads_in("W_V", "b_V", qkv, slice(2 * h * dh, 3 * h * dh), h, dh),
+                                    **tl_heads_out(b.attn.proj, h, dh)}),
+                **tl_norm("ln2", b.ln2),
+                **prefixed("mlp", {**tl_linear("W_in", "b_in", b.mlp.fc), **tl_linear("W_out", "b_out", b.mlp.proj)})}))
+        return {**out, **tl_norm("ln_final", self.ln_final), **tl_linear("W_U", "b_U", self.lm_head)}

@@ -170,3 +170,41 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return fused(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------- weights by TransformerLens names
+# Views of the weights in TransformerLens's layout ([d_in, d_out] products, heads split out), nothing copied.
+
+def tl_linear(w: str, b: str, linear: nn.Linear, rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+    """A product (rows `rows` of a fused one) as `w` [d_in, d_out] and, if it has one, bias `b` [d_out]."""
+    out = {w: linear.weight[rows].T}
+    if linear.bias is not None:
+        out[b] = linear.bias[rows]
+    return out
+
+
+def tl_heads_in(w: str, b: str, linear: nn.Linear, rows: slice, n_heads: int, d_head: int) -> dict[str, torch.Tensor]:
+    """Per-head input products: `w` [n_heads, d_model, d_head] and bias `b` [n_heads, d_head]."""
+    out = {w: linear.weight[rows].view(n_heads, d_head, -1).transpose(1, 2)}
+    if linear.bias is not None:
+        out[b] = linear.bias[rows].view(n_heads, d_head)
+    return out
+
+
+def tl_heads_out(linear: nn.Linear, n_heads: int, d_head: int) -> dict[str, torch.Tensor]:
+    """The attention's output product: W_O [n_heads, d_head, d_model] and b_O [d_model]."""
+    out = {"W_O": linear.weight.T.reshape(n_heads, d_head, -1)}
+    if linear.bias is not None:
+        out["b_O"] = linear.bias
+    return out
+
+
+def tl_norm(name: str, norm: _Norm) -> dict[str, torch.Tensor]:
+    out = {f"{name}.w": norm.weight}
+    if norm.bias is not None:
+        out[f"{name}.b"] = norm.bias
+    return out
+
+
+def prefixed(prefix: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in weights.items()}

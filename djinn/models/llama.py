@@ -22,7 +22,8 @@ from .attention import RowKV, detailed_attention, paged_attention
 from .config import ModelConfig
 from .context import ForwardContext
 from .gpt2 import per_head_results
-from .layers import Hook, Linear, RMSNorm, Rotary, normed_linear, silu_mul
+from .layers import (Hook, Linear, RMSNorm, Rotary, normed_linear, prefixed, silu_mul, tl_heads_in, tl_heads_out,
+                     tl_linear, tl_norm)
 
 # The values inside each op that the detailed path (the `*_detailed` methods) shows; the embedding is the
 # residual stream's start, so `hook_embed` is `blocks.0.hook_resid_pre`
@@ -118,3 +119,22 @@ class LlamaModel(nn.Module):
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(x)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every weight by its TransformerLens name and in its layout (views)."""
+        c = self.cfg
+        q, kv = c.n_heads * c.d_head, c.n_kv_heads * c.d_head
+        out = {"W_E": self.embed.weight}
+        for i, b in enumerate(self.blocks):
+            qkv, gate_up = b.attn.qkv_proj, b.mlp.gate_up_proj
+            out.update(prefixed(f"blocks.{i}", {
+                **tl_norm("ln1", b.ln1),
+                **prefixed("attn", {**tl_heads_in("W_Q", "b_Q", qkv, slice(0, q), c.n_heads, c.d_head),
+                                    **tl_heads_in("W_K", "b_K", qkv, slice(q, q + kv), c.n_kv_heads, c.d_head),
+                                    **tl_heads_in("W_V", "b_V", qkv, slice(q + kv, q + 2 * kv), c.n_kv_heads, c.d_head),
+                                    **tl_heads_out(b.attn.o_proj, c.n_heads, c.d_head)}),
+                **tl_norm("ln2", b.ln2),
+                **prefixed("mlp", {**tl_linear("W_gate", "b_gate", gate_up, slice(0, c.d_mlp)),
+                                   **tl_linear("W_in", "b_in", gate_up, slice(c.d_mlp, 2 * c.d_mlp)),
+                                   **tl_linear("W_out", "b_out", b.mlp.down_proj)})}))
+        return {**out, **tl_norm("ln_final", self.ln_final), **tl_linear("W_U", "b_U", self.lm_head)}

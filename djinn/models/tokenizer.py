@@ -13,6 +13,13 @@ class Tokenizer:
         self._backend, self.kind = backend, kind
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
 
+    def decode_after(self, context: list[int], ids: list[int]) -> str:
+        """The text of `ids` as it reads after `context` (the tokens before them): a tokenizer that drops the
+        space of a word-initial token at the start of a text keeps it here."""
+        if not context:
+            return self.decode(ids)
+        return self.decode(context + ids)[len(self.decode(context)):]
+
     def encode(self, text: str) -> list[int]:
         if self.kind == "sentencepiece":
             return list(self._backend.encode(text))
@@ -67,11 +74,13 @@ class IncrementalDecoder:
     full decode per token would cost O(n) per token). Holds text back while it ends in an incomplete UTF-8
     sequence, so that the deltas join into exactly the full decode."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, context: list[int] = ()):
+        """`context`: the tokens before the first pushed one (at most one is used), so that its text reads
+        as it does after them."""
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context[-1:])
         self._prefix = 0  # window start: one token of context keeps leading spaces right
-        self._read = 0  # ids before this are already in the emitted text
+        self._read = len(self.ids)  # ids before this are already in the emitted text
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
