@@ -3,10 +3,12 @@ activation, resume, while every other session keeps running on the same batched 
 from .client import Checkpoint, Client, Session, connect
 from .errors import *  # noqa: F401,F403  (every typed error is part of the public API)
 from .errors import DjinnError
-from .events import Done, Error, GenerateResult, ModelInfo, Paused, Token
-from .interventions import Ablate, Breakpoint, Capture, Replace, Scale, Steer
+from .events import Done, Error, GenerateResult, LensResult, ModelInfo, ParameterInfo, Paused, Token, TopTokens
+from .interventions import Ablate, Breakpoint, Capture, LogitLens, Replace, Scale, Steer
+from .sites import SiteInfo
 
 __version__ = "0.1.0"
 
 __all__ = ["connect", "Client", "Session", "Checkpoint", "DjinnError", "Token", "Paused", "Done", "Error",
-           "GenerateResult", "ModelInfo", "Steer", "Scale", "Replace", "Ablate", "Capture", "Breakpoint"]
+           "GenerateResult", "ModelInfo", "ParameterInfo", "SiteInfo", "TopTokens", "LensResult", "Steer", "Scale",
+           "Replace", "Ablate", "Capture", "LogitLens", "Breakpoint"]

@@ -24,6 +24,7 @@ import torch
 
 from . import validation
 from .errors import InvalidRequest, InvalidTensor
+from .sites import SiteInfo
 from .wire import decode_interventions, decode_model_info, decode_tensor, encode_intervention, int_list, pause_id
 
 
@@ -61,7 +62,7 @@ class Reply:
 class Call:
     name: str
     verb: str
-    path: str  # "{...}" in it names the first argument
+    path: str  # each "{...}" in it names one of the first arguments, in order
     args: tuple[Arg, ...]
     owner: Owner
     reply: Reply
@@ -70,7 +71,7 @@ class Call:
 
     @property
     def in_path(self) -> tuple[Arg, ...]:
-        return self.args[:1] if "{" in self.path else ()
+        return self.args[:self.path.count("{")]
 
     @property
     def in_body(self) -> tuple[Arg, ...]:
@@ -156,6 +157,8 @@ PAUSE = Arg("pause", lambda v, lim: pause_id(v))
 TEXT = Arg("text", _text, required=True)
 PREPEND_BOS = Arg("prepend_bos", _optional_bool, _optional_bool)
 TOKENS = Arg("tokens", _text_or_ids, _encode_text_or_ids, required=True)
+WEIGHT = Arg("name", required=True)  # names are checked by the engine, which knows them
+START, STOP = Arg("start"), Arg("stop")  # rows of a weight's first dimension; checked by the engine
 IDS = Arg("ids", lambda v, lim: int_list(v, "ids", lim.max_prompt_tokens), lambda v: [int(i) for i in v],
           required=True)
 
@@ -177,12 +180,16 @@ OK = Reply(lambda r: {"ok": True}, lambda body: None)
 ID = _field("id")
 PLAIN = Reply(plain, _as_is)
 MODELS = Reply(plain, lambda body: [decode_model_info(m) for m in body])
+SITES = Reply(plain, lambda body: [SiteInfo(s["name"], tuple(s["shape"]), s["kind"]) for s in body])
 
 
 # ---------------------------------------------------------------- the calls
 
 CALLS: dict[str, Call] = {c.name: c for c in (
     Call("models", "GET", "/api/models", (), Owner.NONE, MODELS),
+    Call("sites", "GET", "/api/models/{model}/sites", (MODEL,), Owner.NONE, SITES, on_engine_thread=False),
+    Call("weight", "GET", "/api/models/{model}/weights/{name}", (WEIGHT, MODEL, START, STOP), Owner.NONE,
+         _field("tensor"), on_engine_thread=False),
     Call("create_session", "POST", "/api/sessions", (MODEL,), Owner.CALLER, ID, creates="session"),
     Call("list_sessions", "GET", "/api/sessions", (), Owner.CALLER, PLAIN),
     Call("session_info", "GET", "/api/sessions/{sid}", (SESSION,), Owner.OF_ID, PLAIN),

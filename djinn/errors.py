@@ -32,6 +32,11 @@ class UnknownSite(DjinnError):
     code = "unknown_site"
 
 
+class UnknownParameter(DjinnError):
+    code = "unknown_parameter"
+    http_status = 404
+
+
 class UnknownSession(DjinnError):
     code = "unknown_session"
     http_status = 404

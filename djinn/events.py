@@ -11,6 +11,15 @@ from .sites import SiteInfo
 
 
 @dataclass(frozen=True)
+class ParameterInfo:
+    """A weight `client.weight(name)` reads, by its TransformerLens name, with its shape in that layout."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     family: str
@@ -25,6 +34,7 @@ class ModelInfo:
     device: str
     has_tokenizer: bool
     sites: tuple[SiteInfo, ...] = ()  # every public hook site, in forward order
+    parameters: tuple[ParameterInfo, ...] = ()  # every weight client.weight() reads
 
 
 @dataclass(frozen=True)

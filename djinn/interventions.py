@@ -79,6 +79,19 @@ class Capture:
 
 
 @dataclass(frozen=True)
+class LogitLens:
+    """The logit lens at `site`, on the server: its value through the model's final norm and unembedding,
+    reduced to the `top_k` tokens and their log-probabilities at each position (or only at `positions`);
+    returned in `out.lens[(site, step)]` as ids and logprobs [n_positions, top_k]. Sites whose value is
+    residual-shaped (the resid sites, attn_out, mlp_out; per head at attn.hook_result) take it."""
+
+    site: str
+    top_k: int = 10
+    positions: Optional[Sequence[int]] = None
+    steps: StepsSpec = None
+
+
+@dataclass(frozen=True)
 class Breakpoint:
     """Pause the session at `site` on the given steps, hand the activation to the client, wait for resume."""
 

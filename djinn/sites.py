@@ -77,6 +77,7 @@ class SiteTable:
     op (local names, in order); an op without an entry has none."""
 
     def __init__(self, cfg, details: dict[str, tuple[str, ...]]):
+        self.cfg = cfg
         n, d, z = cfg.n_layers, (cfg.d_model,), (cfg.n_heads, cfg.d_head)
         chain = [("blocks.0.hook_resid_pre", -1, RESID, "embed", d)]
         for i in range(n):

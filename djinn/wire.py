@@ -32,8 +32,8 @@ from safetensors.torch import save as st_save
 
 from .errors import (DjinnError, FrameTooLarge, InvalidRequest, InvalidTensor, LimitExceeded, MalformedFrame,
                      error_from_code)
-from .events import Done, Error, GenerateResult, ModelInfo, Paused, Token, TopTokens
-from .interventions import Ablate, Breakpoint, Capture, Replace, Scale, Steer
+from .events import Done, Error, GenerateResult, ModelInfo, ParameterInfo, Paused, Token, TopTokens
+from .interventions import Ablate, Breakpoint, Capture, LogitLens, Replace, Scale, Steer
 from .sites import SiteInfo
 from .validation import INT64_MAX, shown, integer, number, text
 
@@ -317,17 +317,19 @@ _SCHEMA: dict[str, tuple[type, dict[str, tuple[str, Any]]]] = {
     "ablate": (Ablate, {"site": ("site", _MISSING), "mean": ("optional_tensor", None),
                         "positions": ("positions", None), "steps": _STEPS}),
     "capture": (Capture, {"site": ("site", _MISSING), "steps": _STEPS}),
+    "logit_lens": (LogitLens, {"site": ("site", _MISSING), "top_k": ("integer", 10), "positions": ("positions", None),
+                               "steps": _STEPS}),
     "breakpoint": (Breakpoint, {"site": ("site", _MISSING), "steps": ("steps", 0)}),
 }
 _KIND_OF = {cls: kind for kind, (cls, _) in _SCHEMA.items()}
-INTERVENTION_KINDS = ("steer", "scale", "replace", "ablate", "capture")
+INTERVENTION_KINDS = ("steer", "scale", "replace", "ablate", "capture", "logit_lens")
 
 
 def encode_intervention(item: Any) -> dict:
     kind = _KIND_OF.get(type(item))
     if kind is None:
         raise InvalidRequest(f"not an intervention: {type(item).__name__} (use Steer, Scale, Replace, Ablate, "
-                             f"Capture or Breakpoint)")
+                             f"Capture, LogitLens or Breakpoint)")
     out: dict[str, Any] = {"type": kind}
     for name, (vkind, _) in _SCHEMA[kind][1].items():
         value = getattr(item, name)
@@ -366,6 +368,8 @@ def decode_intervention(d: Any, *, allowed: tuple[str, ...] = INTERVENTION_KINDS
             v = None if v is None else decode_tensor(v, what)
         elif vkind == "number":
             v = number(v, what)
+        elif vkind == "integer":
+            v = integer(v, what)
         elif vkind == "number_or_tensor":
             v = number(v, what) if is_number(v) else decode_tensor(v, what)
         elif vkind == "positions":
@@ -533,6 +537,8 @@ def decode_model_info(d: dict) -> ModelInfo:
     names = {f.name for f in dataclasses.fields(ModelInfo)}
     fields = {k: v for k, v in d.items() if k in names}
     fields["sites"] = tuple(SiteInfo(s["name"], tuple(s["shape"]), s["kind"]) for s in fields.get("sites", ()))
+    fields["parameters"] = tuple(ParameterInfo(p["name"], tuple(p["shape"]), p["dtype"])
+                                 for p in fields.get("parameters", ()))
     return ModelInfo(**fields)
 
 

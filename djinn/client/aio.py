@@ -25,6 +25,8 @@ from ..calls import activation
 from ..errors import DjinnError, FrameTooLarge, ProtocolMismatch, error_from_code
 from ..events import Done, Error, GenerateResult, ModelInfo, Paused
 from ..interventions import Breakpoint
+from ..sites import SiteInfo
+from .api import weight_parts
 from ..wire import MSGPACK, PROTOCOL_VERSION, decode_event, mismatch_message, pack
 from .remote import (API_KEY_ENV, NODELAY, OutOfStep, StreamClosed, _p, base_headers, check_hello,
                      closed_error, control_result, decode_body, frame_map, generate_frame, hello_frame, normalize_url,
@@ -311,6 +313,7 @@ class AsyncSession:
 class AsyncClient:
     def __init__(self, backend: AsyncRemoteBackend):
         self._backend = backend
+        self._models: Optional[list[ModelInfo]] = None
 
     async def models(self) -> list[ModelInfo]:
         return await self._backend.call("models")
@@ -320,6 +323,18 @@ class AsyncClient:
 
     async def sessions(self) -> list[dict]:
         return await self._backend.call("list_sessions")
+
+    async def sites(self, model: Optional[str] = None) -> list[SiteInfo]:
+        return await self._backend.call("sites", model)
+
+    async def weight(self, name: str, model: Optional[str] = None) -> torch.Tensor:
+        """As Client.weight: a copy of a weight by its TransformerLens name, in parts."""
+        if self._models is None:
+            self._models = await self.models()
+        parts = weight_parts(self._models, name, model)
+        if parts is None:
+            return await self._backend.call("weight", name, model)
+        return torch.cat([await self._backend.call("weight", name, model, lo, hi) for lo, hi in parts])
 
     async def tokenize(self, text: str, model: Optional[str] = None, prepend_bos: Optional[bool] = None) -> list[int]:
         return await self._backend.call("tokenize", text, model, prepend_bos)

@@ -2,14 +2,19 @@
 a remote server; only the backend underneath differs."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Iterator, Optional, Protocol, Sequence, Union
+
+import torch
 
 from ..errors import DjinnError
 from ..events import Done, Error, GenerateResult, ModelInfo, Paused
 from ..interventions import Breakpoint
+from ..sites import SiteInfo
 
 Prompt = Union[str, Sequence[int]]
+WEIGHT_PART_BYTES = 8 << 20  # a weight travels in parts of at most this, well under any frame limit
 
 
 class Backend(Protocol):
@@ -24,6 +29,16 @@ class Backend(Protocol):
     def attach(self, sid: str) -> Iterator[object]: ...
 
     def close(self) -> None: ...
+
+
+def weight_parts(models: list[ModelInfo], name: str, model: Optional[str]) -> Optional[list[tuple[int, int]]]:
+    """The row ranges of its first dimension a weight is read in, or None where no model lists it."""
+    m = next((m for m in models if m.name == model), None) if model else models[0]
+    info = next((p for p in m.parameters if p.name == name), None) if m else None
+    if info is None:
+        return None
+    rows = max(1, WEIGHT_PART_BYTES // (math.prod(info.shape[1:]) * getattr(torch, info.dtype).itemsize))
+    return [(lo, min(lo + rows, info.shape[0])) for lo in range(0, info.shape[0], rows)]
 
 
 class Checkpoint:
@@ -127,6 +142,7 @@ class Session:
 class Client:
     def __init__(self, backend: Backend):
         self._backend = backend
+        self._models: Optional[list[ModelInfo]] = None  # the server's models, once a weight is read
 
     def models(self) -> list[ModelInfo]:
         return self._backend.call("models")
@@ -136,6 +152,20 @@ class Client:
 
     def sessions(self) -> list[dict]:
         return self._backend.call("list_sessions")
+
+    def sites(self, model: Optional[str] = None) -> list[SiteInfo]:
+        """Every public hook site of the model, in forward order, with its shape."""
+        return self._backend.call("sites", model)
+
+    def weight(self, name: str, model: Optional[str] = None) -> torch.Tensor:
+        """A copy of a weight by its TransformerLens name (`ModelInfo.parameters` lists them), e.g. "W_U" or
+        "blocks.3.attn.W_Q"; a large one arrives in parts of at most WEIGHT_PART_BYTES."""
+        if self._models is None:
+            self._models = self.models()
+        parts = weight_parts(self._models, name, model)
+        if parts is None:  # the server says why (an unknown weight or model)
+            return self._backend.call("weight", name, model)
+        return torch.cat([self._backend.call("weight", name, model, lo, hi) for lo, hi in parts])
 
     def tokenize(self, text: str, model: Optional[str] = None, prepend_bos: Optional[bool] = None) -> list[int]:
         """Exactly the ids `text` is fed as when it opens a session: BOS first where the model's tokenizer

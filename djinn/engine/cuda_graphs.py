@@ -235,7 +235,7 @@ class StepGraphs:
             lo, hi = plan.offsets[i], plan.offsets[i + 1]
             for at, probe in s.captures:
                 if at == site_index:  # a copy first: the buffers change with the next segment
-                    out.captures.append((r, probe.name, self.runner.stager.stage(value[lo:hi].clone())))
+                    self.runner.take(out, r, probe, value[lo:hi].clone())
             if s.pause is not None and s.last == site_index:
                 out.paused.append(r.pause_here(s.pause, site_index, resid, branch, value[lo:hi], lo, hi))
             elif s.first == site_index + 1:

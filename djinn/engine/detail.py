@@ -9,7 +9,7 @@ detailed output, and its edited keys and values are written to the cache.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -17,7 +17,6 @@ from ..errors import InvalidTensor, NonFinite
 from ..models.attention import RowKV
 from ..sites import Site, SiteTable
 from .plan import Edit, Probe, fold_edits
-from .staging import HostStager
 
 
 @dataclass
@@ -52,10 +51,11 @@ class DetailRun:
     """The hook of one row's detailed op. `skip_before`: a resumed row's run re-derives the values before
     its pause site without reporting them again, and takes `replacement` (if any) at that site."""
 
-    def __init__(self, table: SiteTable, host: int, row, work: OpDetail, stager: HostStager, captures: list,
+    def __init__(self, table: SiteTable, host: int, row, work: OpDetail, take: Callable[[Any, Probe, torch.Tensor], None],
                  skip_before: Optional[int] = None, replacement: Optional[torch.Tensor] = None):
+        """`take(row, probe, value)` records a capture (runner.Runner.take)."""
         self.sites = {s.local: s for s in table.details if s.host == host}
-        self.row, self.work, self.stager, self.captures = row, work, stager, captures
+        self.row, self.work, self.take = row, work, take
         self.order = table.order
         self.resume_at = None if skip_before is None else table.order(table[skip_before])
         self.replacement = replacement
@@ -74,7 +74,7 @@ class DetailRun:
             return value
         for at, probe in self.work.captures:
             if at == site.index:
-                self.captures.append((self.row, probe.name, self.stager.stage(present(site, value))))
+                self.take(self.row, probe, present(site, value))
         pause = self.work.pause
         if pause is not None and pause.site == site.index and self.paused is None:
             self.paused = (pause, value.clone())

@@ -16,14 +16,16 @@ import torch
 from .. import validation
 from ..validation import shown
 from ..errors import (CapacityError, Cancelled, ContextOverflow, Forbidden, InvalidRequest, LimitExceeded, NotPaused,
-                      SessionBusy, SessionExpired, TokenOutOfRange, UnknownCheckpoint, UnknownModel, UnknownSession)
-from ..events import Error, ModelInfo
+                      SessionBusy, SessionExpired, TokenOutOfRange, UnknownCheckpoint, UnknownModel, UnknownParameter,
+                      UnknownSession)
+from ..events import Error, ModelInfo, ParameterInfo
 from ..interventions import Breakpoint
 from ..models.loading import DTYPES, LoadedModel
 from ..models.tokenizer import IncrementalDecoder
-from ..sites import RESID
+from ..sites import RESID, SiteInfo
 from .detail import accept
 from .kv_pool import KVPool
+from .plan import Plan
 from .sampling import SamplingParams
 from .stats import EngineStats
 from .session import CheckpointRecord, Request, Session, SessionInfo, SessionState
@@ -123,8 +125,27 @@ class Engine:
             c = w.cfg
             out.append(ModelInfo(w.name, c.family, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head,
                                  c.vocab_size, c.max_seq_len, str(w.dtype).removeprefix("torch."), str(w.device),
-                                 w.tokenizer is not None, tuple(w.sites.info())))
+                                 w.tokenizer is not None, tuple(w.sites.info()),
+                                 tuple(ParameterInfo(k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                                       for k, v in w.weights.items())))
         return out
+
+    def sites(self, model: Optional[str] = None) -> list[SiteInfo]:
+        return list(self._worker(model).sites.info())
+
+    def weight(self, name: str, model: Optional[str] = None, start: Optional[int] = None,
+               stop: Optional[int] = None) -> torch.Tensor:
+        """A copy of the weight of that TransformerLens name (ModelInfo.parameters), on the host; with
+        `start`/`stop`, of those rows of its first dimension (a large weight travels in parts)."""
+        w = self._worker(model)
+        t = w.weights.get(name) if isinstance(name, str) else None
+        if t is None:
+            raise UnknownParameter(f"model {w.name} has no weight {shown(name)}; ModelInfo.parameters lists its "
+                                   f"{len(w.weights)} weights (e.g. {', '.join(list(w.weights)[:3])})")
+        n = len(t)
+        start = 0 if start is None else validation.integer(start, "start", 0, n)
+        stop = n if stop is None else validation.integer(stop, "stop", start, n)
+        return t[start:stop].detach().to("cpu", copy=True)
 
     def create_session(self, owner: str, model: Optional[str] = None) -> str:
         w = self._worker(model)
@@ -224,7 +245,10 @@ class Engine:
         top_logprobs = validation.integer(top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if activation_dtype is not None and activation_dtype not in DTYPES:
             raise InvalidRequest(f"activation_dtype must be one of {sorted(DTYPES)}, got {shown(activation_dtype)}")
-        plan = s.plan.extend(w.compiler.compile(list(interventions), list(breakpoints)))
+        own = w.compiler.compile(list(interventions), list(breakpoints))
+        last = total - 1 + max(0, max_new_tokens - 1) + (return_logits == "all" and max_new_tokens > 0)
+        self._check_reach(w, own, s.kv_len, min(last, cfg.max_seq_len - 1))
+        plan = s.plan.extend(own)
         req = Request(max_new_tokens, sampling, stop, return_logits, plan, sink, len(s.history),
                       DTYPES[activation_dtype] if activation_dtype else None, logprobs, top_logprobs, need)
         s.history.extend(tokens)
@@ -250,6 +274,19 @@ class Engine:
             ids = self._encode(w, prompt) if isinstance(prompt, str) else list(prompt.ids)
             return ([w.tokenizer.bos_id] if not s.history and w.tokenizer.add_bos else []) + ids
         return self._check_ids(w.cfg.vocab_size, prompt, "token id")
+
+    @staticmethod
+    def _check_reach(w: ModelWorker, plan: Plan, first: int, last: int) -> None:
+        """A call's interventions name only positions it computes (first..last): one it never reaches would
+        do nothing, silently."""
+        named = [(w.sites[e.site].name, e.positions) for es in plan.edits.values() for e in es] + \
+                [(w.sites[p.site].name, p.lens.positions) for ps in plan.captures.values() for p in ps if p.lens]
+        for site, positions in named:
+            outside = sorted(p for p in positions or () if not first <= p <= last)
+            if outside:
+                earlier = f"; earlier calls computed positions 0 to {first - 1}" if first else ""
+                raise InvalidRequest(f"positions {outside[:8]} at {site} are outside what this call computes: "
+                                     f"positions {first} to {last}{earlier}")
 
     @staticmethod
     def _check_ids(vocab: int, ids, what: str) -> list[int]:

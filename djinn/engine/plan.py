@@ -3,6 +3,7 @@ and convert tensors once, so that a step only looks up what applies to it."""
 from __future__ import annotations
 
 import itertools
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -11,9 +12,10 @@ import torch
 
 from .. import validation
 from ..errors import InvalidRequest, InvalidTensor
-from ..interventions import EDIT_TYPES, Ablate, Breakpoint, Capture, Replace, Scale, Steer, normalize_steps
+from ..interventions import EDIT_TYPES, Ablate, Breakpoint, Capture, LogitLens, Replace, Scale, Steer, normalize_steps
 from ..sites import KEYS, Site, SiteTable
 from .batch import to_device
+from .lens import Lens
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,12 @@ class Edit:
 
 @dataclass(frozen=True)
 class Probe:
-    """A capture or a breakpoint: a public site name to report under."""
+    """A capture, a logit lens or a breakpoint: a public site name to report under."""
 
     site: int
     name: str
     steps: Optional[frozenset[int]]
+    lens: Optional[Lens] = None  # a capture that reports the value's logit lens instead of the value
 
     def applies(self, step: int) -> bool:
         return self.steps is None or step in self.steps
@@ -151,12 +154,22 @@ class Compiler:
                 steps = self._steps(item.steps)
                 for name, site in self.sites.resolve(item.site):
                     plan.captures[site.index].append(Probe(site.index, name, steps))
+            elif isinstance(item, LogitLens):
+                lens = self._lens(item)
+                for name, site in self.sites.resolve(item.site):
+                    if site.shape[-1] != self.sites.cfg.d_model or site.heads_first:
+                        raise InvalidRequest(f"LogitLens needs a residual-shaped site (its values end in d_model "
+                                             f"{self.sites.cfg.d_model}); {name} has shape {list(site.shape)}")
+                    if any(p.lens is not None for p in plan.captures[site.index]):
+                        raise InvalidRequest(f"two LogitLens at {name}: their results would share out.lens[({name!r}, "
+                                             f"step)]; ask for one (the larger top_k)")
+                    plan.captures[site.index].append(Probe(site.index, name, self._steps(item.steps), lens))
             elif isinstance(item, EDIT_TYPES):
                 for name, site in self.sites.resolve(item.site):
                     plan.edits[site.index].append(self._edit(item, name, site))
             else:
                 raise InvalidRequest(f"not an intervention: {type(item).__name__} (use Steer, Scale, Replace, "
-                                     f"Ablate or Capture)")
+                                     f"Ablate, Capture or LogitLens)")
         for bp in breakpoints:
             if not isinstance(bp, Breakpoint):
                 raise InvalidRequest(f"breakpoints must be djinn.Breakpoint, got {type(bp).__name__}")
@@ -164,6 +177,20 @@ class Compiler:
             for name, site in self.sites.resolve(bp.site):
                 plan.breakpoints[site.index].append(Probe(site.index, name, steps))
         return plan
+
+    def _lens(self, item: LogitLens) -> Lens:
+        top_k = validation.integer(item.top_k, "LogitLens top_k", 1, self.sites.cfg.vocab_size)
+        return Lens(top_k, None if item.positions is None else frozenset(self._positions(item.positions, item.site)))
+
+    @staticmethod
+    def _positions(positions, name: str) -> tuple[int, ...]:
+        try:
+            out = tuple(operator.index(p) for p in positions)
+        except TypeError:
+            raise InvalidRequest(f"positions for {name} must be a list of integers") from None
+        if not out or min(out) < 0 or len(set(out)) != len(out):
+            raise InvalidRequest(f"positions for {name} must be distinct non-negative integers")
+        return out
 
     @staticmethod
     def _number(value, what: str) -> float:
@@ -184,9 +211,7 @@ class Compiler:
         once, as `act * 0.9` with a Python number does in PyTorch."""
         shape = self.site_shape(site)
         f32 = torch.float32
-        positions = None if item.positions is None else tuple(int(p) for p in item.positions)
-        if positions is not None and (len(positions) == 0 or min(positions) < 0 or len(set(positions)) != len(positions)):
-            raise InvalidRequest(f"positions for {name} must be distinct non-negative integers")
+        positions = None if item.positions is None else self._positions(item.positions, name)
         n_rows = len(positions) if positions is not None else None
         common = dict(site=site.index, steps=self._steps(item.steps), positions=positions)
         what = f"{type(item).__name__} tensor for {name}"

@@ -19,7 +19,8 @@ from ..models.context import ForwardContext
 from ..sites import RESID, Site, SiteTable
 from .batch import RowSpan, build_context, to_device
 from .detail import DetailPause, DetailRun, OpDetail, edit_row, edits_inside, present, row_kv
-from .plan import Edit, Plan, fold_edits
+from .lens import StagedTop, apply_lens
+from .plan import Edit, Plan, Probe, fold_edits
 from .step_plan import StepPlan, plan_step
 from .staging import HostStager, Staged
 
@@ -72,6 +73,7 @@ class StepOutput:
     logits: Optional[torch.Tensor] = None  # [len(finished), vocab]: each finished row's last token
     paused: list[Pause] = field(default_factory=list)
     captures: list[tuple[Row, str, Staged]] = field(default_factory=list)
+    lenses: list[tuple[Row, str, StagedTop]] = field(default_factory=list)
     # In a step with edits: per token (rows in the order the step was given them), whether every edited value
     # stayed finite; `spans` maps each row to its tokens there.
     edits_ok: Optional[torch.Tensor] = None
@@ -173,6 +175,16 @@ class Runner:
 
     # ------------------------------------------------------------------ helpers
 
+    def take(self, out: StepOutput, row: Row, probe: Probe, value: torch.Tensor) -> None:
+        """A capture of the row's `value` at the probe's site, on its way to the host: the value itself, or
+        for a logit lens its top-k (reduced here, on the device)."""
+        if probe.lens is None:
+            out.captures.append((row, probe.name, self.stager.stage(value)))
+            return
+        top = apply_lens(self.model, probe.lens, value, row.span.start, self.stager)
+        if top is not None:
+            out.lenses.append((row, probe.name, top))
+
     def _context(self, rows: list[Row]) -> tuple[ForwardContext, torch.Tensor]:
         tokens = [t for r in rows for t in r.tokens]
         offsets = self._offsets(rows)
@@ -225,7 +237,7 @@ class Runner:
             r, s, lo, hi = rows[k], plan.sites[i], offsets[k], offsets[k + 1]
             for at, probe in s.captures:
                 if at == site.index:
-                    out.captures.append((r, probe.name, self.stager.stage(value[lo:hi])))
+                    self.take(out, r, probe, value[lo:hi])
             if s.pause is not None and s.last == site.index:
                 act = value[lo:hi] if s.pause.site == site.index else met[k]  # met: a detail site's value
                 out.paused.append(r.pause_here(s.pause, site.index, resid, branch, act, lo, hi))
@@ -256,7 +268,7 @@ class Runner:
             if work is None:
                 continue
             r, lo, hi = rows[k], offsets[k], offsets[k + 1]
-            run = DetailRun(self.table, site.index, r, work, self.stager, out.captures)
+            run = DetailRun(self.table, site.index, r, work, lambda row, probe, v: self.take(out, row, probe, v))
             edited = edits_inside(work)
             new = self._detailed_op(site, r, op_input[lo:hi], run, write=edited)
             if edited:
@@ -311,8 +323,8 @@ class Runner:
                     work.edits[k] = mine
         changed = d.replacement is not None
         if changed or work.captures or pause is not None:
-            run = DetailRun(self.table, host, r, work, self.stager, out.captures, skip_before=d.site,
-                            replacement=d.replacement)
+            run = DetailRun(self.table, host, r, work, lambda row, probe, v: self.take(out, row, probe, v),
+                            skip_before=d.site, replacement=d.replacement)
             new = self._detailed_op(site, r, d.op_input, run, write=changed)
             if changed:  # the op's output follows the client's value, then the edits at the op's own site
                 chain_edits = [e for e in plan.edits.get(host, []) if e.reaches(step, r.positions)]
@@ -332,7 +344,7 @@ class Runner:
                 return True
         value = r.resid if site.kind == RESID else r.branch
         for _, p in chain_captures:
-            out.captures.append((r, p.name, self.stager.stage(value)))
+            self.take(out, r, p, value)
         r.detail = None
         return False
 

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .kv_pool import CopyJob
+from .lens import StagedTop
 from .plan import Plan
 from .batch import RowSpan
 from .runner import Pause
@@ -57,6 +58,7 @@ class Request:
     # call ends for once that step is read
     finishing: Optional[str] = None
     captures: dict[tuple[str, int], Staged] = field(default_factory=dict)
+    lenses: dict[tuple[str, int], StagedTop] = field(default_factory=dict)
     decoder: Optional[object] = None  # IncrementalDecoder of the generated text
     text_context: list[int] = field(default_factory=list)  # the token before the new ones: their text follows it
     pause: Optional[Pause] = None  # where the row waits at a breakpoint, its state saved
@@ -82,7 +84,8 @@ class Request:
                           tokens=list(row.tokens), resid=row.resid.clone(),
                           branch=None if row.branch is None else row.branch.clone())
         fork = replace(self, sink=_no_listener, seq=next(_arrival), generated=list(self.generated),
-                       logits=list(self.logits), scores=list(self.scores), captures=dict(self.captures), decoder=copy.deepcopy(self.decoder),
+                       logits=list(self.logits), scores=list(self.scores), captures=dict(self.captures),
+                       lenses=dict(self.lenses), decoder=copy.deepcopy(self.decoder),
                        pause=Pause(new_row, p.site, p.activation))
         new_row.request = fork
         return fork

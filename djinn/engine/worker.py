@@ -71,6 +71,7 @@ class ModelWorker:
         self.dtype, self.device = p.dtype, p.device
         self.pool = KVPool(self.cfg, n_blocks, n_host_blocks, block_size, self.dtype, self.device)
         self.sites = SiteTable(self.cfg, self.model.detail_sites)
+        self.weights = self.model.weights()  # by TransformerLens name, views of the model's
         self.compiler = Compiler(self.sites, self.dtype, self.device)
         self.max_step_tokens = max_step_tokens
         # A step's sampled ids stay on the device, where the next step reads them (see step()); the host gets
@@ -187,6 +188,9 @@ class ModelWorker:
         for row, name, staged in out.captures:
             if row.session.request is row.request:
                 row.request.captures[(name, row.step)] = staged
+        for row, name, staged in out.lenses:
+            if row.session.request is row.request:
+                row.request.lenses[(name, row.step)] = staged
         for p in out.paused:
             s = p.row.session
             if s.request is not p.row.request:
@@ -329,7 +333,8 @@ class ModelWorker:
         s.request, s.state = None, SessionState.IDLE
         self.scheduler.trim(s)  # a step already queued past the end may have taken a block
         self.stats.requests_finished += 1
-        _emit(req, Done(GenerateResult(text, list(req.generated), reason, captures, logits, logprobs, top)))
+        lens = {k: v.result() for k, v in req.lenses.items()}
+        _emit(req, Done(GenerateResult(text, list(req.generated), reason, captures, logits, logprobs, top, lens)))
 
     def fail(self, s: Session, error: DjinnError) -> None:
         """End the session's request with `error`; the session keeps every committed token."""

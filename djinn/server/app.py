@@ -24,13 +24,13 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from .. import __version__, validation
 from ..calls import CALLS, Call
 from ..engine.engine import Engine
 from ..engine.service import EngineService
-from ..errors import InvalidRequest
+from ..errors import DjinnError, InvalidRequest
 from ..events import Done, Error, Paused
-from ..wire import PROTOCOL_VERSION, decode_params, decode_prompt, encode_result
+from ..wire import PROTOCOL_VERSION, decode_json, decode_params, decode_prompt, encode_result
 from . import openai as openai_routes
 from .auth import Auth, load_api_keys
 from .limits import Limits
@@ -139,18 +139,29 @@ def control_route(state: ServerState, call: Call) -> Callable[[Request], Awaitab
     """The REST route of a declared call: its first argument from the path, where the path names it; the
     others from the body's fields of their names."""
     reads_body = call.verb in ("POST", "PUT")
+    names = tuple(a.name for a in call.in_body)
 
     async def route(request: Request) -> Response:
         owner = state.identify(request)
         args = [request.path_params[a.name] for a in call.in_path]
         if reads_body:
             body = await state.body(request)
-            fields(body, tuple(a.name for a in call.in_body), call.name.replace("_", " "))
-            args += [body.get(a.name, a.default) for a in call.in_body]
+        else:  # a GET's other arguments are query parameters, each a JSON value
+            body = {k: query_value(k, v) for k, v in request.query_params.items()}
+        fields(body, names, call.name.replace("_", " "))
+        args += [body.get(a.name, a.default) for a in call.in_body]
         return state.reply(request, await state.run_call(owner, call, args))
 
     route.__name__ = call.name
     return route
+
+
+def query_value(name: str, text: str) -> object:
+    try:
+        return decode_json(text.encode())
+    except DjinnError:
+        raise InvalidRequest(f"query parameter {name} must be a JSON value (a number, true, null, a quoted "
+                             f"string), got {validation.shown(text)}") from None
 
 
 __all__ = ["create_app"]

@@ -213,10 +213,15 @@ class _Choice:
         self.finish_reason: Optional[str] = None
         self.prompt_tokens = 0
         self.terminal = False
+        self.last_id: Optional[int] = None  # the token before the next new one (its alternatives follow it)
 
     async def start(self) -> None:
         st, req = self.state, self.req
         self.sid = await st.new_session(self.owner, "create_session", self.model)
+        if req["logprobs"]:  # the token before each new one, which its alternatives' text follows
+            ids = self.prompt if isinstance(self.prompt, list) else await asyncio.to_thread(
+                st.service.engine.tokenize, self.prompt, self.model)
+            self.last_id = ids[-1] if ids else None
         await st.generate(self.sid, self.owner, self.prompt, st.sink(self.events.put_nowait),
                           max_new_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
                           seed=self.seed, return_logits=req["logprobs"] is not None,
@@ -278,15 +283,15 @@ class _Choice:
             sid, self.sid = self.sid, None
             self.state.post_nowait("close_session", sid, self.owner)
 
-    async def _token_text(self, tid: int) -> str:
-        key = (self.model, tid)
-        cache = self.state.token_text
-        if key not in cache:
-            try:
-                cache[key] = await self.state.call("detokenize", [tid], self.model)
-            except DjinnError:  # a model without a tokenizer
-                cache[key] = f"<{tid}>"
-        return cache[key]
+    async def _token_text(self, before: Optional[int], tid: int) -> str:
+        """The text token `tid` would add after token `before` (spaces kept, as the completion's text has them)."""
+        engine = self.state.service.engine
+        try:
+            if before is None:
+                return await asyncio.to_thread(engine.detokenize, [tid], self.model)
+            return (await asyncio.to_thread(engine.to_str_tokens, [before, tid], self.model))[1]
+        except DjinnError:  # a model without a tokenizer
+            return f"<{tid}>"
 
     async def _logprobs(self, ev: Token, text: str) -> dict:
         lp = torch.log_softmax(ev.logits.float(), dim=-1)
@@ -296,7 +301,8 @@ class _Choice:
             vals, ids = lp.topk(k)
             top = {}
             for v, i in zip(vals.tolist(), ids.tolist()):
-                top[await self._token_text(i)] = v
+                top[await self._token_text(self.last_id, i)] = v
+        self.last_id = ev.token_id
         return {"tokens": [ev.text], "token_logprobs": [float(lp[ev.token_id])],
                 "top_logprobs": [top] if top is not None else None, "text_offset": [self.offset]}
 

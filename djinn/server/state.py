@@ -32,7 +32,6 @@ class ServerState:
         self.metrics = Metrics(service.engine.stats)
         self.breakpoint_streams: dict[str, int] = defaultdict(int)  # owner -> streams that may pause
         self._owner_locks: dict[str, asyncio.Lock] = {}
-        self.token_text: dict[tuple[str, int], str] = {}  # (model, id) -> text, for OpenAI logprobs
         self._inbox: Optional[LoopInbox] = None
 
     # -------------------------------------------------------------- the engine thread
