@@ -92,6 +92,9 @@ def test_stop_and_logprobs(oai, native):
     want = torch.log_softmax(ref.logits[:6], -1).gather(1, torch.tensor(ref.token_ids[:6])[:, None])[:, 0]
     assert torch.allclose(torch.tensor(lp.logprobs.token_logprobs), want, atol=1e-5)
     assert all(len(t) == 3 for t in lp.logprobs.top_logprobs)
+    # greedy: each token is its position's best alternative, under the same text (its leading space kept)
+    assert all(max(top, key=top.get) == tok for tok, top in zip(lp.logprobs.tokens, lp.logprobs.top_logprobs))
+    assert any(tok.startswith(" ") for tok in lp.logprobs.tokens)
     assert "".join(lp.logprobs.tokens) == lp.text
     _, _, lps = streamed(oai, model=MODEL, prompt=STORY, max_tokens=6, temperature=0, logprobs=1)
     assert torch.allclose(torch.tensor(lps), want, atol=1e-5)
