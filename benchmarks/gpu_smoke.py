@@ -1,6 +1,7 @@
 """On a GPU: a GPT-2-small-shaped random model (float16) generates with a breakpoint and a Steer, and an
 unmodified pause/resume is bit-identical to the uninterrupted run; the GPU path's logits agree with Hugging Face
-transformers on the same weights. Writes JSON into the folder named by the OUT
+transformers on the same weights; the white-box sites (patterns, a neuron ablation, the logit lens, pauses
+inside ops) on the GPT-2 and Mistral-7B shapes. Writes JSON into the folder named by the OUT
 environment variable (default: the current folder)."""
 from __future__ import annotations
 
@@ -27,11 +28,10 @@ MISTRAL = ModelConfig(family="llama", vocab_size=32000, d_model=4096, n_layers=3
                       d_mlp=14336, max_seq_len=4096, rope_theta=10000.0, sliding_window=4096, norm_eps=1e-5)
 
 
-def reused_blocks_check() -> dict:
+def reused_blocks_check(loaded) -> dict:
     """Mistral-7B shape: a session run on KV blocks another session used before (and a restore of its
     checkpoint) gives the tokens and logits of the first run on fresh blocks, with pauses at steps 0 and 64.
     Long GPU steps let the host run far ahead here, which is where input buffers could be overwritten early."""
-    loaded = load_random(MISTRAL, torch.bfloat16, torch.device("cuda"), seed=0, name="mistral-shape-random")
     client = djinn.connect(model=loaded, kv_memory=16 << 30)
     prompt = torch.randint(0, 32000, (512,), generator=torch.Generator().manual_seed(1)).tolist()
     bp = [djinn.Breakpoint("blocks.8.hook_resid_post", steps=[0, 64])]
@@ -140,6 +140,78 @@ def engines_in_turn_check(loaded, prompt: list[int], ref) -> dict:
         gc.set_threshold(*thresholds)
     return {"tokens_equal": out.token_ids == ref.token_ids,
             "logits_bit_identical": bool(torch.equal(out.logits, ref.logits))}
+
+
+def white_box_check(loaded, prompt: list[int], n_new: int) -> dict:
+    """The white-box sites on the GPU, for one model shape: a session capturing every layer's attention
+    pattern keeps its tokens and logits bit for bit (its decode steps stay in the CUDA graphs), with patterns
+    close to the eager detailed path's; a neuron ablation (an edit inside the MLP) gives the eager runner's
+    bits; the last layer's logit lens picks the greedy tokens; pauses at detail sites resumed unchanged are
+    bit-identical to the uninterrupted run."""
+    n_layers = loaded.config.n_layers
+    clients = {"graphs": djinn.connect(model=loaded, kv_memory=4 << 30),
+               "eager": djinn.connect(model=loaded, kv_memory=4 << 30, cuda_graphs=False)}
+    kw = dict(max_new_tokens=n_new, return_logits=True, stop_tokens=[])
+    ref = clients["graphs"].session().generate(prompt, **kw)
+    report, runs = {}, {}
+    neuron = torch.ones(loaded.config.d_mlp)
+    neuron[loaded.config.d_mlp // 3] = 0.0  # one neuron ablated, at every position
+    ablate = djinn.Scale(f"blocks.{n_layers // 2}.mlp.hook_post", neuron)
+    lens = djinn.LogitLens("blocks.*.hook_resid_post", top_k=5)
+    for name, c in clients.items():
+        runs[name] = {
+            "pattern": c.session().generate(prompt, interventions=[djinn.Capture("blocks.*.attn.hook_pattern")], **kw),
+            "ablation": c.session().generate(prompt, interventions=[ablate], **kw),
+            "lens": c.session().generate(prompt, interventions=[lens], **kw)}
+    g, e = runs["graphs"], runs["eager"]
+    pattern_diff = max((g["pattern"].captures[k] - e["pattern"].captures[k]).abs().max().item()
+                       for k in e["pattern"].captures)
+    sums = torch.stack([v.sum(-1).flatten() for v in g["pattern"].captures.values() if v.shape[1] == 1])
+    report["pattern"] = {
+        "captures": len(g["pattern"].captures),
+        "tokens_and_logits_bit_identical_uncaptured": g["pattern"].token_ids == ref.token_ids
+        and bool(torch.equal(g["pattern"].logits, ref.logits)),
+        "max_abs_diff_graph_kept_vs_eager_detailed": pattern_diff,
+        "decode_rows_sum_to_one_within": (sums - 1).abs().max().item()}
+    report["neuron_ablation"] = {
+        "site": ablate.site, "neuron": loaded.config.d_mlp // 3,
+        "changed_tokens": sum(a != b for a, b in zip(g["ablation"].token_ids, ref.token_ids)),
+        "logits_changed": not torch.equal(g["ablation"].logits, ref.logits),
+        "graphs_engine_equals_eager_bitwise": g["ablation"].token_ids == e["ablation"].token_ids
+        and bool(torch.equal(g["ablation"].logits, e["ablation"].logits))}
+    last = f"blocks.{n_layers - 1}.hook_resid_post"
+    lens_out = g["lens"]
+    top1 = [lens_out.lens[(last, 0)].ids[-1, 0].item()] + [lens_out.lens[(last, k)].ids[0, 0].item()
+                                                           for k in range(1, n_new)]
+    report["logit_lens"] = {
+        "results": len(lens_out.lens),
+        "last_layer_top1_equals_greedy_tokens": sum(a == b for a, b in zip(top1, lens_out.token_ids)),
+        "of_steps": n_new,
+        "graphs_ids_equal_eager": all(torch.equal(lens_out.lens[k].ids, e["lens"].lens[k].ids) for k in lens_out.lens),
+        "tokens_and_logits_bit_identical_uncaptured": lens_out.token_ids == ref.token_ids
+        and bool(torch.equal(lens_out.logits, ref.logits))}
+    pauses = {}
+    for site in [f"blocks.{n_layers // 3}.attn.hook_pattern", f"blocks.{n_layers // 2}.mlp.hook_post",
+                 "blocks.1.ln1.hook_scale", f"blocks.{n_layers - 2}.attn.hook_result"]:
+        count = 0
+        for ev in clients["graphs"].session().stream(prompt, breakpoints=[djinn.Breakpoint(site, steps=[0, 1, 9])],
+                                                     **kw):
+            if isinstance(ev, djinn.Paused):
+                count += 1
+                ev.resume()
+            elif isinstance(ev, djinn.Done):
+                out = ev.result
+        pauses[site] = {"pauses": count, "bit_identical": out.token_ids == ref.token_ids
+                        and bool(torch.equal(out.logits, ref.logits))}
+    report["unmodified_pauses_at_detail_sites"] = pauses
+    report["ok"] = bool(report["pattern"]["tokens_and_logits_bit_identical_uncaptured"]
+                        and report["neuron_ablation"]["graphs_engine_equals_eager_bitwise"]
+                        and report["neuron_ablation"]["logits_changed"]
+                        and report["logit_lens"]["tokens_and_logits_bit_identical_uncaptured"]
+                        and all(p["bit_identical"] and p["pauses"] == 3 for p in pauses.values()))
+    for c in clients.values():
+        c.close()
+    return report
 
 
 def _randomize(model: torch.nn.Module) -> None:
@@ -294,8 +366,12 @@ def main() -> None:
     report["few_row_head_vs_cublas"] = few_row_head_check(loaded)  # a tolerance check: not part of the bit checks
     ok = ok and report["shrinking_prompts_graphs_equal_eager"]["tokens_and_logits_bit_identical"]
     report["transformers_parity"] = transformers_parity_check()  # a tolerance check: not part of the bit checks
-    report["mistral_shape_reused_blocks"] = reused_blocks_check()
+    report["white_box_gpt2_shape"] = white_box_check(loaded, prompt[:200], 24)
+    mistral = load_random(MISTRAL, torch.bfloat16, dev, seed=0, name="mistral-shape-random")
+    report["mistral_shape_reused_blocks"] = reused_blocks_check(mistral)
+    report["white_box_mistral_shape"] = white_box_check(mistral, prompt[:200], 16)
     ok = ok and all(report["mistral_shape_reused_blocks"].values())
+    ok = ok and report["white_box_gpt2_shape"]["ok"] and report["white_box_mistral_shape"]["ok"]
     ok = ok and report["edited_graphs_equal_eager_bitwise"]
     ok = ok and report["edited_pauses_and_captures_graphs_equal_eager_bitwise"]
     report["all_bit_identical"] = ok

@@ -14,6 +14,11 @@ not replayed at all. A pause therefore costs the rest of the batch nothing but a
 with the same kernels and batch shape as in a step without it. Padding tokens form one extra row of their
 own, over the scratch block.
 
+A decode step in which rows read attention scores or patterns (and nothing else inside an op) still replays
+the graphs: the attention kernel keeps the scores of those rows' tokens (up to SCORE_SLOTS of them) in a
+static buffer, over their whole history, and the host takes every layer's at once after the replay; the
+other rows pay a load of their slot and a branch. Any other work inside an op runs the step eagerly.
+
 Interventions stay data: each edited site has preallocated per-token `mul` and `add` buffers (identity
 where no edit applies), and the graph computes `act * mul + add` there, in float32 like the eager path.
 Longer steps run eagerly through the same model code.
@@ -37,11 +42,14 @@ from ..sites import RESID
 from .batch import portable_layout, to_device
 from .plan import Edit, fold_edits
 from .step_plan import StepPlan, plan_step
+from .staging import StagedPart
 from .stats import EngineStats
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # padded row counts
 TOKEN_BUCKETS = BUCKETS + (256, 384, 512, 768, 1024, 1536, 2048)  # padded token counts
 ATTENTION_SCRATCH_BYTES = 1 << 30  # the largest attention partials buffer a graph may hold
+SCORE_SLOTS = 4  # rows of a step replayed from graphs that may read scores or patterns
+SCORE_SITES = ("attn.hook_attn_scores", "attn.hook_pattern")  # the detail sites the kernel's scores give
 
 
 def bucket_of(n: int, buckets: tuple[int, ...]) -> int:
@@ -98,9 +106,10 @@ class StepGraphs:
         # the block table, after table row 0, all scratch, which the padding tokens use. A step copies the
         # prefix it uses.
         self._layout = {name: (k * mt, (k + 1) * mt) for k, name in enumerate(
-            ["tokens", "positions", "write_offsets", "feed_from", "own_blocks", "first", "last", "token_row"])}
-        self._layout["last_token"] = (8 * mt, 8 * mt + mr)
-        self._layout["tables"] = (8 * mt + mr, 8 * mt + mr + (mr + 1) * w)
+            ["tokens", "positions", "write_offsets", "feed_from", "own_blocks", "first", "last", "token_row",
+             "score_slot"])}
+        self._layout["last_token"] = (9 * mt, 9 * mt + mr)
+        self._layout["tables"] = (9 * mt + mr, 9 * mt + mr + (mr + 1) * w)
         size = self._layout["tables"][1]
         self._hosts = [torch.zeros(size, dtype=torch.long, pin_memory=capture) for _ in range(2)]
         # numpy views of each host buffer's fields: slice writes there cost far less than tensor ops
@@ -117,6 +126,9 @@ class StepGraphs:
         self.row_first, self.row_last = self._field(self._dev, "first"), self._field(self._dev, "last")
         self.token_row, self.last_token = self._field(self._dev, "token_row"), self._field(self._dev, "last_token")
         self.tables = self._field(self._dev, "tables").view(mr + 1, w)
+        self.score_slot = self._field(self._dev, "score_slot")  # the token's row of `scores`, -1: none
+        self.scores = torch.full((SCORE_SLOTS, cfg.n_layers, cfg.n_heads, self.width * self.block_size),
+                                 float("-inf"), device=self.device)
         # the state between segments: the residual stream, and the branch value after a branch site
         dtype = runner.kv.dtype
         self.resid = torch.zeros(mt, cfg.d_model, dtype=dtype, device=self.device)
@@ -140,6 +152,16 @@ class StepGraphs:
         return buf[lo:hi]
 
     # ------------------------------------------------------------------ replay
+
+    def keeps_scores(self, plan: StepPlan) -> bool:
+        """Whether the graphs can serve the step's work inside ops: a decode step whose rows only read scores
+        or patterns there, at most SCORE_SLOTS of them."""
+        table = self.runner.table
+        inside = [s for s in plan.sites if s.details]
+        return (plan.decode and len(inside) <= SCORE_SLOTS and all(r.detail is None for r in plan.rows)
+                and all(w.pause is None and not any(w.edits.values())
+                        and all(table[at].local in SCORE_SITES for at, _ in w.captures)
+                        for s in inside for w in s.details.values()))
 
     def holds(self, plan: StepPlan) -> bool:
         """Whether the graphs can run the step (else it runs eagerly)."""
@@ -219,6 +241,8 @@ class StepGraphs:
                 logits = self._graphs[key]()
             if j < len(plan.cuts):
                 self._at_cut(plan.cuts[j], plan, out)
+        if plan.details:
+            self._take_scores(plan, out)
         done = [i for i, s in enumerate(plan.sites) if s.pause is None]
         if len(done) == n:
             out.finished, out.logits = rows, logits[:n]
@@ -244,6 +268,19 @@ class StepGraphs:
                     branch[lo:hi].copy_(r.branch)
                 r.reenter()
 
+    def _take_scores(self, plan: StepPlan, out) -> None:
+        """The scores and patterns the kernel kept for the rows that read them, every layer's in one copy."""
+        table = self.runner.table
+        for k, i in enumerate(i for i, s in enumerate(plan.sites) if s.details):
+            r, s = plan.rows[i], plan.sites[i]
+            wanted = [(table[at], probe) for w in s.details.values() for at, probe in w.captures]
+            scores = self.scores[k, :, :, None, :r.span.start + 1]  # [n_layers, n_heads, 1, T_k]
+            staged = {local: self.runner.stager.stage(torch.softmax(scores, -1) if local == "attn.hook_pattern"
+                                                      else scores.clone())
+                      for local in {site.local for site, _ in wanted}}
+            for site, probe in wanted:
+                out.captures.append((r, probe.name, StagedPart(staged[site.local], site.layer)))
+
     def _state(self, site_index: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The static buffers that hold the state after `site_index` (its branch value only after a branch site)."""
         site = self.sites[site_index]
@@ -265,6 +302,11 @@ class StepGraphs:
         f["feed_from"][:tb] = -1
         f["first"][n_tok:tb], f["last"][n_tok:tb] = 0, self.final
         f["token_row"][n_tok:tb] = 0
+        f["score_slot"][:tb] = -1
+        readers = [plan.offsets[i] for i, s in enumerate(plan.sites) if s.details]
+        if readers:
+            f["score_slot"][readers] = np.arange(len(readers))
+            self.scores[:len(readers)].fill_(float("-inf"))  # keys before a window's start are not written
         tables = f["tables"].reshape(mr + 1, w)
         written = self._tables_written[0]  # each table row as this buffer holds it: rewritten only on change
         tok, posf, wo, ff, own = (f[k] for k in ("tokens", "positions", "write_offsets", "feed_from", "own_blocks"))
@@ -378,7 +420,7 @@ class StepGraphs:
             write_blocks=write_blocks, write_offsets=self.write_offsets[:tb],
             block_tables=self.tables, token_row=self.token_row[:tb],
             token_pos=self.positions[:tb], window=self.window, max_context=self.width * self.block_size,
-            tallies=self.runner.tallies)
+            tallies=self.runner.tallies, score_slots=self.score_slot[:tb], scores=self.scores)
         return ForwardContext(positions=self.positions[:tb], attention=meta, kv=self.kv)
 
     def _forward(self, key: SegmentKey) -> Optional[torch.Tensor]:
@@ -388,6 +430,7 @@ class StepGraphs:
         ctx = self._ctx if not self.capture else self._static_context(tb, self.own_blocks[:tb])
         ctx.attention.write_blocks = self._write_blocks(tb, first, last, key.ends)
         ctx.attention.prefill = key.rows is not None
+        ctx.attention.scores = self.scores if key.rows is None else None  # kept in decode steps only
         self.model.prepare(ctx)
         tokens = None
         if first == 0:
@@ -431,6 +474,7 @@ class StepGraphs:
         self._ahead = None
         self._dev.zero_()
         self.feed_from.fill_(-1)
+        self.score_slot.fill_(-1)
         self.own_blocks.fill_(self.scratch_block)
         self.tables.fill_(self.scratch_block)
         stream = torch.cuda.Stream(self.device)

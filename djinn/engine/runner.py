@@ -121,7 +121,8 @@ class Runner:
         plan = plan_step(rows, self.table)
         if plan.edits:
             out.watch_edits(rows, self.edits_ok)
-        if graphs is not None and not plan.details and not every_position and graphs.holds(plan):
+        if (graphs is not None and not every_position and graphs.holds(plan)
+                and (not plan.details or graphs.keeps_scores(plan))):
             graphs.run(plan, out)
         else:
             self._run_eagerly(plan, out)

@@ -25,6 +25,19 @@ class Staged:
         return self.tensor
 
 
+class StagedPart:
+    """One entry of the first dimension of a staged tensor."""
+
+    def __init__(self, staged: Staged, index: int):
+        self.staged, self.index = staged, index
+
+    def ready(self) -> bool:
+        return self.staged.ready()
+
+    def result(self) -> torch.Tensor:
+        return self.staged.result()[self.index].clone()
+
+
 class HostStager:
     def __init__(self, device: torch.device):
         self.device = device

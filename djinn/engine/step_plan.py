@@ -100,6 +100,6 @@ def plan_step(rows: list, table: SiteTable) -> StepPlan:
         if pause is not None:
             cuts.add(last)
         cuts.update(s for s, _ in captures)
-        cuts.update(details)
+    # the eager runner works inside a detail op at its chain site; the graphs keep scores without a cut
     hosts = frozenset(h for s in sites for h in s.details)
-    return StepPlan(rows, sites, edits, sorted(cuts), offsets, frozenset(cuts) | frozenset(edits), hosts)
+    return StepPlan(rows, sites, edits, sorted(cuts), offsets, frozenset(cuts) | frozenset(edits) | hosts, hosts)

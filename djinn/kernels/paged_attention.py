@@ -66,7 +66,8 @@ def _first_key(pos, window):
 @triton.jit
 def _attend_tile(q, k_ptrs, stride_kv, kv_mask, valid, scale, m, denom, acc):
     """One tile of keys (values `stride_kv` past them) into each query row's online softmax: the rows' running
-    max, denominator and weighted sum of values; `valid` says which keys each row may see."""
+    max, denominator and weighted sum of values; `valid` says which keys each row may see. Also returns the
+    tile's scores (scaled, -inf where not valid)."""
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     s = tl.where(valid, s, float("-inf"))
@@ -77,7 +78,7 @@ def _attend_tile(q, k_ptrs, stride_kv, kv_mask, valid, scale, m, denom, acc):
     denom = denom * alpha + tl.sum(p, axis=1)
     v = tl.load(k_ptrs + stride_kv, mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    return m_new, denom, acc
+    return m_new, denom, acc, s
 
 
 @triton.jit
@@ -112,20 +113,25 @@ def _merge_stored(acc_ptr, ml_ptr, out_ptr, tok, heads, head_mask, d, d_mask, st
 @triton.jit
 def _chunk_kernel(
     q_ptr, k_ptr, v_ptr, kv_ptr, acc_ptr, ml_ptr, out_ptr, tally_ptr, tables_ptr, rows_ptr, pos_ptr,
-    write_blocks_ptr, write_offsets_ptr, cos_ptr, sin_ptr,
+    write_blocks_ptr, write_offsets_ptr, cos_ptr, sin_ptr, scores_ptr, score_slot_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-    stride_blk, stride_kv, stride_tok, stride_head, stride_table, scale, window, n_heads, n_kv_heads, n_chunks,
+    stride_blk, stride_kv, stride_tok, stride_head, stride_table, stride_ss, stride_sh, scale, window, n_heads,
+    n_kv_heads, n_chunks,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr, CHUNK_STAGES: tl.constexpr,
-    SOLO: tl.constexpr, WRITE: tl.constexpr, ROPE: tl.constexpr, DEPENDENT: tl.constexpr,
+    SOLO: tl.constexpr, WRITE: tl.constexpr, ROPE: tl.constexpr, SCORES: tl.constexpr, DEPENDENT: tl.constexpr,
 ):
     """Decode attention: programs share out each (token, KV head)'s chunks; with SOLO (one program each) the
     program merges its chunks as it goes, else every program stores its chunks' results and the last of the
     token's programs to finish merges them. With WRITE (one token a row) the kernel first rotates q and k
     (ROPE) and writes the token's key and value into its cache slot, as the rotary + KV write kernel would:
-    the program whose chunks hold the token's own position writes them, and only it reads them."""
+    the program whose chunks hold the token's own position writes them, and only it reads them. With SCORES,
+    a token whose score slot is >= 0 also stores its scores (scaled, over its keys) in that slot's rows."""
     wait_for_inputs(DEPENDENT)
     tok = tl.program_id(0).to(tl.int64)
+    score_slot = -1
+    if SCORES:
+        score_slot = tl.load(score_slot_ptr + tok).to(tl.int64)
     kv_head = tl.program_id(1)
     pos = tl.load(pos_ptr + tok).to(tl.int32)
     first = _first_key(pos, window)
@@ -175,8 +181,12 @@ def _chunk_kernel(
             block = tl.load(tables_ptr + row * stride_table + kp // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
             base = block * stride_blk + (kp % BLOCK_SIZE) * stride_tok + kv_head * stride_head
             kv_mask = valid[:, None] & d_mask[None, :]
-            m, denom, acc = _attend_tile(q, kv_ptr + base[:, None] + d[None, :], stride_kv, kv_mask,
-                                         valid[None, :], scale, m, denom, acc)
+            m, denom, acc, scores = _attend_tile(q, kv_ptr + base[:, None] + d[None, :], stride_kv, kv_mask,
+                                                 valid[None, :], scale, m, denom, acc)
+            if SCORES:
+                if score_slot >= 0:
+                    tl.store(scores_ptr + score_slot * stride_ss + heads[:, None] * stride_sh + kp[None, :], scores,
+                             mask=head_mask[:, None] & valid[None, :])
         if SOLO:
             m_all, denom_all, acc_all = _merge_step(m_all, denom_all, acc_all, m, denom, acc)
         else:
@@ -245,8 +255,8 @@ def _tile_chunk_kernel(
                     base = block * stride_blk + (kp % BLOCK_SIZE) * stride_tok + kv_head * stride_head
                     kv_mask = any_key[:, None] & (d < D)[None, :]
                     valid = run[:, None] & (kp[None, :] <= pos[:, None]) & (kp[None, :] >= first[:, None])
-                    m, denom, acc = _attend_tile(q, kv_ptr + base[:, None] + d[None, :], stride_kv, kv_mask,
-                                                 valid, scale, m, denom, acc)
+                    m, denom, acc, _ = _attend_tile(q, kv_ptr + base[:, None] + d[None, :], stride_kv, kv_mask,
+                                                    valid, scale, m, denom, acc)
                 mine = run & (chunk >= first // CHUNK_SIZE) & (chunk <= pos // CHUNK_SIZE)
                 slot = (tok * n_heads + heads) * n_chunks + chunk
                 tl.store(acc_ptr + slot[:, None] * D_P + d[None, :], acc, mask=mine[:, None])
@@ -298,14 +308,16 @@ def prefill_query_tile(n_heads: int, n_kv_heads: int) -> int:
 def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            token_row: torch.Tensor, token_pos: torch.Tensor, scale: float, window: int,
                            max_context: int, query_tile: int = 1, tally_slots: Optional[torch.Tensor] = None,
-                           new_keys: Optional[NewKeys] = None) -> torch.Tensor:
+                           new_keys: Optional[NewKeys] = None,
+                           scores: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """q: [N, n_heads, d_head]; kv_layer: [n_blocks, 2, block_size, n_kv_heads, d_head] (any strides with a
     contiguous last dim); block_tables: [B, max_blocks]; token_row, token_pos: [N]; max_context bounds every
     token's position + 1 (it sizes the grid only); query_tile > 1: programs take that many consecutive
     tokens, sharing key reads within a row (for prompts); tally_slots: zeroed arrival tallies, at least
     N x n_kv_heads (djinn/kernels/tallies.py; None: a fresh buffer); new_keys: this step's keys and values,
-    which the kernel rotates and writes itself, q unrotated (one token a row, query_tile 1).
-    Returns [N, n_heads, d_head]."""
+    which the kernel rotates and writes itself, q unrotated (one token a row, query_tile 1); scores: (slots
+    [N], buffer [n_slots, n_heads, max_keys] float32), each token with a slot >= 0 stores its scores over keys
+    first..its position there (query_tile 1). Returns [N, n_heads, d_head]."""
     n, n_heads, d_head = q.shape
     n_kv = kv_layer.shape[3]
     group = n_heads // n_kv
@@ -331,12 +343,14 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         new = new_keys or NewKeys(q, q, token_pos, token_pos)  # without: unused
         rope = new.rope is not None
         cos, sin = (new.rope.cos, new.rope.sin) if rope else (q, q)
+        slots, buf = scores if scores is not None else (token_pos, out)
         _chunk_kernel[(n, n_kv, programs)](
             q, new.k, new.v, kv_layer, acc, ml, out, tally, block_tables, token_row, token_pos, new.write_blocks,
-            new.write_offsets, cos, sin, q.stride(0), q.stride(1), new.k.stride(0), new.k.stride(1),
-            new.v.stride(0), new.v.stride(1), out.stride(0), out.stride(1), *strides, scale, window, n_heads, n_kv,
-            n_chunks, GROUP_P=max(16, triton.next_power_of_2(group)), CHUNK_STAGES=stages, SOLO=solo,
-            WRITE=new_keys is not None, ROPE=rope, **common, **dependent_launch.options())
+            new.write_offsets, cos, sin, buf, slots, q.stride(0), q.stride(1), new.k.stride(0), new.k.stride(1),
+            new.v.stride(0), new.v.stride(1), out.stride(0), out.stride(1), *strides, buf.stride(0), buf.stride(1),
+            scale, window, n_heads, n_kv, n_chunks, GROUP_P=max(16, triton.next_power_of_2(group)),
+            CHUNK_STAGES=stages, SOLO=solo, WRITE=new_keys is not None, ROPE=rope, SCORES=scores is not None,
+            **common, **dependent_launch.options())
         return out
     acc, ml = _partials(n, n_heads, n_chunks, d_p, q.device)
     programs = PROGRAMS_SMALL if small else PROMPT_PROGRAMS

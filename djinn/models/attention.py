@@ -31,6 +31,10 @@ class AttentionMetadata:
     max_context: int  # no token's position + 1 exceeds this (sizes the kernel's grid)
     prefill: bool = False  # some row has several tokens (a prompt): the kernel may take them together
     tallies: Optional[torch.Tensor] = None  # the engine's arrival tallies for the kernel (djinn/kernels/tallies.py)
+    # Scores kept for the rows that read patterns in a step replayed from CUDA graphs: each token's slot (-1:
+    # none) and, per slot and layer, its scores over the history ([n_slots, n_layers, n_heads, max_keys])
+    score_slots: Optional[torch.Tensor] = None
+    scores: Optional[torch.Tensor] = None
     # The portable path's padded layout (None when the Triton kernel runs):
     query_row: Optional[torch.Tensor] = None  # [N] row of each token in the padded query batch
     query_col: Optional[torch.Tensor] = None  # [N] column of each token in the padded query batch
@@ -49,9 +53,11 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     rope=None,  # Rotary tables: rotate q and k by position first
+    layer: int = 0,  # which layer's rows of `meta.scores` its scores go to
 ) -> torch.Tensor:
     """Rotates q and k (with `rope`), writes this step's keys and values into the cache, then attends.
-    Returns z: [N, n_heads, d_head]."""
+    Returns z: [N, n_heads, d_head]. Tokens with a score slot keep their scores in meta.scores."""
+    keep = None if meta.scores is None else (meta.score_slots, meta.scores[:, layer])
     if meta.mask is None:
         from ..kernels import paged_attention as kernel
         from ..kernels.fused import rope_and_write_kv
@@ -59,7 +65,9 @@ def paged_attention(
         args = (kv_layer, meta.block_tables, meta.token_row, meta.token_pos, scale, meta.window, meta.max_context)
         if not meta.prefill:  # one token a row: the attention kernel rotates and writes its keys itself
             return kernel.paged_attention_triton(q, *args, tally_slots=meta.tallies, new_keys=kernel.NewKeys(
-                k, v, meta.write_blocks, meta.write_offsets, rope))
+                k, v, meta.write_blocks, meta.write_offsets, rope), scores=keep)
+        if keep is not None:
+            raise ValueError("scores are kept for one token a row only")
         q = rope_and_write_kv(q, k, v, kv_layer, meta.write_blocks, meta.write_offsets, meta.token_pos, rope)
         return kernel.paged_attention_triton(q, *args, kernel.prefill_query_tile(q.shape[1], kv_layer.shape[3]),
                                              meta.tallies)
@@ -77,12 +85,29 @@ def paged_attention(
     n_heads, d_head = q.shape[1], q.shape[2]
     queries = q.new_zeros(meta.block_tables.shape[0], meta.max_query_len, n_heads, d_head)
     queries[meta.query_row, meta.query_col] = q
+    if keep is not None:
+        _keep_scores(queries, keys, meta, scale, *keep)
     with sdpa_kernel(DETERMINISTIC_BACKENDS):
         out = F.scaled_dot_product_attention(
             queries.transpose(1, 2), keys, values, attn_mask=meta.mask, scale=scale,
             enable_gqa=keys.shape[1] != n_heads,
         )  # [B, n_heads, T, d_head]
     return out.transpose(1, 2)[meta.query_row, meta.query_col]
+
+
+def _keep_scores(queries: torch.Tensor, keys: torch.Tensor, meta: AttentionMetadata, scale: float,
+                 slots: torch.Tensor, scores: torch.Tensor) -> None:
+    """The portable path's scores of the tokens with a slot, as the kernel keeps them (over the padded layout's
+    positions; -inf where masked)."""
+    tokens = (slots >= 0).nonzero()[:, 0]
+    if len(tokens) == 0:
+        return
+    q = queries[meta.query_row[tokens], meta.query_col[tokens]].float()  # [n, n_heads, d_head]
+    k = keys[meta.query_row[tokens]].float()  # [n, n_kv, L, d_head]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = torch.einsum("nhd,nhpd->nhp", q, k) * scale
+    seen = meta.mask[meta.query_row[tokens], 0, meta.query_col[tokens]]  # [n, L]
+    scores[slots[tokens].long(), :, :s.shape[-1]] = s.masked_fill(~seen[:, None, :], float("-inf"))
 
 
 @dataclass

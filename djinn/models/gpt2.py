@@ -33,7 +33,7 @@ class GPT2Attention(nn.Module):
     def forward(self, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """z from the fused projections `qkv` (self.qkv of the normalised residual)."""
         q, k, v = qkv.view(qkv.shape[0], 3 * self.n_heads, self.d_head).split(self.n_heads, dim=1)
-        return paged_attention(q, k, v, ctx.kv[:, self.layer], ctx.attention, self.d_head**-0.5)
+        return paged_attention(q, k, v, ctx.kv[:, self.layer], ctx.attention, self.d_head**-0.5, layer=self.layer)
 
     def detailed(self, qkv: torch.Tensor, kv: torch.Tensor, row: RowKV, hook: Hook) -> torch.Tensor:
         q, k, v = qkv.view(qkv.shape[0], 3 * self.n_heads, self.d_head).split(self.n_heads, dim=1)

@@ -42,7 +42,8 @@ class LlamaAttention(nn.Module):
         """z from the fused projections `qkv` (self.qkv_proj of the normalised residual)."""
         h, kv, dh = self.n_heads, self.n_kv_heads, self.d_head
         q, k, v = qkv.view(qkv.shape[0], h + 2 * kv, dh).split([h, kv, kv], dim=1)
-        return paged_attention(q, k, v, ctx.kv[:, self.layer], ctx.attention, dh**-0.5, rope=ctx.rope)
+        return paged_attention(q, k, v, ctx.kv[:, self.layer], ctx.attention, dh**-0.5, rope=ctx.rope,
+                               layer=self.layer)
 
     def detailed(self, qkv: torch.Tensor, kv: torch.Tensor, row: RowKV, hook: Hook) -> torch.Tensor:
         h, n_kv, dh = self.n_heads, self.n_kv_heads, self.d_head
