@@ -149,6 +149,7 @@ def white_box_check(loaded, prompt: list[int], n_new: int) -> dict:
     bits; the last layer's logit lens picks the greedy tokens; pauses at detail sites resumed unchanged are
     bit-identical to the uninterrupted run."""
     n_layers = loaded.config.n_layers
+    prompt = [t % loaded.config.vocab_size for t in prompt]
     clients = {"graphs": djinn.connect(model=loaded, kv_memory=4 << 30),
                "eager": djinn.connect(model=loaded, kv_memory=4 << 30, cuda_graphs=False)}
     kw = dict(max_new_tokens=n_new, return_logits=True, stop_tokens=[])

@@ -156,12 +156,21 @@ class StepGraphs:
     def keeps_scores(self, plan: StepPlan) -> bool:
         """Whether the graphs can serve the step's work inside ops: a decode step whose rows only read scores
         or patterns there, at most SCORE_SLOTS of them."""
-        table = self.runner.table
+        if not plan.decode:
+            return False
         inside = [s for s in plan.sites if s.details]
-        return (plan.decode and len(inside) <= SCORE_SLOTS and all(r.detail is None for r in plan.rows)
-                and all(w.pause is None and not any(w.edits.values())
-                        and all(table[at].local in SCORE_SITES for at, _ in w.captures)
-                        for s in inside for w in s.details.values()))
+        return (len(inside) <= SCORE_SLOTS and all(r.detail is None for r in plan.rows)
+                and all(self._kept_scores(s) is not None for s in inside))
+
+    def _kept_scores(self, s) -> Optional[list]:
+        """A row's captures inside ops as (site, probe), if they are all of scores or patterns (else None)."""
+        if "scores" not in s.memo:
+            table = self.runner.table
+            wanted = [(table[at], probe) for w in s.details.values() for at, probe in w.captures]
+            only = all(w.pause is None and not any(w.edits.values()) for w in s.details.values()) and all(
+                site.local in SCORE_SITES for site, _ in wanted)
+            s.memo["scores"] = wanted if only else None
+        return s.memo["scores"]
 
     def holds(self, plan: StepPlan) -> bool:
         """Whether the graphs can run the step (else it runs eagerly)."""
@@ -270,10 +279,8 @@ class StepGraphs:
 
     def _take_scores(self, plan: StepPlan, out) -> None:
         """The scores and patterns the kernel kept for the rows that read them, every layer's in one copy."""
-        table = self.runner.table
         for k, i in enumerate(i for i, s in enumerate(plan.sites) if s.details):
-            r, s = plan.rows[i], plan.sites[i]
-            wanted = [(table[at], probe) for w in s.details.values() for at, probe in w.captures]
+            r, wanted = plan.rows[i], self._kept_scores(plan.sites[i])
             scores = self.scores[k, :, :, None, :r.span.start + 1]  # [n_layers, n_heads, 1, T_k]
             staged = {local: self.runner.stager.stage(torch.softmax(scores, -1) if local == "attn.hook_pattern"
                                                       else scores.clone())
@@ -303,10 +310,11 @@ class StepGraphs:
         f["first"][n_tok:tb], f["last"][n_tok:tb] = 0, self.final
         f["token_row"][n_tok:tb] = 0
         f["score_slot"][:tb] = -1
-        readers = [plan.offsets[i] for i, s in enumerate(plan.sites) if s.details]
+        readers = [i for i, s in enumerate(plan.sites) if s.details]
         if readers:
-            f["score_slot"][readers] = np.arange(len(readers))
-            self.scores[:len(readers)].fill_(float("-inf"))  # keys before a window's start are not written
+            f["score_slot"][[plan.offsets[i] for i in readers]] = np.arange(len(readers))
+            if self.window and max(plan.rows[i].span.start for i in readers) >= self.window:
+                self.scores[:len(readers)].fill_(float("-inf"))  # keys before the window's start are not written
         tables = f["tables"].reshape(mr + 1, w)
         written = self._tables_written[0]  # each table row as this buffer holds it: rewritten only on change
         tok, posf, wo, ff, own = (f[k] for k in ("tokens", "positions", "write_offsets", "feed_from", "own_blocks"))

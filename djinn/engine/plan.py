@@ -56,6 +56,16 @@ class Plan:
     edits: dict[int, list[Edit]] = field(default_factory=lambda: defaultdict(list))
     captures: dict[int, list[Probe]] = field(default_factory=lambda: defaultdict(list))
     breakpoints: dict[int, list[Probe]] = field(default_factory=lambda: defaultdict(list))
+    # what the executors derive from the plan once, where every step derives the same (a plan never changes)
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def step_invariant(self) -> bool:
+        """Whether every step of a fresh row does the same: no breakpoints, no steps or positions named."""
+        if "invariant" not in self.memo:
+            self.memo["invariant"] = not any(self.breakpoints.values()) and all(
+                p.steps is None for ps in self.captures.values() for p in ps) and all(
+                e.steps is None and e.positions is None for es in self.edits.values() for e in es)
+        return self.memo["invariant"]
 
     def sites(self) -> set[int]:
         """Every site something is declared at, whatever its steps."""

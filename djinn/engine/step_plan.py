@@ -28,6 +28,7 @@ class RowSites:
     pause: Optional[Probe]
     captures: list[tuple[int, Probe]] = field(default_factory=list)  # (site, what to report it as)
     details: dict[int, OpDetail] = field(default_factory=dict)  # chain site -> the row's work inside its op
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # what an executor derives once
 
     def computes(self, site: int) -> bool:
         return self.first <= site <= self.last
@@ -66,40 +67,56 @@ def plan_step(rows: list, table: SiteTable) -> StepPlan:
     for r in rows:
         offsets.append(offsets[-1] + r.span.n_tokens)
     sites, edits, cuts = [], {}, set()
+    plain = RowSites(0, final, None)  # shared by the fresh rows that declare nothing (nobody changes a RowSites)
     for i, r in enumerate(rows):
-        plan, step = r.plan, r.step
-        first, last, pause, captures, details = 0 if r.entry is None else r.entry + 1, final, None, [], {}
-        if plan.breakpoints or plan.captures or plan.edits:  # most rows declare nothing: no walk
-            for s in sorted((k for k in plan.breakpoints if table[k].host >= first), key=lambda k: table.order(table[k])):
-                pause = next((p for p in plan.breakpoints[s] if p.applies(step)), None)
-                if pause is not None:
-                    last = table[s].host
-                    break
-            stop = table.order(table[pause.site]) if pause is not None else None
-            for s in sorted(plan.captures):
-                site = table[s]
-                if first <= site.host <= last and (stop is None or table.order(site) <= stop):
-                    for p in plan.captures[s]:
-                        if p.applies(step):
-                            (details.setdefault(site.host, OpDetail()).captures if site.kind == DETAIL
-                             else captures).append((s, p))
-            for s, es in plan.edits.items():
-                site = table[s]
-                if first <= site.host <= last:
-                    for e in es:
-                        if e.reaches(step, r.positions):
-                            if site.kind == DETAIL:
-                                details.setdefault(site.host, OpDetail()).edits.setdefault(s, []).append(e)
-                            else:
-                                edits.setdefault(s, [[] for _ in rows])[i].append(e)
-            if pause is not None and table[pause.site].kind == DETAIL:
-                details.setdefault(last, OpDetail()).pause = pause
-        sites.append(RowSites(first, last, pause, captures, details))
-        if first > 0:
-            cuts.add(first - 1)
-        if pause is not None:
-            cuts.add(last)
-        cuts.update(s for s, _ in captures)
+        plan = r.plan
+        if not (plan.breakpoints or plan.captures or plan.edits):  # most rows declare nothing: no walk
+            row, row_edits = (plain if r.entry is None else RowSites(r.entry + 1, final, None)), {}
+        elif r.entry is None and plan.step_invariant():  # every step's walk is the same: the first one's
+            if "walk" not in plan.memo:
+                plan.memo["walk"] = _walk(r, table, final)
+            row, row_edits = plan.memo["walk"]
+        else:
+            row, row_edits = _walk(r, table, final)
+        for s, es in row_edits.items():
+            edits.setdefault(s, [[] for _ in rows])[i].extend(es)
+        sites.append(row)
+        if row.first > 0:
+            cuts.add(row.first - 1)
+        if row.pause is not None:
+            cuts.add(row.last)
+        cuts.update(s for s, _ in row.captures)
     # the eager runner works inside a detail op at its chain site; the graphs keep scores without a cut
     hosts = frozenset(h for s in sites for h in s.details)
     return StepPlan(rows, sites, edits, sorted(cuts), offsets, frozenset(cuts) | frozenset(edits) | hosts, hosts)
+
+
+def _walk(r, table: SiteTable, final: int) -> tuple[RowSites, dict[int, list[Edit]]]:
+    """One row's sites, captures, work inside ops and edits at chain sites in its step."""
+    plan, step = r.plan, r.step
+    first, last, pause, captures, details, edits = 0 if r.entry is None else r.entry + 1, final, None, [], {}, {}
+    for s in sorted((k for k in plan.breakpoints if table[k].host >= first), key=lambda k: table.order(table[k])):
+        pause = next((p for p in plan.breakpoints[s] if p.applies(step)), None)
+        if pause is not None:
+            last = table[s].host
+            break
+    stop = table.order(table[pause.site]) if pause is not None else None
+    for s in sorted(plan.captures):
+        site = table[s]
+        if first <= site.host <= last and (stop is None or table.order(site) <= stop):
+            for p in plan.captures[s]:
+                if p.applies(step):
+                    (details.setdefault(site.host, OpDetail()).captures if site.kind == DETAIL
+                     else captures).append((s, p))
+    for s, es in plan.edits.items():
+        site = table[s]
+        if first <= site.host <= last:
+            for e in es:
+                if e.reaches(step, r.positions):
+                    if site.kind == DETAIL:
+                        details.setdefault(site.host, OpDetail()).edits.setdefault(s, []).append(e)
+                    else:
+                        edits.setdefault(s, []).append(e)
+    if pause is not None and table[pause.site].kind == DETAIL:
+        details.setdefault(last, OpDetail()).pause = pause
+    return RowSites(first, last, pause, captures, details), edits
