@@ -41,25 +41,30 @@ def score_step(unembed, start: int, next_tokens: list[int], last_logits: torch.T
     """A row's scores for one step. `last_logits` [vocab]: its last position's, which the sampler drew
     `sampled` (a one-element device tensor) from; `normed` [n, d_model]: the final norm's output at its
     positions (needed only for a step of several tokens); `next_tokens`: the tokens at start + 1 .. start + n - 1."""
-    rows, targets = [], []
-    if normed is not None and len(normed) > 1:
-        prefix = normed[:-1]
-        chunk = max(1, CHUNK_ELEMENTS // last_logits.shape[-1])
-        ids = to_device(torch.tensor(next_tokens, dtype=torch.long), normed.device)
-        for lo in range(0, len(prefix), chunk):
-            rows.append(unembed(prefix[lo:lo + chunk]).float())
-            targets.append(ids[lo:lo + chunk])
-    rows.append(last_logits.float()[None])
-    targets.append(sampled.reshape(1))
-    logits = torch.cat(rows) if len(rows) > 1 else rows[0]
-    lsm = torch.log_softmax(logits, dim=-1)
-    out_lp = stager.stage(lsm.gather(1, torch.cat(targets)[:, None])[:, 0]) if logprobs else None
-    out_logits = stager.stage(logits) if all_logits else None
+    def parts():  # (float32 logits, the tokens they predict), a chunk of positions at a time
+        if normed is not None and len(normed) > 1:
+            prefix = normed[:-1]
+            chunk = max(1, CHUNK_ELEMENTS // last_logits.shape[-1])
+            ids = to_device(torch.tensor(next_tokens, dtype=torch.long), normed.device)
+            for lo in range(0, len(prefix), chunk):
+                yield unembed(prefix[lo:lo + chunk]).float(), ids[lo:lo + chunk]
+        yield last_logits.float()[None], sampled.reshape(1)
+
+    kept_lp, kept_logits, n = [], [], 0
+    for logits, targets in parts():  # a chunk's logits are dropped once its values are taken (unless kept)
+        n += len(targets)
+        lsm = torch.log_softmax(logits, dim=-1)
+        if logprobs:
+            kept_lp.append(lsm.gather(1, targets[:, None])[:, 0])
+        if all_logits:
+            kept_logits.append(logits)
+    out_lp = stager.stage(torch.cat(kept_lp)) if logprobs else None
+    out_logits = stager.stage(torch.cat(kept_logits)) if all_logits else None
     top = None
     if top_k:
         values, indices = lsm[-1].topk(min(top_k, lsm.shape[-1]))
         top = (stager.stage(indices), stager.stage(values))
-    return StepScores(start, len(logits), out_lp, out_logits, top)
+    return StepScores(start, n, out_lp, out_logits, top)
 
 
 @dataclass
