@@ -96,6 +96,21 @@ class Done:
 
 
 @dataclass
+class RunResult:
+    """One prompt of a run answered: `index` is its place among the prompts the caller gave."""
+
+    index: int
+    result: GenerateResult
+
+
+@dataclass
+class RunDone:
+    """Every prompt of a run answered."""
+
+    n_prompts: int
+
+
+@dataclass
 class Error:
     error: DjinnError
 

@@ -363,3 +363,40 @@ def test_decode_steps_from_graphs_keep_patterns_and_scores_as_the_eager_path(che
     # (on the CPU a batch's products round differently by its size: bits are the GPU smoke test's to check)
     assert beside["out"].token_ids == solo.token_ids
     torch.testing.assert_close(beside["out"].logits, solo.logits, rtol=0, atol=1e-4)
+
+
+def test_work_inside_ops_runs_at_cuts_of_the_graphs_as_the_eager_path(checkpoint, family, monkeypatch):
+    """Edits, captures and pauses inside ops, at the prefill and decode steps, run on the graph executor (the
+    host works at a cut after the op's site; no step falls back to the eager runner), with the eager path's
+    values; an unmodified pause there is bit-identical to the uninterrupted graph run."""
+    name, hf, folder = checkpoint
+    eager = family[2]
+    items = [djinn.Capture("blocks.1.mlp.hook_post"), djinn.Capture("blocks.0.attn.hook_result"),
+             djinn.Scale("blocks.1.attn.hook_v", 0.5), djinn.Ablate("blocks.0.mlp.hook_post", steps=[0, 2])]
+    sites = ["blocks.0.attn.hook_q", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_pre", "ln_final.hook_scale"]
+    with djinn.connect(model=str(folder), dtype="float32", device="cpu", cuda_graphs=True) as graphs:
+        runner = next(iter(graphs._backend.service.engine.workers.values())).runner
+        eager_steps = []
+        real = runner._run_eagerly
+        monkeypatch.setattr(runner, "_run_eagerly", lambda plan, out: (eager_steps.append(plan), real(plan, out)))
+        out = graphs.session().generate(PROMPT, max_new_tokens=NEW, stop_tokens=[], interventions=items,
+                                        return_logits=True)
+        plain = graphs.session().generate(PROMPT, max_new_tokens=NEW, stop_tokens=[], return_logits=True)
+        seen, paused = [], None
+        for ev in graphs.session().stream(PROMPT, max_new_tokens=NEW, stop_tokens=[], return_logits=True,
+                                          breakpoints=[djinn.Breakpoint(s, steps=[0, 2]) for s in sites]):
+            if isinstance(ev, djinn.Paused):
+                seen.append((ev.site, ev.step))
+                ev.resume()
+            elif isinstance(ev, djinn.Done):
+                paused = ev.result
+    assert not eager_steps
+    ref = eager.session().generate(PROMPT, max_new_tokens=NEW, stop_tokens=[], interventions=items,
+                                   return_logits=True)
+    assert out.token_ids == ref.token_ids
+    assert (out.logits - ref.logits).abs().max() <= TOL
+    assert sorted(out.captures) == sorted(ref.captures)
+    for key, want in ref.captures.items():
+        assert (out.captures[key] - want).abs().max() <= TOL, key
+    assert seen == [(s, step) for step in (0, 2) for s in sites]
+    assert paused.token_ids == plain.token_ids and torch.equal(paused.logits, plain.logits)

@@ -170,9 +170,9 @@ def test_a_lone_pause_loads_its_resumed_step_ahead(clients, monkeypatch):
     loads = []
     load_inputs = g._load_inputs
 
-    def counted(plan, tb):
+    def counted(plan, tb, *kept_scores):
         loads.append(tuple(s.first for s in plan.sites))
-        return load_inputs(plan, tb)
+        return load_inputs(plan, tb, *kept_scores)
     monkeypatch.setattr(g, "_load_inputs", counted)
     site = worker.sites.resolve("blocks.2.hook_resid_post")[0][1].index
     ref, _ = run(graphs.session(), n=4)

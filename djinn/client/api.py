@@ -2,19 +2,40 @@
 a remote server; only the backend underneath differs."""
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from typing import Any, Iterator, Optional, Protocol, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
 
 from ..errors import DjinnError
-from ..events import Done, Error, GenerateResult, ModelInfo, Paused
+from ..events import Done, Error, GenerateResult, ModelInfo, Paused, RunDone, RunResult
 from ..interventions import Breakpoint
 from ..sites import SiteInfo
 
 Prompt = Union[str, Sequence[int]]
 WEIGHT_PART_BYTES = 8 << 20  # a weight travels in parts of at most this, well under any frame limit
+RUN_WINDOW = 256  # prompts of a run fed and not yet answered, by default
+
+
+@dataclass(frozen=True)
+class Item:
+    """A prompt of `Client.run` / `run_iter` with interventions of its own (applied after the run's)."""
+
+    prompt: Prompt
+    interventions: Sequence = ()
+
+
+class RunChannel(Protocol):
+    """A backend's run in progress: prompts go in, RunResult events come out, then RunDone (or Error)."""
+
+    def feed(self, items: list[tuple[int, Item]], last: bool) -> None: ...
+
+    def events(self) -> Iterator[object]: ...
+
+    def cancel(self) -> None: ...
 
 
 class Backend(Protocol):
@@ -27,6 +48,8 @@ class Backend(Protocol):
         ...
 
     def attach(self, sid: str) -> Iterator[object]: ...
+
+    def open_run(self, model: Optional[str], window: int, params: dict) -> RunChannel: ...
 
     def close(self) -> None: ...
 
@@ -179,6 +202,45 @@ class Client:
     def detokenize(self, ids: Sequence[int], model: Optional[str] = None) -> str:
         return self._backend.call("detokenize", list(ids), model)
 
+    def session_by_id(self, sid: str) -> Session:
+        """One of this key's sessions by id (from `sessions()`), e.g. to close it."""
+        self._backend.call("session_info", sid)  # its owner's, or a typed error
+        return Session(self._backend, sid)
+
+    def run(self, prompts: Iterable[Union[Prompt, Item]], *, model: Optional[str] = None, max_new_tokens: int = 0,
+            interventions: Sequence = (), window: int = RUN_WINDOW, progress: bool = False,
+            **params: Any) -> RunResults:
+        """Many prompts in one call, batched by the engine: a result per prompt (as `Session.generate` gives),
+        in the prompts' order. `interventions`: shared by every prompt, or one list per prompt; `params` as
+        generate's (captures, LogitLens, return_logits, ...). Each prompt runs in a session of its own that
+        closes with its result: none outlives the call, whatever happens. `max_new_tokens=0` is a forward
+        only, which ends after the last captured site when nothing else is asked for."""
+        results = list(self.run_iter(prompts, model=model, max_new_tokens=max_new_tokens,
+                                     interventions=interventions, window=window, progress=progress, **params))
+        return RunResults(results, {s.name: s for s in self.sites(model)})
+
+    def run_iter(self, prompts: Iterable[Union[Prompt, Item]], *, model: Optional[str] = None,
+                 max_new_tokens: int = 0, interventions: Sequence = (), window: int = RUN_WINDOW,
+                 progress: bool = False, **params: Any) -> Iterator[GenerateResult]:
+        """As `run`, for an iterable of any length (a dataset): results come in the prompts' order while
+        later prompts run, with at most `window` prompts fed and unanswered (memory stays bounded on both
+        sides; a caller that reads slowly slows only its own feed). `progress=True` shows a tqdm bar.
+        Leaving the loop early cancels the rest."""
+        items, shared = _run_items(prompts, interventions)
+        channel = self._backend.open_run(model, window, dict(params, max_new_tokens=max_new_tokens,
+                                                             interventions=shared))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompts) if hasattr(prompts, "__len__") else None, unit="prompt")
+        try:
+            yield from _ordered_run(channel, items, window, bar)
+        finally:
+            channel.cancel()  # ended early or failed: the rest of the run goes (a finished run: nothing to do)
+            if bar is not None:
+                bar.close()
+
     def close(self) -> None:
         self._backend.close()
 
@@ -188,3 +250,73 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+
+class Stacked(NamedTuple):
+    values: torch.Tensor  # [n_prompts, ...] each prompt's value zero-padded to the largest in every dimension
+    lengths: torch.Tensor  # [n_prompts]: each prompt's number of tokens at the site (its "tokens" dimension)
+
+
+class RunResults(list):
+    """`Client.run`'s results, one GenerateResult per prompt, in the prompts' order."""
+
+    def __init__(self, results: Iterable[GenerateResult], sites: dict[str, SiteInfo]):
+        super().__init__(results)
+        self._sites = sites
+
+    def stack(self, site: str, step: int = 0) -> Stacked:
+        """Every prompt's capture of `site` at `step` in one zero-padded tensor, with each one's token count."""
+        values = [r.captures[(site, step)] for r in self]
+        if not values:
+            raise DjinnError("no results to stack")
+        info = self._sites.get(site)
+        axis = info.shape.index("tokens") if info is not None and "tokens" in info.shape else 0
+        size = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+        out = values[0].new_zeros((len(values), *size))
+        for i, v in enumerate(values):
+            out[(i, *(slice(0, n) for n in v.shape))] = v
+        return Stacked(out, torch.tensor([v.shape[axis] for v in values]))
+
+
+def _run_items(prompts: Iterable, interventions: Sequence) -> tuple[Iterator[Item], list]:
+    """The prompts as Items, and the run's shared interventions. `interventions` is either shared (a list of
+    interventions) or one list per prompt (a list of lists, as long as `prompts`)."""
+    per_prompt = bool(interventions) and all(isinstance(x, (list, tuple)) for x in interventions)
+    if not per_prompt:
+        return (p if isinstance(p, Item) else Item(p) for p in prompts), list(interventions)
+    prompts = list(prompts)
+    if len(prompts) != len(interventions):
+        raise DjinnError(f"{len(interventions)} lists of interventions for {len(prompts)} prompts")
+    return (Item(p.prompt if isinstance(p, Item) else p, [*(p.interventions if isinstance(p, Item) else ()), *own])
+            for p, own in zip(prompts, interventions)), []
+
+
+def _ordered_run(channel: RunChannel, items: Iterator[Item], window: int, bar: Any) -> Iterator[GenerateResult]:
+    """Feed `items` keeping at most `window` unanswered, and yield the results in the prompts' order."""
+    numbered = enumerate(items)
+    ahead = list(itertools.islice(numbered, window + 1))  # one more than fed: whether the last was fed
+    fed = ahead[:window]
+    channel.feed(fed, last=len(ahead) <= window)
+    pending = ahead[window:]
+    outstanding, ready, following = len(fed), {}, 0
+    for ev in channel.events():
+        if isinstance(ev, Error):
+            raise ev.error
+        if isinstance(ev, RunDone):
+            break
+        if isinstance(ev, RunResult):
+            ready[ev.index] = ev.result
+            outstanding -= 1
+            if bar is not None:
+                bar.update(1)
+            if pending and outstanding <= window // 2:  # feed in batches, not one frame a result
+                more = pending + list(itertools.islice(numbered, window - outstanding))
+                batch, pending = more[:window - outstanding], more[window - outstanding:]
+                channel.feed(batch, last=not pending)
+                outstanding += len(batch)
+            while following in ready:
+                yield ready.pop(following)
+                following += 1
+    while following in ready:
+        yield ready.pop(following)
+        following += 1

@@ -8,7 +8,8 @@ from typing import Any, Iterator
 from ..calls import control_call
 from ..engine.engine import Engine
 from ..engine.service import EngineService
-from ..events import Done, Error, GenerateResult, Paused
+from ..engine.runs import RunItem
+from ..events import Done, Error, GenerateResult, Paused, RunDone
 
 LOCAL_OWNER = "local"
 
@@ -77,5 +78,33 @@ class EmbeddedBackend:
                 except Exception:
                     pass
 
+    def open_run(self, model, window: int, params: dict) -> "EmbeddedRun":
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        rid = self.service.call("start_run", self.owner, model, events.put, window, params)
+        return EmbeddedRun(self, rid, model, events)
+
     def close(self) -> None:
         self.service.shutdown()
+
+
+class EmbeddedRun:
+    """A run on the engine thread (api.RunChannel): its events arrive in a queue the caller reads."""
+
+    def __init__(self, backend: EmbeddedBackend, rid: str, model, events: queue.SimpleQueue):
+        self.backend, self.id, self.model, self._events = backend, rid, model, events
+
+    def feed(self, items, last: bool) -> None:
+        engine = self.backend.service.engine  # text is tokenized here, not on the engine thread
+        run_items = [RunItem(i, engine.encode_run_prompt(self.model, item.prompt), list(item.interventions))
+                     for i, item in items]
+        self.backend.service.call("feed_run", self.id, self.backend.owner, run_items, last)
+
+    def events(self) -> Iterator[object]:
+        while True:
+            ev = self._events.get()
+            yield ev
+            if isinstance(ev, (RunDone, Error)):
+                return
+
+    def cancel(self) -> None:
+        self.backend.service.call("cancel_run", self.id, self.backend.owner)

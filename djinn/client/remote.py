@@ -23,9 +23,9 @@ from .. import __version__
 from ..allocator import keep_freed_memory as tune_allocator
 from ..calls import CALLS, activation, control_call
 from ..errors import DjinnError, FrameTooLarge, InvalidRequest, ProtocolMismatch, error_from_code
-from ..events import Done, Error, GenerateResult, Paused
-from ..wire import (MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, decode_event, decode_result, encode_params,
-                    encode_prompt, mismatch_message, pack, unpack)
+from ..events import Done, Error, GenerateResult, Paused, RunDone, RunResult
+from ..wire import (MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, decode_event, decode_result, encode_intervention,
+                    encode_params, encode_prompt, mismatch_message, pack, unpack)
 
 if TYPE_CHECKING:  # websockets is imported where a socket opens
     from websockets.exceptions import ConnectionClosed
@@ -355,6 +355,18 @@ class RemoteBackend:
                     pass
             s.close()
 
+    def open_run(self, model: Optional[str], window: int, params: dict) -> "RemoteRun":
+        start = pack({"type": "run", "model": model, "window": window, "params": encode_params(params)})
+        s = _Stream(self._connect("/api/runs"), 0)
+        try:
+            s.send(hello_frame())
+            s.send(start)
+            s.max_frame_bytes = check_hello(s.recv())
+        except BaseException:
+            s.close()
+            raise
+        return RemoteRun(s)
+
     def _resume(self, s: _Stream, sid: str, act: Any, pid: int) -> None:
         act = activation(act)
         if not s.closed:
@@ -372,6 +384,46 @@ class RemoteBackend:
         for _, s in controls:
             s.close()
         self.http.close()
+
+
+class RemoteRun:
+    """A run over its own WebSocket (server/runs.py; api.RunChannel)."""
+
+    def __init__(self, s: _Stream):
+        self.s, self.finished = s, False
+
+    def feed(self, items, last: bool) -> None:
+        self.s.send(pack({"type": "feed", "last": last, "items": [
+            [i, encode_prompt(item.prompt), [encode_intervention(x) for x in item.interventions]]
+            for i, item in items]}))
+
+    def events(self) -> Iterator[object]:
+        while True:
+            try:
+                msg = self.s.recv()
+            except DjinnError as e:  # the server's error frame, if it sent one first, came before this
+                self.finished = True
+                yield Error(e)
+                return
+            kind = msg.get("type")
+            if kind == "result":
+                yield RunResult(msg["index"], decode_result(msg["result"]))
+            elif kind == "run_done":
+                self.finished = True
+                yield RunDone(msg["n_prompts"])
+                return
+            else:
+                self.finished = True
+                yield decode_event(msg)  # the error that ended the run
+                return
+
+    def cancel(self) -> None:
+        if not self.finished and not self.s.closed:  # the server cancels a run whose socket goes
+            try:
+                self.s.send(pack({"type": "cancel"}))
+            except DjinnError:
+                pass
+        self.s.close()
 
 
 __all__ = ["RemoteBackend"]

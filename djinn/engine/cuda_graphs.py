@@ -14,10 +14,13 @@ not replayed at all. A pause therefore costs the rest of the batch nothing but a
 with the same kernels and batch shape as in a step without it. Padding tokens form one extra row of their
 own, over the scratch block.
 
-A decode step in which rows read attention scores or patterns (and nothing else inside an op) still replays
-the graphs: the attention kernel keeps the scores of those rows' tokens (up to SCORE_SLOTS of them) in a
+Work inside an op (detail.py: norm scales, q/k/v, patterns, neurons) is done by the host at a cut after
+the op's chain site, for the rows that asked, on the op's input and output left in the static buffers; a
+row that edits there writes the detailed output back before the next segment. The other rows' values are
+the same bits as in a step without it. A decode step in which rows only read attention scores or patterns
+needs no cut: the attention kernel keeps the scores of those rows' tokens (up to SCORE_SLOTS of them) in a
 static buffer, over their whole history, and the host takes every layer's at once after the replay; the
-other rows pay a load of their slot and a branch. Any other work inside an op runs the step eagerly.
+other rows pay a load of their slot and a branch.
 
 Interventions stay data: each edited site has preallocated per-token `mul` and `add` buffers (identity
 where no edit applies), and the graph computes `act * mul + add` there, in float32 like the eager path.
@@ -40,8 +43,9 @@ from ..models.attention import AttentionMetadata
 from ..models.context import ForwardContext
 from ..sites import RESID
 from .batch import portable_layout, to_device
+from .detail import edit_row
 from .plan import Edit, fold_edits
-from .step_plan import StepPlan, plan_step
+from .step_plan import StepPlan, plan_step, segments
 from .staging import StagedPart
 from .stats import EngineStats
 
@@ -72,13 +76,16 @@ class SegmentKey:
 
 @dataclass
 class Replay:
-    """A step's plan made ready to replay: its padded token count and each segment's key, and whether any
-    row computes in it (a segment none does is skipped)."""
+    """A step's plan made ready to replay: its padded token count, its cuts, each segment's key and whether
+    any row computes in it (a segment none does is skipped), and whether the kernel keeps the scores the
+    step's rows read inside ops (else the host does their work inside ops at cuts)."""
 
     plan: StepPlan
     tokens: int
+    cuts: list[int]
     keys: list[SegmentKey]
     needed: list[bool]
+    kept_scores: bool
 
 
 class StepGraphs:
@@ -214,16 +221,23 @@ class StepGraphs:
         """Derive the step's padded size and segment keys, capture the segments it needs, load its inputs."""
         tb = bucket_of(plan.offsets[-1], self.token_buckets)
         rb = None if plan.decode else bucket_of(len(plan.rows), BUCKETS)
-        segments = plan.segments(self.final)
-        keys = [SegmentKey(tb, rb, a, b, j == len(segments) - 1, tuple(s for s in sorted(plan.edits) if a <= s <= b))
-                for j, (a, b) in enumerate(segments)]
+        kept = bool(plan.details) and self.keeps_scores(plan)
+        cuts = plan.cuts if kept or not plan.details else sorted(set(plan.cuts).union(*map(self._op_cuts, plan.details)))
+        runs = segments(cuts, self.final)
+        keys = [SegmentKey(tb, rb, a, b, j == len(runs) - 1, tuple(s for s in sorted(plan.edits) if a <= s <= b))
+                for j, (a, b) in enumerate(runs)]
         # a segment no row computes for is skipped (a prompt paused or resumed alone costs no extra work)
-        needed = [any(s.first <= a and s.last >= b for s in plan.sites) for a, b in segments]
+        needed = [any(s.first <= a and s.last >= b for s in plan.sites) for a, b in runs]
         for key, need in zip(keys, needed):
             if need:  # before the inputs go in: capturing runs the forward
                 self._segment(key)
-        self._load_inputs(plan, tb)
-        return Replay(plan, tb, keys, needed)
+        self._load_inputs(plan, tb, kept)
+        return Replay(plan, tb, cuts, keys, needed, kept)
+
+    def _op_cuts(self, host: int) -> tuple[int, ...]:
+        """Where the host works inside the op of chain site `host`: after it (its output is in the static
+        buffers; its input too, but for the output projection, whose input z is left after the site before)."""
+        return (host - 1, host) if self.sites[host].op == "attn_out" else (host,)
 
     def record_decode_steps(self) -> None:
         """Record the plain decode step (one token a row, no cut, no edit: one graph of the whole forward) at
@@ -248,19 +262,54 @@ class StepGraphs:
         for j, (need, key) in enumerate(zip(replay.needed, replay.keys)):
             if need:
                 logits = self._graphs[key]()
-            if j < len(plan.cuts):
-                self._at_cut(plan.cuts[j], plan, out)
-        if plan.details:
+            if j < len(replay.cuts):
+                cut = replay.cuts[j]
+                met = self._work_inside(cut, plan, out) if cut in plan.details and not replay.kept_scores else {}
+                self._at_cut(cut, plan, out, met)
+        if replay.kept_scores:
             self._take_scores(plan, out)
-        done = [i for i, s in enumerate(plan.sites) if s.pause is None]
+        done = [i for i, s in enumerate(plan.sites) if s.pause is None and s.last == self.final]
+        out.stopped = [rows[i] for i, s in enumerate(plan.sites) if s.pause is None and s.last < self.final]
         if len(done) == n:
             out.finished, out.logits = rows, logits[:n]
         elif done:
             out.finished = [rows[i] for i in done]
             out.logits = logits.index_select(0, to_device(torch.tensor(done), self.device))
 
-    def _at_cut(self, site_index: int, plan: StepPlan, out) -> None:
-        """After `site_index`: stage captures, take out the rows pausing here, put in those re-entering after it."""
+    def _work_inside(self, host: int, plan: StepPlan, out) -> dict[int, torch.Tensor]:
+        """The rows' work inside the op of chain site `host` (runner.work_inside), between the segments around
+        it: a row that edits there takes the detailed output (then its edits at `host`, which the segment
+        applied to the fast output, again). Returns the values of the pauses met, by row."""
+        site = self.sites[host]
+        resid, branch = self._state(host)
+        value = resid if site.kind == RESID else branch
+        met = {}
+        for i, (r, s) in enumerate(zip(plan.rows, plan.sites)):
+            work = s.details.get(host)
+            if work is None:
+                continue
+            lo, hi = plan.offsets[i], plan.offsets[i + 1]
+            new, paused = self.runner.work_inside(site, r, self._op_input(site, lo, hi), work, out)
+            if new is not None:
+                chain_edits = plan.edits.get(host, [[]] * len(plan.rows))[i]
+                value[lo:hi] = edit_row(new, chain_edits, r) if chain_edits else new
+            if paused is not None:
+                met[i] = paused
+        return met
+
+    def _op_input(self, site, lo: int, hi: int) -> torch.Tensor:
+        """A row's input to the op of chain site `site`, from the static buffers after the site (the embedding:
+        its tokens, fed ones included; the output projection: z, left there by the site before)."""
+        if site.op == "embed":
+            src = self.feed_from[lo:hi]
+            return torch.where(src < 0, self.tokens[lo:hi], self.runner.sampled[src.clamp(min=0)])
+        if site.op == "attn_out":
+            return self.branch[True][lo:hi].clone()
+        return self.resid[lo:hi].clone()
+
+    def _at_cut(self, site_index: int, plan: StepPlan, out, met: dict[int, torch.Tensor]) -> None:
+        """After `site_index`: stage captures, take out the rows pausing here (`met`: the values of pauses at
+        detail sites inside the op, by row), put in those re-entering after it."""
         site = self.sites[site_index]
         resid, branch = self._state(site_index)
         value = resid if site.kind == RESID else branch
@@ -270,7 +319,8 @@ class StepGraphs:
                 if at == site_index:  # a copy first: the buffers change with the next segment
                     self.runner.take(out, r, probe, value[lo:hi].clone())
             if s.pause is not None and s.last == site_index:
-                out.paused.append(r.pause_here(s.pause, site_index, resid, branch, value[lo:hi], lo, hi))
+                act = met[i] if i in met else value[lo:hi]
+                out.paused.append(r.pause_here(s.pause, site_index, resid, branch, act, lo, hi))
             elif s.first == site_index + 1:
                 resid[lo:hi].copy_(r.resid)
                 if branch is not None:
@@ -293,7 +343,7 @@ class StepGraphs:
         site = self.sites[site_index]
         return self.resid, (None if site.kind == RESID else self.branch[site.per_head])
 
-    def _load_inputs(self, plan: StepPlan, tb: int) -> None:
+    def _load_inputs(self, plan: StepPlan, tb: int, kept_scores: bool = False) -> None:
         mr, w, bs = self.max_rows, self.width, self.block_size
         self._ahead = None  # the device buffers are about to hold this step's inputs
         for ring in (self._hosts, self._host_fields, self._tables_written, self._copied):
@@ -310,7 +360,7 @@ class StepGraphs:
         f["first"][n_tok:tb], f["last"][n_tok:tb] = 0, self.final
         f["token_row"][n_tok:tb] = 0
         f["score_slot"][:tb] = -1
-        readers = [i for i, s in enumerate(plan.sites) if s.details]
+        readers = [i for i, s in enumerate(plan.sites) if s.details] if kept_scores else []
         if readers:
             f["score_slot"][[plan.offsets[i] for i in readers]] = np.arange(len(readers))
             if self.window and max(plan.rows[i].span.start for i in readers) >= self.window:

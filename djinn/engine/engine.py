@@ -28,6 +28,7 @@ from .kv_pool import KVPool
 from .plan import Plan
 from .sampling import SamplingParams
 from .stats import EngineStats
+from .runs import RunItem, Runs
 from .session import CheckpointRecord, Request, Session, SessionInfo, SessionState
 from .worker import ModelWorker
 
@@ -78,6 +79,7 @@ class Engine:
         self.expired: OrderedDict[str, str] = OrderedDict()  # recently expired session -> owner (a clear error)
         self.sessions: dict[str, Session] = {}
         self.checkpoints: dict[str, CheckpointRecord] = {}
+        self.runs = Runs(self)
 
     @staticmethod
     def _blocks_from_budget(m: LoadedModel, kv_memory: Optional[int], block_size: int, n_models: int) -> int:
@@ -103,7 +105,7 @@ class Engine:
 
     def _session(self, sid: str, owner: str) -> Session:
         s = self.sessions.get(sid) if isinstance(sid, str) else None
-        if s is None:
+        if s is None or s.run is not None:  # a run's sessions are its own
             if isinstance(sid, str) and self.expired.get(sid) == owner:
                 raise SessionExpired(f"session {sid} was idle longer than its time-to-live ({self.idle_ttl:g} s) "
                                      f"and was closed")
@@ -154,7 +156,7 @@ class Engine:
         return s.id
 
     def list_sessions(self, owner: str) -> list[SessionInfo]:
-        return [self._info(s) for s in self.sessions.values() if s.owner == owner]
+        return [self._info(s) for s in self.sessions.values() if s.owner == owner and s.run is None]
 
     def session_info(self, sid: str, owner: str) -> SessionInfo:
         return self._info(self._session(sid, owner))
@@ -203,12 +205,16 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, sid: str, owner: str, prompt: Prompt, sink: Callable[[object], None], *,
-                 max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: Optional[int] = None, stop_tokens: Optional[Sequence[int]] = None,
-                 return_logits: Union[bool, str] = False, logprobs: bool = False, top_logprobs: int = 0,
-                 interventions: Sequence = (),
-                 breakpoints: Sequence[Breakpoint] = (), activation_dtype: Optional[str] = None) -> None:
+    def generate(self, sid: str, owner: str, prompt: Prompt, sink: Callable[[object], None], **params) -> None:
+        """Start a request of session `sid` (see `begin`)."""
+        self.begin(self._session(sid, owner), prompt, sink, **params)
+
+    def begin(self, s: Session, prompt: Prompt, sink: Callable[[object], None], *,
+              max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+              seed: Optional[int] = None, stop_tokens: Optional[Sequence[int]] = None,
+              return_logits: Union[bool, str] = False, logprobs: bool = False, top_logprobs: int = 0,
+              interventions: Sequence = (),
+              breakpoints: Sequence[Breakpoint] = (), activation_dtype: Optional[str] = None) -> None:
         """Start a request; events go to `sink` from the engine thread. Raises on bad input, changing nothing.
         Paused activations and captures arrive in the model's dtype, or in `activation_dtype` if given.
 
@@ -216,7 +222,7 @@ class Engine:
         from, "all" the logits at every token of the call, prompt and new (the last new token is then fed
         too, to have its row); `logprobs` log p of each token of the call; `top_logprobs` k the top-k of
         each new token's distribution."""
-        s = self._session(sid, owner)
+        owner = s.owner
         self._idle(s, "generate")
         w = self.workers[s.model]
         cfg = w.cfg
@@ -251,6 +257,9 @@ class Engine:
         plan = s.plan.extend(own)
         req = Request(max_new_tokens, sampling, stop, return_logits, plan, sink, len(s.history),
                       DTYPES[activation_dtype] if activation_dtype else None, logprobs, top_logprobs, need)
+        if s.run is not None and max_new_tokens == 0 and not (return_logits or logprobs or top_logprobs):
+            # the session closes after this forward: it needs to go no further than its last capture
+            req.stop_after = max((w.sites[k].host for k, ps in plan.captures.items() if ps), default=None)
         s.history.extend(tokens)
         req.text_context = s.history[-1:]
         s.request, s.state, s.last_used = req, SessionState.RUNNING, time.monotonic()
@@ -479,6 +488,26 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
 
+    # ------------------------------------------------------------------ runs of many prompts (runs.py)
+
+    def start_run(self, owner: str, model: Optional[str], sink: Callable[[object], None], window: int,
+                  params: dict) -> str:
+        """A run of many prompts with generate()'s `params` for each; its events go to `sink`."""
+        return self.runs.start(owner, model, sink, window, params)
+
+    def feed_run(self, rid: str, owner: str, items: Sequence[RunItem], last: bool = False) -> None:
+        self.runs.feed(rid, owner, items, last)
+
+    def cancel_run(self, rid: str, owner: str) -> None:
+        """End the run now: every session of it closes; its sink hears nothing more."""
+        self.runs.cancel(rid, owner)
+
+    def encode_run_prompt(self, model: Optional[str], prompt: Prompt) -> Prompt:
+        """As encode_prompt, for a run's prompt (of `model`), off the engine thread."""
+        return TextTokens(tuple(self._encode(self._worker(model), prompt))) if isinstance(prompt, str) else prompt
+
+    # ------------------------------------------------------------------ the loop
+
     def has_work(self) -> bool:
         return any(w.has_work() for w in self.workers.values())
 
@@ -502,12 +531,14 @@ class Engine:
                 self.workers[s.model].close(s, SessionExpired(
                     f"session {s.id} stayed paused longer than its time-to-live ({self.pause_ttl:g} s) and was freed"))
                 del self.sessions[s.id]
-            elif self.idle_ttl is not None and s.state == SessionState.IDLE and now - s.last_used > self.idle_ttl:
+            elif (self.idle_ttl is not None and s.state == SessionState.IDLE and s.run is None
+                  and now - s.last_used > self.idle_ttl):
                 self.workers[s.model].close(s)
                 del self.sessions[s.id]
                 self.expired[s.id] = s.owner
                 while len(self.expired) > EXPIRED_REMEMBERED:
                     self.expired.popitem(last=False)
+        self.runs.tidy()
         for rec in self.checkpoints.values():
             self._poll_checkpoint(rec)
         for w in self.workers.values():

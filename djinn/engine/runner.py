@@ -72,6 +72,7 @@ class StepOutput:
     finished: list[Row] = field(default_factory=list)
     logits: Optional[torch.Tensor] = None  # [len(finished), vocab]: each finished row's last token
     paused: list[Pause] = field(default_factory=list)
+    stopped: list[Row] = field(default_factory=list)  # forward-only rows that ended before the final site
     captures: list[tuple[Row, str, Staged]] = field(default_factory=list)
     lenses: list[tuple[Row, str, StagedTop]] = field(default_factory=list)
     # In a step with edits: per token (rows in the order the step was given them), whether every edited value
@@ -121,8 +122,7 @@ class Runner:
         plan = plan_step(rows, self.table)
         if plan.edits:
             out.watch_edits(rows, self.edits_ok)
-        if (graphs is not None and not every_position and graphs.holds(plan)
-                and (not plan.details or graphs.keeps_scores(plan))):
+        if graphs is not None and not every_position and graphs.holds(plan):
             graphs.run(plan, out)
         else:
             self._run_eagerly(plan, out)
@@ -233,7 +233,7 @@ class Runner:
             edits = [(k, per_row[i]) for k, i in enumerate(live) if per_row[i]]
             if edits:
                 self._apply_edits(value, rows, offsets, edits, out)
-        pausing: list[int] = []
+        leaving: list[int] = []
         for k, i in enumerate(live):
             r, s, lo, hi = rows[k], plan.sites[i], offsets[k], offsets[k + 1]
             for at, probe in s.captures:
@@ -242,10 +242,13 @@ class Runner:
             if s.pause is not None and s.last == site.index:
                 act = value[lo:hi] if s.pause.site == site.index else met[k]  # met: a detail site's value
                 out.paused.append(r.pause_here(s.pause, site.index, resid, branch, act, lo, hi))
-                pausing.append(k)
-        if not pausing:
+                leaving.append(k)
+            elif s.last == site.index != len(self.sites) - 1:
+                out.stopped.append(r)
+                leaving.append(k)
+        if not leaving:
             return live, resid, branch, ctx
-        keep = [k for k in range(len(live)) if k not in pausing]
+        keep = [k for k in range(len(live)) if k not in leaving]
         live = [live[k] for k in keep]
         if not live:
             return [], None, None, None
@@ -268,17 +271,27 @@ class Runner:
             work = plan.sites[i].details.get(site.index)
             if work is None:
                 continue
-            r, lo, hi = rows[k], offsets[k], offsets[k + 1]
-            run = DetailRun(self.table, site.index, r, work, lambda row, probe, v: self.take(out, row, probe, v))
-            edited = edits_inside(work)
-            new = self._detailed_op(site, r, op_input[lo:hi], run, write=edited)
-            if edited:
+            lo, hi = offsets[k], offsets[k + 1]
+            new, paused = self.work_inside(site, rows[k], op_input[lo:hi], work, out)
+            if new is not None:
                 (resid if site.kind == RESID else branch)[lo:hi] = new
-            if run.paused is not None:
-                probe, value = run.paused
-                r.detail = DetailPause(probe.site, op_input[lo:hi].clone())
-                met[k] = present(self.table[probe.site], value)
+            if paused is not None:
+                met[k] = paused
         return met
+
+    def work_inside(self, site: Site, r: Row, op_input: torch.Tensor, work: OpDetail, out: StepOutput
+                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """One row's work inside the op of chain site `site` (either executor's): its captures staged, and
+        (the op's detailed output if the row edits inside it, else None; the value of a pause met there, else
+        None). A pausing row keeps what finishing its op after the resume needs."""
+        run = DetailRun(self.table, site.index, r, work, lambda row, probe, v: self.take(out, row, probe, v))
+        edited = edits_inside(work)
+        new = self._detailed_op(site, r, op_input, run, write=edited)
+        if run.paused is None:
+            return (new if edited else None), None
+        probe, value = run.paused
+        r.detail = DetailPause(probe.site, op_input.clone())
+        return (new if edited else None), present(self.table[probe.site], value)
 
     def _detailed_op(self, site: Site, r: Row, op_input: torch.Tensor, run: DetailRun, write: bool) -> torch.Tensor:
         """The op of chain site `site` for row `r` on the detailed path (`write`: store its keys and values)."""

@@ -66,6 +66,8 @@ class Request:
     resumed: bool = False  # the paused row re-enters at its site in the next step
     # (index among the sampled ids, its position) of this call's next token while a step in flight samples it
     pending: Optional[tuple[int, int]] = None
+    # a run's forward-only prompt ends at this site (its last capture's); None: the whole forward
+    stop_after: Optional[int] = None
 
     @property
     def scores_positions(self) -> bool:
@@ -105,6 +107,7 @@ class Session:
     state: SessionState = SessionState.IDLE
     request: Optional[Request] = None
     last_used: float = 0.0
+    run: Optional[str] = None  # the run (runs.py) this session holds one prompt of: nobody else sees it
 
     @property
     def swapped(self) -> bool:

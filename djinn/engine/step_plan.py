@@ -21,7 +21,8 @@ from .plan import Edit, Probe
 
 @dataclass
 class RowSites:
-    """The sites one row computes in this step: first..last, pausing at `last` if `pause` is set."""
+    """The sites one row computes in this step: first..last, pausing at `last` if `pause` is set (a row that
+    neither pauses nor reaches the final site ends its call there: a forward-only row past its captures)."""
 
     first: int  # 0: from the embedding; else the site after the one it paused at
     last: int
@@ -53,11 +54,12 @@ class StepPlan:
         """Whether an add at `site` may be left to the next norm's kernel."""
         return site not in self.explicit_adds
 
-    def segments(self, final: int) -> list[tuple[int, int]]:
-        """(first, last) site of each run between cuts; the last run ends the forward (after a cut at the
-        final site it holds no site, only the unembedding)."""
-        starts = [0] + [c + 1 for c in self.cuts]
-        return list(zip(starts, self.cuts + [final]))
+
+def segments(cuts: list[int], final: int) -> list[tuple[int, int]]:
+    """(first, last) site of each run between cuts; the last run ends the forward (after a cut at the final
+    site it holds no site, only the unembedding)."""
+    starts = [0] + [c + 1 for c in cuts]
+    return list(zip(starts, cuts + [final]))
 
 
 def plan_step(rows: list, table: SiteTable) -> StepPlan:
@@ -86,7 +88,7 @@ def plan_step(rows: list, table: SiteTable) -> StepPlan:
         if row.pause is not None:
             cuts.add(row.last)
         cuts.update(s for s, _ in row.captures)
-    # the eager runner works inside a detail op at its chain site; the graphs keep scores without a cut
+    # the eager runner works inside a detail op at its chain site; the graphs cut there (or keep scores)
     hosts = frozenset(h for s in sites for h in s.details)
     return StepPlan(rows, sites, edits, sorted(cuts), offsets, frozenset(cuts) | frozenset(edits) | hosts, hosts)
 
@@ -94,7 +96,8 @@ def plan_step(rows: list, table: SiteTable) -> StepPlan:
 def _walk(r, table: SiteTable, final: int) -> tuple[RowSites, dict[int, list[Edit]]]:
     """One row's sites, captures, work inside ops and edits at chain sites in its step."""
     plan, step = r.plan, r.step
-    first, last, pause, captures, details, edits = 0 if r.entry is None else r.entry + 1, final, None, [], {}, {}
+    first, pause, captures, details, edits = 0 if r.entry is None else r.entry + 1, None, [], {}, {}
+    last = final if r.request.stop_after is None else r.request.stop_after  # a forward-only row stops early
     for s in sorted((k for k in plan.breakpoints if table[k].host >= first), key=lambda k: table.order(table[k])):
         pause = next((p for p in plan.breakpoints[s] if p.applies(step)), None)
         if pause is not None:

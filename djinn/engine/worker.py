@@ -60,6 +60,7 @@ class InFlight:
     edits_ok: Optional[Staged] = None  # StepOutput.edits_ok, in a step with edits
     spans: Optional[list[tuple[int, int]]] = None  # each row's tokens there
     scores: dict[int, StepScores] = field(default_factory=dict)  # by index in `rows`: rows whose call scores
+    ended: list[Row] = field(default_factory=list)  # forward-only rows that stopped before the final site
 
 
 class ModelWorker:
@@ -205,8 +206,17 @@ class ModelWorker:
     def _launch_sampling(self, out: StepOutput) -> Optional[InFlight]:
         """Queue sampling of the finished rows and the copy of their ids to the host; nothing waits here."""
         keep = [i for i, r in enumerate(out.finished) if r.session.request is r.request]
+        ended = [r for r in out.stopped if r.session.request is r.request]
+        for r in ended:  # nothing to sample: the call ends once the step is read
+            r.request.pending = (-1, r.span.start + r.span.n_tokens)
         if not keep:
-            return None
+            if not ended:
+                return None
+            done = None
+            if self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record()
+            return InFlight([], self._host_tokens[0][:0], done, None, [], ended=ended)
         rows = [out.finished[i] for i in keep]
         if len(rows) < len(out.finished):
             out.logits = out.logits[to_device(torch.tensor(keep), self.device)]
@@ -233,7 +243,7 @@ class ModelWorker:
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-        return InFlight(rows, host, done, logits, logit_rows, edits_ok, spans, scores)
+        return InFlight(rows, host, done, logits, logit_rows, edits_ok, spans, scores, ended)
 
     def drain(self) -> None:
         """Read the step in flight, if any, and hand out its tokens: afterwards every session is settled."""
@@ -281,6 +291,12 @@ class ModelWorker:
                 self._end(s, "length")
             elif s.kv_len >= self.cfg.max_seq_len:
                 self._complete(s, "context")
+        for row in f.ended:
+            s, req = row.session, row.request
+            if s.request is req:
+                req.pending, req.step = None, req.step + 1
+                s.kv_len += row.span.n_tokens  # (its later layers were never written: the session closes now)
+                self._complete(s, "length")
 
     def _text_delta(self, req: Request) -> str:
         if self.tokenizer is None:

@@ -37,6 +37,7 @@ from .limits import Limits
 from .control import control_endpoint
 from .metrics import CONTENT_TYPE
 from .state import ServerState, error_body, fields, guarded
+from .runs import run_endpoint
 from .stream import stream_endpoint
 
 log = logging.getLogger("djinn.server")
@@ -126,6 +127,10 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
     @app.websocket("/api/sessions/{sid}/stream")
     async def stream(ws: WebSocket, sid: str):
         await stream_endpoint(ws, sid, state)
+
+    @app.websocket("/api/runs")
+    async def runs(ws: WebSocket):
+        await run_endpoint(ws, state)
 
     @app.websocket("/api/control")
     async def control(ws: WebSocket):

@@ -21,6 +21,8 @@ class Limits:
     max_paused_per_key: int = 32  # streams with breakpoints (paused or able to pause) one key runs at once
     max_checkpoints_per_key: int = 64  # checkpoints one key keeps (they hold host memory shared by everyone)
     max_list_items: int = 65536  # entries in one list of steps, positions, stop tokens or interventions
+    max_runs_per_key: int = 16  # runs of many prompts (client.run / run_iter) one key has going at once
+    max_run_window: int = 1024  # prompts of one run fed and not yet answered
 
     def replace(self, **changes) -> "Limits":
         return dataclasses.replace(self, **changes)
@@ -32,7 +34,18 @@ class Limits:
     def check_sessions(self, n_held: int) -> None:
         if n_held >= self.max_sessions_per_key:
             raise LimitExceeded(f"this API key already holds {n_held} sessions, the limit is "
-                                f"{self.max_sessions_per_key}; close some first")
+                                f"{self.max_sessions_per_key}: close some first (client.sessions() lists them, "
+                                f"client.session_by_id(id).close() closes one; client.run closes its own)")
+
+    def check_runs(self, n_running: int) -> None:
+        if n_running >= self.max_runs_per_key:
+            raise LimitExceeded(f"this API key already has {n_running} runs going, the limit is "
+                                f"{self.max_runs_per_key}; let one finish first")
+
+    def check_run_window(self, window) -> None:
+        if not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= self.max_run_window:
+            raise LimitExceeded(f"a run's window must be an integer in [1, {self.max_run_window}] on this server, "
+                                f"got {window!r}")
 
     def check_checkpoints(self, n_held: int) -> None:
         if n_held >= self.max_checkpoints_per_key:

@@ -31,6 +31,7 @@ class ServerState:
         self.service, self.auth, self.limits, self.owns_service = service, auth, limits, owns_service
         self.metrics = Metrics(service.engine.stats)
         self.breakpoint_streams: dict[str, int] = defaultdict(int)  # owner -> streams that may pause
+        self.runs_per_key: dict[str, int] = defaultdict(int)  # owner -> runs going (server/runs.py)
         self._owner_locks: dict[str, asyncio.Lock] = {}
         self._inbox: Optional[LoopInbox] = None
 
