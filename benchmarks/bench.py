@@ -8,6 +8,8 @@
                                                    #     each with one client thread per session and with no
                                                    #     client threads (events to sinks on the engine thread)
     python3 benchmarks/bench.py --part throughput --sessions 64 --trials 3   # some session counts only
+    python3 benchmarks/bench.py --part experiments [--shapes gpt2,llama3-8b]  # (d) harvesting, patching and
+                                                   #     first-trial figures against transformers (experiments.py)
 
 Each part runs in under 10 minutes on an H200, writes JSON into the folder named by the OUT environment
 variable (default: the current folder) and prints, last, a table of its figures beside the targets
@@ -36,6 +38,7 @@ from djinn.engine.engine import Engine  # noqa: E402
 from djinn.models.config import ModelConfig  # noqa: E402
 from djinn.models.loading import LoadedModel, _materialize, _to_djinn_state  # noqa: E402
 from benchmarks.bench_report import report  # noqa: E402
+from benchmarks.experiments import LLAMA3_8B, part_first_trial, part_harvest, part_patching  # noqa: E402
 from benchmarks.engine_stamps import STAMPS, dump_on_sigterm, load, paused_to_client_ms, served, stamp_engine  # noqa: E402
 
 SHAPES = {
@@ -46,6 +49,7 @@ SHAPES = {
                                     n_kv_heads=8, d_mlp=14336, max_seq_len=4096, rope_theta=10000.0,
                                     sliding_window=4096, norm_eps=1e-5),
                     dtype=torch.bfloat16, layers=(8, 16, 24)),
+    "llama3-8b": dict(cfg=LLAMA3_8B, dtype=torch.bfloat16, layers=(8, 16, 24)),
 }
 DEV = torch.device("cuda")
 
@@ -75,7 +79,8 @@ def hf_model(shape: str):
         hf_cfg = transformers.MistralConfig(vocab_size=c.vocab_size, hidden_size=c.d_model,
                                             num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
                                             num_key_value_heads=c.n_kv_heads, intermediate_size=c.d_mlp,
-                                            max_position_embeddings=c.max_seq_len, sliding_window=c.sliding_window)
+                                            max_position_embeddings=c.max_seq_len, sliding_window=c.sliding_window,
+                                            rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps)
         cls = transformers.MistralForCausalLM
     hf_cfg._attn_implementation = "eager"
     with torch.device("meta"):
@@ -482,6 +487,21 @@ def part_latency(shape: str) -> dict:
     return out
 
 
+def part_experiments(shapes: list[str]) -> dict:
+    """Harvesting on each shape; on the GPT-2 shape also the patching sweep and the first-trial figure."""
+    out = {}
+    for shape in shapes:
+        hf, loaded = hf_model(shape)
+        out[f"harvest_{shape}"] = part_harvest(shape, hf, loaded)
+        print(json.dumps(out, indent=2), flush=True)  # kept if a later shape fails
+        if shape == "gpt2":
+            out["patching_gpt2"] = part_patching(hf, loaded)
+            out["first_trial_gpt2"] = part_first_trial(loaded)
+        del hf, loaded
+        torch.cuda.empty_cache()
+    return out
+
+
 def serve(shape: str, port: int, stamps_path: str) -> None:
     from djinn.server.launch import run
 
@@ -536,7 +556,8 @@ def part_throughput(trials: int = 3, sessions: tuple[int, ...] = (1, 8, 32, 64, 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["gpt2", "mistral", "throughput"])
+    ap.add_argument("--part", choices=["gpt2", "mistral", "throughput", "experiments"])
+    ap.add_argument("--shapes", default="gpt2,llama3-8b", help="experiments: the shapes, comma-separated")
     ap.add_argument("--serve", choices=sorted(SHAPES), help="(internal) serve this shape for the WebSocket half")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--sessions", default="1,8,32,64,128", help="throughput: the session counts, comma-separated")
@@ -550,13 +571,20 @@ def main() -> None:
     info = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "command": " ".join(["python3", "benchmarks/bench.py"] + sys.argv[1:])}
     sessions = tuple(int(n) for n in args.sessions.split(","))
+    if args.part == "experiments":
+        return save(f"experiments_{args.shapes.replace(',', '_')}", {**info, **part_experiments(args.shapes.split(","))},
+                    printed=False)
     result = part_throughput(args.trials, sessions) if args.part == "throughput" else part_latency(args.part)
-    result = {**info, **result}
-    path = os.path.join(os.environ.get("OUT", "."), f"bench_{args.part}.json")
+    save(args.part, {**info, **result})
+
+
+def save(part: str, result: dict, printed: bool = True) -> None:
+    path = os.path.join(os.environ.get("OUT", "."), f"bench_{part}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
-    print("\n" + report(result))
+    if printed:
+        print("\n" + report(result))
 
 
 if __name__ == "__main__":

@@ -146,16 +146,16 @@ def white_box_check(loaded, prompt: list[int], n_new: int) -> dict:
     """The white-box sites on the GPU, for one model shape: a session capturing every layer's attention
     pattern keeps its tokens and logits bit for bit (its decode steps stay in the CUDA graphs), with patterns
     close to the eager detailed path's; a neuron ablation (an edit inside the MLP) gives the eager runner's
-    bits; the last layer's logit lens picks the greedy tokens; pauses at detail sites resumed unchanged are
-    bit-identical to the uninterrupted run (at the prompt step, which then runs eagerly, to the eager engine's:
-    `prompt_step_eager_equals_graphs` says whether the two engines agree there)."""
+    bits (where the two engines agree on the prompt step, `prompt_step_eager_equals_graphs`; else it is as
+    close to them as the uncaptured runs are); the last layer's logit lens picks the greedy tokens; pauses at
+    detail sites resumed unchanged are bit-identical to the uninterrupted run, at decode and prompt steps
+    (work inside ops stays in the graphs, at cuts)."""
     n_layers = loaded.config.n_layers
     prompt = [t % loaded.config.vocab_size for t in prompt]
     clients = {"graphs": djinn.connect(model=loaded, kv_memory=4 << 30),
                "eager": djinn.connect(model=loaded, kv_memory=4 << 30, cuda_graphs=False)}
     kw = dict(max_new_tokens=n_new, return_logits=True, stop_tokens=[])
     ref = clients["graphs"].session().generate(prompt, **kw)
-    # a prompt step in which a row works inside an op runs eagerly: its references are the eager engine's
     eager_ref = clients["eager"].session().generate(prompt, **kw)
     report, runs = {"prompt_step_eager_equals_graphs": bool(torch.equal(eager_ref.logits, ref.logits))}, {}
     neuron = torch.ones(loaded.config.d_mlp)
@@ -182,7 +182,9 @@ def white_box_check(loaded, prompt: list[int], n_new: int) -> dict:
         "changed_tokens": sum(a != b for a, b in zip(g["ablation"].token_ids, ref.token_ids)),
         "logits_changed": not torch.equal(g["ablation"].logits, ref.logits),
         "graphs_engine_equals_eager_bitwise": g["ablation"].token_ids == e["ablation"].token_ids
-        and bool(torch.equal(g["ablation"].logits, e["ablation"].logits))}
+        and bool(torch.equal(g["ablation"].logits, e["ablation"].logits)),
+        "max_abs_logit_diff_vs_eager_engine": (g["ablation"].logits - e["ablation"].logits).abs().max().item(),
+        "uncaptured_max_abs_logit_diff_graphs_vs_eager": (ref.logits - eager_ref.logits).abs().max().item()}
     last = f"blocks.{n_layers - 1}.hook_resid_post"
     lens_out = g["lens"]
     top1 = [lens_out.lens[(last, 0)].ids[-1, 0].item()] + [lens_out.lens[(last, k)].ids[0, 0].item()
@@ -197,7 +199,7 @@ def white_box_check(loaded, prompt: list[int], n_new: int) -> dict:
     pauses = {}
     for site in [f"blocks.{n_layers // 3}.attn.hook_pattern", f"blocks.{n_layers // 2}.mlp.hook_post",
                  "blocks.1.ln1.hook_scale", f"blocks.{n_layers - 2}.attn.hook_result"]:
-        for steps, against in (([1, 9], ref), ([0], eager_ref)):  # decode steps; the prompt step (eager)
+        for steps in ([1, 9], [0]):  # decode steps; the prompt step
             count = 0
             for ev in clients["graphs"].session().stream(prompt, breakpoints=[djinn.Breakpoint(site, steps=steps)],
                                                          **kw):
@@ -206,11 +208,14 @@ def white_box_check(loaded, prompt: list[int], n_new: int) -> dict:
                     ev.resume()
                 elif isinstance(ev, djinn.Done):
                     out = ev.result
-            pauses[f"{site} steps {steps}"] = {"pauses": count, "bit_identical": out.token_ids == against.token_ids
-                                               and bool(torch.equal(out.logits, against.logits))}
+            pauses[f"{site} steps {steps}"] = {"pauses": count, "bit_identical": out.token_ids == ref.token_ids
+                                               and bool(torch.equal(out.logits, ref.logits))}
     report["unmodified_pauses_at_detail_sites"] = pauses
-    report["ok"] = bool(report["pattern"]["logits_bit_identical_uncaptured_eager_engine"]
-                        and report["neuron_ablation"]["graphs_engine_equals_eager_bitwise"]
+    ablation = report["neuron_ablation"]
+    report["ok"] = bool(report["pattern"]["logits_bit_identical_uncaptured_graphs_engine"]
+                        and (ablation["graphs_engine_equals_eager_bitwise"] if report["prompt_step_eager_equals_graphs"]
+                             else ablation["max_abs_logit_diff_vs_eager_engine"]
+                             <= 2 * ablation["uncaptured_max_abs_logit_diff_graphs_vs_eager"])
                         and report["neuron_ablation"]["logits_changed"]
                         and report["logit_lens"]["tokens_and_logits_bit_identical_uncaptured"]
                         and all(p["bit_identical"] and p["pauses"] in (1, 2) for p in pauses.values()))

@@ -11,6 +11,7 @@
 #   BASELINE=<tree> benchmarks/run_gpu.sh builds
 #                                      # this build against the baseline build's source tree, side by side,
 #                                      # 5 rounds (benchmarks/experiment_builds.py)
+#   benchmarks/run_gpu.sh experiments  # GPU smoke test; the experiments part on the GPT-2 shape, then the 8B shape
 #   benchmarks/run_gpu.sh gpt2         # GPT-2 part; GPT-2's and the Mistral shape's one-token step profiles
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
@@ -29,6 +30,11 @@ run() {  # run <limit in s> <log name> <command...>: the command's output goes t
 }
 
 case "${1:-}" in
+experiments)
+    run 150 gpu_smoke.log python3 benchmarks/gpu_smoke.py
+    run 200 bench_experiments_gpt2.log python3 benchmarks/bench.py --part experiments --shapes gpt2
+    run 420 bench_experiments_8b.log python3 benchmarks/bench.py --part experiments --shapes llama3-8b
+    ;;
 latency)
     run 130 gpu_smoke.log python3 benchmarks/gpu_smoke.py
     run 50 profile_round_trip.txt python3 benchmarks/profile_round_trip.py

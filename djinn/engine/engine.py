@@ -305,6 +305,8 @@ class Engine:
             ids = list(ids)
         except TypeError:
             raise InvalidRequest(f"a prompt is text or a list of token ids, got {type(ids).__name__}") from None
+        if ids and all(type(t) is int for t in ids) and 0 <= min(ids) and max(ids) < vocab:
+            return ids  # the common case, checked at C speed
         for t in ids:
             if not isinstance(t, int) or isinstance(t, bool):
                 raise InvalidRequest(f"{what}s must be integers, got {shown(t)}")

@@ -22,7 +22,7 @@ from .detail import DetailPause, DetailRun, OpDetail, edit_row, edits_inside, pr
 from .lens import StagedTop, apply_lens
 from .plan import Edit, Plan, Probe, fold_edits
 from .step_plan import StepPlan, plan_step
-from .staging import HostStager, Staged
+from .staging import HostStager, Staged, StagedPart
 
 
 @dataclass(eq=False)
@@ -186,6 +186,21 @@ class Runner:
         if top is not None:
             out.lenses.append((row, probe.name, top))
 
+    def _take_all(self, out: StepOutput, taking: list[tuple[Row, Probe, int, int]], value: torch.Tensor) -> None:
+        """The captures of several rows at one site: the plain ones leave the GPU in one copy of the tokens
+        they span (many rows capturing alike, as in a run of many prompts, cost one copy, not one each)."""
+        plain = [t for t in taking if t[1].lens is None]
+        if len(plain) < 2:
+            plain = []
+        for r, probe, lo, hi in taking:
+            if not (plain and probe.lens is None):
+                self.take(out, r, probe, value[lo:hi])
+        if plain:
+            first, end = min(t[2] for t in plain), max(t[3] for t in plain)
+            staged = self.stager.stage(value[first:end])
+            for r, probe, lo, hi in plain:
+                out.captures.append((r, probe.name, StagedPart(staged, slice(lo - first, hi - first))))
+
     def _context(self, rows: list[Row]) -> tuple[ForwardContext, torch.Tensor]:
         tokens = [t for r in rows for t in r.tokens]
         offsets = self._offsets(rows)
@@ -234,11 +249,12 @@ class Runner:
             if edits:
                 self._apply_edits(value, rows, offsets, edits, out)
         leaving: list[int] = []
+        taking = [(rows[k], probe, offsets[k], offsets[k + 1]) for k, i in enumerate(live)
+                  for at, probe in plan.sites[i].captures if at == site.index]
+        if taking:
+            self._take_all(out, taking, value)
         for k, i in enumerate(live):
             r, s, lo, hi = rows[k], plan.sites[i], offsets[k], offsets[k + 1]
-            for at, probe in s.captures:
-                if at == site.index:
-                    self.take(out, r, probe, value[lo:hi])
             if s.pause is not None and s.last == site.index:
                 act = value[lo:hi] if s.pause.site == site.index else met[k]  # met: a detail site's value
                 out.paused.append(r.pause_here(s.pause, site.index, resid, branch, act, lo, hi))

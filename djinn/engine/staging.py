@@ -26,9 +26,9 @@ class Staged:
 
 
 class StagedPart:
-    """One entry of the first dimension of a staged tensor."""
+    """One entry (an int) or a range (a slice) of the first dimension of a staged tensor."""
 
-    def __init__(self, staged: Staged, index: int):
+    def __init__(self, staged: Staged, index: int | slice):
         self.staged, self.index = staged, index
 
     def ready(self) -> bool:
