@@ -210,8 +210,12 @@ def test_ten_thousand_prompts_never_meet_a_session_limit(loaded):
         srv.stop()
 
 
-def test_sessions_are_found_again_by_id(loaded):
-    srv = ServerThread(Engine([loaded]), api_keys=["key-a", "key-b"], startup_timeout=WAIT)
+def test_sessions_are_found_again_by_id_and_their_lifetimes_are_reported(loaded):
+    import httpx
+
+    srv = ServerThread(Engine([loaded], idle_ttl=90.0), api_keys=["key-a", "key-b"], startup_timeout=WAIT)
+    metrics = httpx.get(srv.url + "/metrics", timeout=WAIT).text
+    assert "djinn_session_idle_ttl_seconds 90.0" in metrics and "djinn_runs_active 0.0" in metrics
     a, b = djinn.connect(srv.url, api_key="key-a"), djinn.connect(srv.url, api_key="key-b")
     s = a.session()
     s.generate("Once upon", max_new_tokens=2)
@@ -290,3 +294,28 @@ def test_a_patching_grid_plots_as_a_heatmap(client):
 def test_a_progress_bar_where_asked(client, capsys):
     assert len(client.run(PROMPTS, progress=True)) == len(PROMPTS)
     assert f"{len(PROMPTS)}/{len(PROMPTS)}" in capsys.readouterr().err
+
+
+def test_the_asyncio_client_runs_as_the_sync_one(server):
+    import asyncio
+
+    from djinn.client.aio import connect_async
+
+    sync = djinn.connect(server.url)
+    want = sync.run(PROMPTS, max_new_tokens=3, interventions=[djinn.Capture(SITE)], stop_tokens=[])
+
+    async def main():
+        async with await connect_async(server.url) as client:
+            got = await client.run(PROMPTS, max_new_tokens=3, interventions=[djinn.Capture(SITE)], stop_tokens=[],
+                                   window=2)
+            n = 0
+            async for out in client.run_iter(([1 + i % 90] for i in range(300)), window=16):
+                n += 1
+            with pytest.raises(djinn.TokenOutOfRange, match="prompt 1"):
+                await client.run(["a", [10**6]])
+            return got, n
+    got, n = asyncio.run(main())
+    assert n == 300 and [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert all((g.captures[(SITE, 0)] - w.captures[(SITE, 0)]).abs().max() <= TOL for g, w in zip(got, want))
+    assert not server.service.engine.sessions and not server.service.engine.runs.runs
+    sync.close()

@@ -23,11 +23,12 @@ import torch
 
 from ..calls import activation
 from ..errors import DjinnError, FrameTooLarge, ProtocolMismatch, error_from_code
-from ..events import Done, Error, GenerateResult, ModelInfo, Paused
+from ..events import Done, Error, GenerateResult, ModelInfo, Paused, RunDone, RunResult
 from ..interventions import Breakpoint
 from ..sites import SiteInfo
-from .api import weight_parts
-from ..wire import MSGPACK, PROTOCOL_VERSION, decode_event, mismatch_message, pack
+from .api import RUN_WINDOW, Item, RunOrder, RunResults, _run_items, weight_parts
+from ..wire import (MSGPACK, PROTOCOL_VERSION, decode_event, decode_result, encode_intervention, encode_params,
+                    encode_prompt, mismatch_message, pack)
 from .remote import (API_KEY_ENV, NODELAY, OutOfStep, StreamClosed, _p, base_headers, check_hello,
                      closed_error, control_result, decode_body, frame_map, generate_frame, hello_frame, normalize_url,
                      open_socket, raise_for, wire_args, ws_url)
@@ -215,6 +216,18 @@ class AsyncRemoteBackend:
                     pass
             await s.close()
 
+    async def open_run(self, model: Optional[str], window: int, params: dict) -> "AsyncRemoteRun":
+        start = pack({"type": "run", "model": model, "window": window, "params": encode_params(params)})
+        s = _AsyncStream(await self._connect("/api/runs"))
+        try:
+            await s.send(hello_frame())
+            await s.send(start)
+            s.max_frame_bytes = check_hello(await s.recv())
+        except BaseException:
+            await s.close()
+            raise
+        return AsyncRemoteRun(s)
+
     async def _resume(self, s: _AsyncStream, sid: str, act: Any, pid: int) -> None:
         act = activation(act)
         if not s.closed:
@@ -229,6 +242,38 @@ class AsyncRemoteBackend:
         if self._control is not None:
             await self._control.close()
         await self.http.aclose()
+
+
+class AsyncRemoteRun:
+    """A run over its own WebSocket (server/runs.py), as remote.RemoteRun with coroutines."""
+
+    def __init__(self, s: _AsyncStream):
+        self.s, self.finished = s, False
+
+    async def feed(self, items, last: bool) -> None:
+        await self.s.send(pack({"type": "feed", "last": last, "items": [
+            [i, encode_prompt(item.prompt), [encode_intervention(x) for x in item.interventions]]
+            for i, item in items]}))
+
+    async def next_event(self) -> object:
+        try:
+            msg = await self.s.recv()
+        except DjinnError as e:
+            self.finished = True
+            return Error(e)
+        kind = msg.get("type")
+        if kind == "result":
+            return RunResult(msg["index"], decode_result(msg["result"]))
+        self.finished = True
+        return RunDone(msg["n_prompts"]) if kind == "run_done" else decode_event(msg)
+
+    async def cancel(self) -> None:
+        if not self.finished and not self.s.closed:
+            try:
+                await self.s.send(pack({"type": "cancel"}))
+            except DjinnError:
+                pass
+        await self.s.close()
 
 
 class AsyncCheckpoint:
@@ -344,6 +389,44 @@ class AsyncClient:
 
     async def detokenize(self, ids: Sequence[int], model: Optional[str] = None) -> str:
         return await self._backend.call("detokenize", list(ids), model)
+
+    async def session_by_id(self, sid: str) -> AsyncSession:
+        await self._backend.call("session_info", sid)  # its owner's, or a typed error
+        return AsyncSession(self._backend, sid)
+
+    async def run(self, prompts, *, model: Optional[str] = None, max_new_tokens: int = 0,
+                  interventions: Sequence = (), window: int = RUN_WINDOW, **params: Any) -> RunResults:
+        """As Client.run."""
+        results = [r async for r in self.run_iter(prompts, model=model, max_new_tokens=max_new_tokens,
+                                                  interventions=interventions, window=window, **params)]
+        return RunResults(results, {s.name: s for s in await self.sites(model)})
+
+    async def run_iter(self, prompts, *, model: Optional[str] = None, max_new_tokens: int = 0,
+                       interventions: Sequence = (), window: int = RUN_WINDOW,
+                       **params: Any) -> AsyncIterator[GenerateResult]:
+        """As Client.run_iter (an iterable of prompts, results in their order as they come)."""
+        items, shared = _run_items(prompts, interventions)
+        channel = await self._backend.open_run(model, window, dict(params, max_new_tokens=max_new_tokens,
+                                                                   interventions=shared))
+        order = RunOrder(items, window)
+        try:
+            await channel.feed(*order.feed())
+            while True:
+                ev = await channel.next_event()
+                if isinstance(ev, Error):
+                    raise ev.error
+                if isinstance(ev, RunDone):
+                    break
+                order.answered(ev)
+                batch = order.feed()
+                if batch is not None:
+                    await channel.feed(*batch)
+                for result in order.ready():
+                    yield result
+            for result in order.ready():
+                yield result
+        finally:
+            await channel.cancel()
 
     async def close(self) -> None:
         await self._backend.close()

@@ -291,32 +291,52 @@ def _run_items(prompts: Iterable, interventions: Sequence) -> tuple[Iterator[Ite
             for p, own in zip(prompts, interventions)), []
 
 
+class RunOrder:
+    """A run's bookkeeping on the client, for either client: what to feed next (keeping at most `window`
+    prompts unanswered, fed in batches) and the results ready in the prompts' order."""
+
+    def __init__(self, items: Iterator[Item], window: int):
+        self._numbered, self.window = enumerate(items), window
+        self._ahead: list = []  # one prompt more than fed: whether the last was fed
+        self.outstanding, self._ready, self._following = 0, {}, 0
+        self._fed_last = False
+
+    def feed(self) -> Optional[tuple[list[tuple[int, Item]], bool]]:
+        """The next batch to feed and whether it holds the last prompt (None: nothing to feed now)."""
+        if self._fed_last or self.outstanding > self.window // 2:  # feed in batches, not a frame a result
+            return None
+        room = self.window - self.outstanding
+        more = self._ahead + list(itertools.islice(self._numbered, room + 1 - len(self._ahead)))
+        batch, self._ahead = more[:room], more[room:]
+        self.outstanding += len(batch)
+        self._fed_last = not self._ahead
+        return batch, self._fed_last
+
+    def answered(self, ev: "RunResult") -> None:
+        self._ready[ev.index] = ev.result
+        self.outstanding -= 1
+
+    def ready(self) -> Iterator[GenerateResult]:
+        while self._following in self._ready:
+            yield self._ready.pop(self._following)
+            self._following += 1
+
+
 def _ordered_run(channel: RunChannel, items: Iterator[Item], window: int, bar: Any) -> Iterator[GenerateResult]:
     """Feed `items` keeping at most `window` unanswered, and yield the results in the prompts' order."""
-    numbered = enumerate(items)
-    ahead = list(itertools.islice(numbered, window + 1))  # one more than fed: whether the last was fed
-    fed = ahead[:window]
-    channel.feed(fed, last=len(ahead) <= window)
-    pending = ahead[window:]
-    outstanding, ready, following = len(fed), {}, 0
+    order = RunOrder(items, window)
+    channel.feed(*order.feed())
     for ev in channel.events():
         if isinstance(ev, Error):
             raise ev.error
         if isinstance(ev, RunDone):
             break
         if isinstance(ev, RunResult):
-            ready[ev.index] = ev.result
-            outstanding -= 1
+            order.answered(ev)
             if bar is not None:
                 bar.update(1)
-            if pending and outstanding <= window // 2:  # feed in batches, not one frame a result
-                more = pending + list(itertools.islice(numbered, window - outstanding))
-                batch, pending = more[:window - outstanding], more[window - outstanding:]
-                channel.feed(batch, last=not pending)
-                outstanding += len(batch)
-            while following in ready:
-                yield ready.pop(following)
-                following += 1
-    while following in ready:
-        yield ready.pop(following)
-        following += 1
+            batch = order.feed()
+            if batch is not None:
+                channel.feed(*batch)
+            yield from order.ready()
+    yield from order.ready()

@@ -54,7 +54,7 @@ class Engine:
     def __init__(self, models: Sequence[LoadedModel], kv_memory: Optional[int] = None,
                  kv_blocks: Optional[int] = None, host_kv_blocks: Optional[int] = None, block_size: int = 16,
                  max_step_tokens: int = 4096, pause_ttl: float = 300.0, cuda_graphs: Optional[bool] = None,
-                 idle_ttl: Optional[float] = None, kv_share_per_key: float = 1.0, queue_timeout: float = 60.0):
+                 idle_ttl: Optional[float] = 3600.0, kv_share_per_key: float = 1.0, queue_timeout: float = 60.0):
         """`cuda_graphs`: steps replay CUDA graphs where they fit (default: on a GPU). On the CPU, True runs
         the graphs' static-buffer path with nothing captured, which is how the tests check it.
 
@@ -581,6 +581,11 @@ class Engine:
         for s in self.sessions.values():
             counts[self._info(s).state] += 1
         return counts
+
+    def lifetimes(self) -> dict[str, float]:
+        """The sessions' time-to-live settings and the runs going (for /metrics)."""
+        return {"idle_ttl": float("inf") if self.idle_ttl is None else self.idle_ttl, "pause_ttl": self.pause_ttl,
+                "runs": len(self.runs.runs), "run_sessions": sum(s.run is not None for s in self.sessions.values())}
 
     def pool_usage(self) -> dict[str, dict[str, float]]:
         now, out = time.monotonic(), {}

@@ -15,6 +15,8 @@ registry, so several servers can live in one process (tests).
 - djinn_requests_finished_total              generate calls that ran to completion
 - djinn_errors_total{code}                   typed errors sent to clients, by stable code
 - djinn_active_streams                       open WebSocket streams
+- djinn_session_idle_ttl_seconds / djinn_session_pause_ttl_seconds   how long an untouched / paused session lives
+- djinn_runs_active / djinn_run_sessions     runs of many prompts going, and the sessions their prompts hold
 """
 from __future__ import annotations
 
@@ -36,6 +38,13 @@ class _EngineCollector:
     def collect(self):
         st = self.m.stats
         snap = self.m.snapshot
+        life = snap.get("lifetimes", {})
+        for name, key, text in (("djinn_session_idle_ttl_seconds", "idle_ttl", "Seconds an untouched session lives"),
+                                ("djinn_session_pause_ttl_seconds", "pause_ttl", "Seconds a paused session lives"),
+                                ("djinn_runs_active", "runs", "Runs of many prompts going"),
+                                ("djinn_run_sessions", "run_sessions", "Sessions held by the prompts of runs")):
+            if key in life:
+                yield GaugeMetricFamily(name, text, value=life[key])
         by_state = GaugeMetricFamily("djinn_sessions", "Sessions by state", labels=["state"])
         for state, n in sorted(snap.get("by_state", {}).items()):
             by_state.add_metric([state], n)
@@ -92,5 +101,6 @@ class Metrics:
         self.errors.labels(code=code).inc()
 
     async def render(self, call: Callable[..., Awaitable]) -> bytes:
-        self.snapshot = {"by_state": await call("sessions_by_state"), "pool": await call("pool_usage")}
+        self.snapshot = {"by_state": await call("sessions_by_state"), "pool": await call("pool_usage"),
+                         "lifetimes": await call("lifetimes")}
         return generate_latest(self.registry)
