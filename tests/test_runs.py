@@ -319,3 +319,15 @@ def test_the_asyncio_client_runs_as_the_sync_one(server):
     assert all((g.captures[(SITE, 0)] - w.captures[(SITE, 0)]).abs().max() <= TOL for g, w in zip(got, want))
     assert not server.service.engine.sessions and not server.service.engine.runs.runs
     sync.close()
+
+
+def test_a_run_within_its_keys_share_of_the_pool(loaded):
+    from djinn.client.api import Client
+    from djinn.client.embedded import EmbeddedBackend
+
+    # 16 device + 16 host blocks of 16 tokens, half of them this key's: 16 blocks; a 60-token prompt needs 4
+    with Client(EmbeddedBackend(Engine([loaded], kv_blocks=16, host_kv_blocks=16, kv_share_per_key=0.5))) as c:
+        with pytest.raises(djinn.LimitExceeded, match="these 8 prompts"):
+            c.run([[1] + [7] * 59] * 8, window=8)
+        assert not _engine(c).sessions and not _engine(c).runs.runs
+        assert len(c.run([[1] + [7] * 59] * 8, window=2)) == 8  # a smaller window fits

@@ -214,14 +214,16 @@ class Engine:
               seed: Optional[int] = None, stop_tokens: Optional[Sequence[int]] = None,
               return_logits: Union[bool, str] = False, logprobs: bool = False, top_logprobs: int = 0,
               interventions: Sequence = (),
-              breakpoints: Sequence[Breakpoint] = (), activation_dtype: Optional[str] = None) -> None:
+              breakpoints: Sequence[Breakpoint] = (), activation_dtype: Optional[str] = None,
+              quota_checked: bool = False) -> None:
         """Start a request; events go to `sink` from the engine thread. Raises on bad input, changing nothing.
         Paused activations and captures arrive in the model's dtype, or in `activation_dtype` if given.
 
         Scores (events.GenerateResult): `return_logits` True gives the distribution each new token was drawn
         from, "all" the logits at every token of the call, prompt and new (the last new token is then fed
         too, to have its row); `logprobs` log p of each token of the call; `top_logprobs` k the top-k of
-        each new token's distribution."""
+        each new token's distribution. `quota_checked`: the caller checked the owner's KV share for this call
+        (a run checks a batch of its prompts at once)."""
         owner = s.owner
         self._idle(s, "generate")
         w = self.workers[s.model]
@@ -239,7 +241,8 @@ class Engine:
         usable = w.pool.device_blocks.n_blocks - w.reserved_blocks
         if need > usable:
             raise CapacityError(f"this request needs {need} KV blocks but the pool has {usable}; it can never fit")
-        self._check_quota(w, owner, need - len(s.host_blocks if s.swapped else s.blocks), "this request")
+        if not quota_checked:
+            self._check_quota(w, owner, need - len(s.host_blocks if s.swapped else s.blocks), "this request")
         if stop_tokens is None:
             stop = frozenset([w.tokenizer.eos_id]) if w.tokenizer and w.tokenizer.eos_id is not None else frozenset()
         else:

@@ -74,6 +74,12 @@ class Runs:
         if run.fed + len(items) - run.answered > run.window:
             raise LimitExceeded(f"{run.fed - run.answered} prompts of this run are unanswered and its window is "
                                 f"{run.window}: feed more as results arrive")
+        w = self.engine.workers[run.model]
+        longest = w.cfg.max_seq_len
+        new = run.params.get("max_new_tokens", 16)
+        if isinstance(new, int):  # the owner's KV share, for the batch at once (a bad value fails in begin)
+            need = sum(w.pool.blocks_for(min(longest, _length(item.prompt) + new)) for item in items)
+            self.engine._check_quota(w, owner, need, f"these {len(items)} prompts")
         for item in items:
             sid = self.engine.create_session(owner, run.model)
             self.engine.sessions[sid].run = run.id
@@ -82,7 +88,8 @@ class Runs:
             try:
                 params = dict(run.params, interventions=[*run.params.get("interventions", ()), *item.interventions])
                 self.engine.begin(self.engine.sessions[sid], item.prompt,
-                                  lambda ev, _sid=sid: self._on_event(run, _sid, ev), **params)
+                                  lambda ev, _sid=sid: self._on_event(run, _sid, ev), quota_checked=isinstance(new, int),
+                                  **params)
             except DjinnError as e:
                 self._end(run, Error(_naming(e, item.index)))
                 raise _naming(e, item.index) from None
@@ -137,6 +144,12 @@ class Runs:
         run.live.clear()
         if event is not None:
             run.sink(event)
+
+
+def _length(prompt: Any) -> int:
+    """A prompt's tokens (a text's, tokenized already; one more for a BOS, to be safe)."""
+    ids = getattr(prompt, "ids", prompt)
+    return (len(ids) if hasattr(ids, "__len__") else 0) + 1
 
 
 def _naming(e: DjinnError, index: int) -> DjinnError:
