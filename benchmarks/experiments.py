@@ -215,6 +215,12 @@ def part_patching(hf, loaded, trials: int = 5) -> dict:
         times["hf_loop"].append(now() - t)
     baselines = {"djinn_clean": patching.metric_of(client, clean.tolist(), metric),
                  "djinn_corrupted": patching.metric_of(client, corrupted.tolist(), metric)}
+    # the batch alone, unpatched: every row's logits against a lone run's
+    alone = client.run([corrupted.tolist()], max_new_tokens=1, return_logits=True, stop_tokens=[])[0].logits[0]
+    batch = client.run([corrupted.tolist()] * (cfg.n_layers * 16), max_new_tokens=1, return_logits=True,
+                       stop_tokens=[])
+    baselines["unpatched_batch_max_abs_logit_diff_vs_alone"] = max((r.logits[0] - alone).abs().max().item()
+                                                                   for r in batch)
     client.close()
     medians = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     scale = grids["hf_batched"].abs().max().item()
