@@ -94,6 +94,8 @@ def hf_model(shape: str):
             else:
                 for rows in p.split(4096):
                     rows.copy_(torch.randn(rows.shape, generator=gen, device=DEV) * 0.02)
+    if c.tie_embeddings:  # built on the meta device and emptied, the head is no longer the embedding's
+        model.lm_head.weight = model.get_input_embeddings().weight
     model.eval()
     if hasattr(model, "model") and hasattr(model.model, "rotary_emb"):  # to_empty left its tables uninitialised
         model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_cfg, device=DEV)
@@ -488,8 +490,13 @@ def part_latency(shape: str) -> dict:
 
 
 def part_experiments(shapes: list[str]) -> dict:
-    """Harvesting on each shape; on the GPT-2 shape also the patching sweep and the first-trial figure."""
-    out = {}
+    """Harvesting on each shape; on the GPT-2 shape also the patching sweep and the first-trial figure. The
+    process keeps the memory it frees (djinn.allocator), for every tool alike: each result and each hooked
+    batch brought to the host would otherwise touch fresh pages."""
+    from djinn.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    out = {"keep_freed_memory": True}
     for shape in shapes:
         hf, loaded = hf_model(shape)
         out[f"harvest_{shape}"] = part_harvest(shape, hf, loaded, trials=3 if shape == "gpt2" else 2)
