@@ -6,6 +6,8 @@ registered, called on this thread.
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import queue
 import sys
@@ -16,6 +18,7 @@ from typing import Any
 from .engine import Engine
 
 log = logging.getLogger("djinn.engine")
+atexit.register(gc.unfreeze)  # see EngineService.__init__
 
 
 class EngineService:
@@ -25,6 +28,11 @@ class EngineService:
         # threads it measured within noise of the default; the final throughput and GPT-2 runs in
         # benchmarks/results were made with it, earlier runs in that file's history without.)
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+        # Every object alive now (the models, the libraries loaded) lives as long as the process: frozen, the
+        # cyclic collector stops scanning them in each full collection, which a busy engine's allocations
+        # trigger every few steps (hundreds of thousands of objects, milliseconds each time). At exit they are
+        # the collector's again, so that the interpreter's last collection frees them as usual.
+        gc.freeze()
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()  # polled every step: the C queue is cheapest
         self._stopping = threading.Event()

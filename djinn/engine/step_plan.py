@@ -81,7 +81,9 @@ def plan_step(rows: list, table: SiteTable) -> StepPlan:
         else:
             row, row_edits = _walk(r, table, final)
         for s, es in row_edits.items():
-            edits.setdefault(s, [[] for _ in rows])[i].extend(es)
+            if s not in edits:  # (setdefault would build the list of lists for every edited row)
+                edits[s] = [[] for _ in rows]
+            edits[s][i].extend(es)
         sites.append(row)
         if row.first > 0:
             cuts.add(row.first - 1)
