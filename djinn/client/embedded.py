@@ -107,4 +107,7 @@ class EmbeddedRun:
                 return
 
     def cancel(self) -> None:
-        self.backend.service.call("cancel_run", self.id, self.backend.owner)
+        try:
+            self.backend.service.call("cancel_run", self.id, self.backend.owner)
+        except RuntimeError:  # the engine is shut down: nothing of the run is left
+            pass
