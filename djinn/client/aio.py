@@ -26,7 +26,7 @@ from ..errors import DjinnError, FrameTooLarge, ProtocolMismatch, error_from_cod
 from ..events import Done, Error, GenerateResult, ModelInfo, Paused, RunDone, RunResult
 from ..interventions import Breakpoint
 from ..sites import SiteInfo
-from .api import RUN_WINDOW, Item, RunOrder, RunResults, _run_items, weight_parts
+from .api import RUN_WINDOW, RunOrder, RunResults, _run_items, weight_parts
 from ..wire import (MSGPACK, PROTOCOL_VERSION, decode_event, decode_result, encode_intervention, encode_params,
                     encode_prompt, mismatch_message, pack)
 from .remote import (API_KEY_ENV, NODELAY, OutOfStep, StreamClosed, _p, base_headers, check_hello,

@@ -29,7 +29,7 @@ from .plan import Plan
 from .sampling import SamplingParams
 from .stats import EngineStats
 from .runs import RunItem, Runs
-from .session import CheckpointRecord, Request, Session, SessionInfo, SessionState
+from .session import CheckpointRecord, Request, Session, SessionInfo, SessionState, owned
 from .worker import ModelWorker
 
 
@@ -424,12 +424,7 @@ class Engine:
             rec.frozen_device_blocks, rec.finished = [], time.monotonic()
 
     def _checkpoint(self, cid: str, owner: str) -> CheckpointRecord:
-        rec = self.checkpoints.get(cid) if isinstance(cid, str) else None
-        if rec is None:
-            raise UnknownCheckpoint(f"no checkpoint {shown(cid)}")
-        if rec.owner != owner:
-            raise Forbidden(f"checkpoint {shown(cid)} belongs to another user")
-        return rec
+        return owned(self.checkpoints, cid, owner, "checkpoint", UnknownCheckpoint)
 
     def list_checkpoints(self, owner: str) -> list[str]:
         return [cid for cid, rec in self.checkpoints.items() if rec.owner == owner]

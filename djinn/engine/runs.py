@@ -13,9 +13,10 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from ..errors import Cancelled, DjinnError, Forbidden, InvalidRequest, LimitExceeded, UnknownSession
+from ..errors import Cancelled, DjinnError, InvalidRequest, LimitExceeded, UnknownSession
 from ..events import Done, Error, RunDone, RunResult
-from ..validation import integer, shown
+from ..validation import integer
+from .session import owned
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -111,12 +112,7 @@ class Runs:
                 self.engine.workers[s.model].close(s, Cancelled("the run this prompt belonged to ended"))
 
     def _run(self, rid: str, owner: str) -> BatchRun:
-        run = self.runs.get(rid) if isinstance(rid, str) else None
-        if run is None:
-            raise UnknownSession(f"no run {shown(rid)} (finished, failed, cancelled, or never started)")
-        if run.owner != owner:
-            raise Forbidden(f"run {shown(rid)} belongs to another user")
-        return run
+        return owned(self.runs, rid, owner, "run", UnknownSession, " (finished, failed, cancelled, or never started)")
 
     def _on_event(self, run: BatchRun, sid: str, ev: object) -> None:
         if run.over or sid not in run.live:

@@ -6,10 +6,12 @@ import copy
 import itertools
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
+from ..errors import DjinnError, Forbidden
+from ..validation import shown
 from .kv_pool import CopyJob
 from .lens import StagedTop
 from .plan import Plan
@@ -20,6 +22,17 @@ from .scores import StepScores
 from .staging import Staged
 
 _arrival = itertools.count()
+
+
+def owned(records: dict, key: Any, owner: str, what: str, missing: type[DjinnError], hint: str = "") -> Any:
+    """The record `key` of `records` (a checkpoint, a run) if `owner` owns it; else `missing` where there is
+    none, Forbidden where it is another owner's."""
+    rec = records.get(key) if isinstance(key, str) else None
+    if rec is None:
+        raise missing(f"no {what} {shown(key)}{hint}")
+    if rec.owner != owner:
+        raise Forbidden(f"{what} {shown(key)} belongs to another user")
+    return rec
 
 
 def _no_listener(event: object) -> None:

@@ -22,26 +22,18 @@ from ..calls import control_call
 from ..errors import DjinnError, InternalError, InvalidRequest, MalformedFrame
 from ..validation import shown
 from ..wire import encode_error
-from .sockets import Conn, Gone, greet
+from .sockets import Conn, Gone, greet, serve_socket
 from .state import ServerState
 
 log = logging.getLogger("djinn.server")
 
 
 async def control_endpoint(ws: WebSocket, state: ServerState) -> None:
-    await ws.accept()
-    conn = Conn(ws, state)
-    try:
+    async def serve(conn: Conn) -> None:
         owner = await greet(conn, state)
         while owner is not None:
             await conn.send(await _answer(state, owner, conn))
-    except Gone:
-        pass
-    except DjinnError as e:  # before the hello was through: say why, then close
-        await conn.fatal(e)
-    except Exception as e:
-        log.exception("control socket failed")
-        await conn.fatal(InternalError(f"unexpected server error ({type(e).__name__})"), code=1011)
+    await serve_socket(ws, state, serve, "control socket")
 
 
 async def _answer(state: ServerState, owner: str, conn: Conn) -> dict:

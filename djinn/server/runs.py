@@ -15,34 +15,21 @@ a client that goes away cancels its run, so no session of it outlives the socket
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Optional
 
 from fastapi import WebSocket
 
 from ..engine.runs import RunItem
-from ..errors import DjinnError, InternalError, InvalidRequest, MalformedFrame
+from ..errors import InvalidRequest, MalformedFrame
 from ..events import Error, RunDone, RunResult
 from ..validation import shown
-from ..wire import decode_interventions, decode_params, decode_prompt, encode_error, encode_result
-from .sockets import Conn, Gone, greet
+from ..wire import decode_interventions, decode_params, decode_prompt, encode_result
+from .sockets import Conn, greet, serve_socket
 from .state import ServerState
-
-log = logging.getLogger("djinn.server")
 
 
 async def run_endpoint(ws: WebSocket, state: ServerState) -> None:
-    await ws.accept()
-    conn = Conn(ws, state)
-    try:
-        await _serve(conn, state)
-    except Gone:
-        pass
-    except DjinnError as e:
-        await conn.fatal(e)
-    except Exception as e:  # a bug: tell this client, keep serving everyone else
-        log.exception("run failed")
-        await conn.fatal(InternalError(f"unexpected server error ({type(e).__name__})"), code=1011)
+    await serve_socket(ws, state, lambda conn: _serve(conn, state), "run")
 
 
 async def _serve(conn: Conn, state: ServerState) -> None:

@@ -3,16 +3,18 @@ opens each socket (protocol version, then the caller's identity), and the typed 
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+import logging
+from typing import Awaitable, Callable, Optional
 
 from fastapi import WebSocket
 
 from .. import __version__
-from ..errors import DjinnError, FrameTooLarge, InvalidRequest, MalformedFrame, ProtocolMismatch
+from ..errors import DjinnError, FrameTooLarge, InternalError, InvalidRequest, MalformedFrame, ProtocolMismatch
 from ..wire import PROTOCOL_VERSION, encode_error, mismatch_message, pack, unpack_map
 from .state import ServerState
 
 HELLO_TIMEOUT = 30.0
+log = logging.getLogger("djinn.server")
 
 
 class Gone(Exception):
@@ -58,6 +60,22 @@ class Conn:
             pass
         self.open = False
 
+
+
+async def serve_socket(ws: WebSocket, state: ServerState, serve: Callable[[Conn], Awaitable[None]], what: str) -> None:
+    """Accept `ws` and run `serve(conn)` on it: a client that goes away ends it quietly, a typed error is sent
+    to the client before the socket closes, and a bug is logged and told as `internal`, never to anyone else."""
+    await ws.accept()
+    conn = Conn(ws, state)
+    try:
+        await serve(conn)
+    except Gone:
+        pass
+    except DjinnError as e:
+        await conn.fatal(e)
+    except Exception as e:
+        log.exception("%s failed", what)
+        await conn.fatal(InternalError(f"unexpected server error ({type(e).__name__})"), code=1011)
 
 
 async def greet(conn: Conn, state: ServerState) -> Optional[str]:

@@ -32,24 +32,15 @@ from ..errors import DjinnError, InternalError, InvalidRequest, MalformedFrame
 from ..events import Done, Error
 from ..validation import shown
 from ..wire import decode_params, decode_prompt, decode_tensor, encode_error, encode_event, pause_id
-from .sockets import Conn, Gone, greet
+from .sockets import Conn, Gone, greet, serve_socket
 from .state import ServerState
 
 log = logging.getLogger("djinn.server")
 
 async def stream_endpoint(ws: WebSocket, sid: str, state: ServerState) -> None:
-    await ws.accept()
-    conn = Conn(ws, state)
     state.metrics.active_streams.inc()
     try:
-        await _serve(conn, sid, state)
-    except Gone:
-        pass
-    except DjinnError as e:
-        await conn.fatal(e)
-    except Exception as e:  # a bug: tell this client, keep serving everyone else
-        log.exception("stream failed")
-        await conn.fatal(InternalError(f"unexpected server error ({type(e).__name__})"), code=1011)
+        await serve_socket(ws, state, lambda conn: _serve(conn, sid, state), "stream")
     finally:
         state.metrics.active_streams.dec()
 
