@@ -14,7 +14,7 @@ import torch
 
 import djinn
 import djinn.patching as patching
-from djinn.client.api import Item
+from djinn import Item
 from djinn.engine.engine import Engine
 from djinn.models.loading import load_model
 from djinn.server.launch import ServerThread

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 from urllib.parse import quote
 
 import httpx
-import torch
 
 from .. import __version__
 from ..allocator import keep_freed_memory as tune_allocator
