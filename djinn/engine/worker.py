@@ -210,13 +210,8 @@ class ModelWorker:
         for r in ended:  # nothing to sample: the call ends once the step is read
             r.request.pending = (-1, r.span.start + r.span.n_tokens)
         if not keep:
-            if not ended:
-                return None
-            done = None
-            if self.device.type == "cuda":
-                done = torch.cuda.Event()
-                done.record()
-            return InFlight([], self._host_tokens[0][:0], done, None, [], ended=ended)
+            return InFlight([], self._host_tokens[0][:0], self._step_read_event(), None, [], ended=ended) \
+                if ended else None
         rows = [out.finished[i] for i in keep]
         if len(rows) < len(out.finished):
             out.logits = out.logits[to_device(torch.tensor(keep), self.device)]
@@ -239,11 +234,15 @@ class ModelWorker:
         host = self._host_tokens[0][:2 * n]
         self._host_tokens.reverse()  # the other buffer may still be read for the step before
         host.copy_(self.sampled[:2 * n], non_blocking=True)
-        done = None
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        return InFlight(rows, host, done, logits, logit_rows, edits_ok, spans, scores, ended)
+        return InFlight(rows, host, self._step_read_event(), logits, logit_rows, edits_ok, spans, scores, ended)
+
+    def _step_read_event(self) -> Optional[torch.cuda.Event]:
+        """An event after everything queued so far (None on the CPU, where it is all done already)."""
+        if self.device.type != "cuda":
+            return None
+        done = torch.cuda.Event()
+        done.record()
+        return done
 
     def drain(self) -> None:
         """Read the step in flight, if any, and hand out its tokens: afterwards every session is settled."""
