@@ -5,13 +5,18 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ..chat_template import ChatTemplate, load_chat_template
+
 
 class Tokenizer:
-    """Text <-> token ids. `add_bos`: a text prompt that opens a session starts with `bos_id`."""
+    """Text <-> token ids. `add_bos`: a text prompt that opens a session starts with `bos_id`. `chat_template`:
+    the model's, if its folder has one (djinn/chat_template.py)."""
 
-    def __init__(self, backend, kind: str, bos_id: Optional[int], eos_id: Optional[int], add_bos: bool):
+    def __init__(self, backend, kind: str, bos_id: Optional[int], eos_id: Optional[int], add_bos: bool,
+                 chat_template: Optional[ChatTemplate] = None):
         self._backend, self.kind = backend, kind
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
+        self.chat_template = chat_template
 
     def decode_after(self, context: list[int], ids: list[int]) -> str:
         """The text of `ids` as it reads after `context` (the tokens before them): a tokenizer that drops the
@@ -57,7 +62,7 @@ def load_tokenizer(folder: Path, family: str) -> Optional[Tokenizer]:
         bos = _token_id(backend, tcfg.get("bos_token"))
         eos = _token_id(backend, tcfg.get("eos_token"))
         add_bos = bool(tcfg.get("add_bos_token", family == "llama")) and bos is not None
-        return Tokenizer(backend, "hf", bos, eos, add_bos)
+        return Tokenizer(backend, "hf", bos, eos, add_bos, load_chat_template(folder, tcfg))
     models = sorted(folder.glob("*.model"))
     if models:
         import sentencepiece as spm
