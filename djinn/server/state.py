@@ -148,8 +148,9 @@ class ServerState:
 
 
 def error_body(e: DjinnError) -> dict:
-    """The one error shape of every route (compatible with OpenAI's {"error": {"message", "type", ...}})."""
-    return {"error": {**encode_error(e), "type": e.code, "param": None}}
+    """The one error shape of every route (OpenAI's {"error": {"message", "type", "param", "code"}}); `param`
+    names the request field at fault where the error knows it."""
+    return {"error": {**encode_error(e), "type": e.code, "param": getattr(e, "param", None)}}
 
 
 def fields(body: dict, allowed: tuple[str, ...], where: str) -> None:
