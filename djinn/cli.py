@@ -18,37 +18,47 @@ def parse_size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .server.limits import Limits  # no server dependencies: a dataclass of numbers
+
     p = argparse.ArgumentParser(prog="djinn", description="Djinn: a white-box LLM inference server.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="serve models over HTTP/WebSocket (and OpenAI-compatible /v1/completions)")
+    lim = Limits()
+    s = sub.add_parser("serve", help="serve models over HTTP/WebSocket (and OpenAI-compatible /v1/completions and "
+                                     "/v1/chat/completions)")
     s.add_argument("--model", action="extend", nargs="+", metavar="PATH_OR_REPO_ID", default=None,
                    help="model folder, llama2.c .bin, or Hugging Face repo id in the local cache; repeat for "
-                        "several (default: the small model shipped with Djinn)")
-    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; without API keys "
-                                                       "only loopback is allowed)")
-    s.add_argument("--port", type=int, default=8421)
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+                        "several; each is served under its folder or file name (default: the small model shipped "
+                        "with Djinn, served as djinn-default)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind; without API keys only loopback is "
+                                                       "allowed (default: %(default)s)")
+    s.add_argument("--port", type=int, default=8421, help="port to listen on (default: %(default)s)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="default: bfloat16 on GPU, float32 on CPU")
+                   help="weights' dtype (default: bfloat16 on GPU, float32 on CPU)")
     s.add_argument("--kv-memory", type=parse_size, default=None,
                    help="KV cache budget, e.g. 4G (default: half the free GPU memory, 256M on CPU)")
     s.add_argument("--api-keys", metavar="FILE", default=None,
-                   help="file of API keys, one per line (also read: DJINN_API_KEYS)")
+                   help="file of API keys, one per line; DJINN_API_KEYS is read too (default: none, loopback only)")
     s.add_argument("--pause-ttl", type=float, default=300.0,
-                   help="seconds a session may stay paused at a breakpoint before it is freed")
+                   help="seconds a session may stay paused at a breakpoint before it is freed (default: %(default)s)")
     s.add_argument("--idle-ttl", type=float, default=3600.0,
-                   help="seconds a session may stay untouched before it is closed (default 3600)")
+                   help="seconds a session may stay untouched before it is closed (default: %(default)s)")
     s.add_argument("--kv-share-per-key", type=float, default=None,
-                   help="largest share of the KV blocks (device and host) one API key may hold (default 0.5 "
+                   help="largest share of the KV blocks (device and host) one API key may hold (default: 0.5 "
                         "with API keys, 1 without)")
     s.add_argument("--queue-timeout", type=float, default=60.0,
-                   help="seconds a request may wait for KV memory before it fails (default 60)")
-    s.add_argument("--max-new-tokens", type=int, default=None, help="per-request cap")
-    s.add_argument("--max-sessions-per-key", type=int, default=None)
-    s.add_argument("--max-checkpoints-per-key", type=int, default=None)
-    s.add_argument("--max-frame-bytes", type=parse_size, default=None, help="largest frame or body, e.g. 64M")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+                   help="seconds a request may wait for KV memory before it fails (default: %(default)s)")
+    s.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"per-request cap on generated tokens (default: {lim.max_new_tokens})")
+    s.add_argument("--max-sessions-per-key", type=int, default=None,
+                   help=f"sessions one API key may hold at once (default: {lim.max_sessions_per_key})")
+    s.add_argument("--max-checkpoints-per-key", type=int, default=None,
+                   help=f"checkpoints one API key may keep (default: {lim.max_checkpoints_per_key})")
+    s.add_argument("--max-frame-bytes", type=parse_size, default=None,
+                   help=f"largest frame or request body, e.g. 64M (default: {lim.max_frame_bytes >> 20}M)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: %(default)s)")
 
     d = sub.add_parser("demo", help="pause a generation mid-forward, edit, resume: the engine end to end")
     d.add_argument("--model", default=None, metavar="PATH_OR_REPO_ID",

@@ -75,7 +75,9 @@ def run(models=None, *, host: str = LOOPBACK, port: int = DEFAULT_PORT, dtype: s
         engine = Engine(loaded, kv_memory=kv_memory, kv_share_per_key=share, **engine_options)
     lim = limits or Limits()
     app = create_app(engine, api_keys=keys, limits=lim)
-    print(f"djinn: serving on http://{host}:{port}", file=sys.stderr)
+    names = [m.name for m in (engine.engine if isinstance(engine, EngineService) else engine).models()]
+    print(f"djinn: serving {', '.join(names)} on http://{host}:{port} (these names are the model ids of "
+          f"/v1/models)", file=sys.stderr)
     uvicorn.Server(_uvicorn_config(app, host, port, lim, log_level)).run()
 
 
