@@ -1,6 +1,7 @@
 """The OpenAI-compatible routes through the official `openai` client: streamed and non-streamed completions
-agree (and agree with the Djinn client), steering through the `djinn_interventions` extension field
-changes the output, and unknown fields and bad values are rejected with clear 400 errors."""
+agree (and agree with the Djinn client), echo returns the prompt (scored with logprobs), log-probability keys
+keep their spaces, steering through the `djinn_interventions` extension field changes the output, and
+unknown fields and bad values are rejected with clear 400 errors."""
 from __future__ import annotations
 
 import httpx
@@ -100,6 +101,40 @@ def test_stop_and_logprobs(oai, native):
     assert torch.allclose(torch.tensor(lps), want, atol=1e-5)
 
 
+def test_echo_returns_the_prompt_and_its_scores(oai, native):
+    ref = native.session().generate(STORY, max_new_tokens=6, logprobs=True)
+    out = oai.completions.create(model=MODEL, prompt=STORY, max_tokens=6, temperature=0, echo=True).choices[0]
+    assert out.text == STORY + ref.text
+    assert streamed(oai, model=MODEL, prompt=STORY, max_tokens=6, temperature=0, echo=True)[0] == out.text
+    ids = native.tokenize(STORY)  # BOS first: it is no part of what the caller wrote, so echo leaves it out
+    for stream in (False, True):
+        kw = dict(model=MODEL, prompt=STORY, max_tokens=6, temperature=0, echo=True, logprobs=2)
+        if stream:
+            parts = [c.choices[0] for c in oai.completions.create(stream=True, **kw)]
+            text = "".join(p.text for p in parts)
+            lp = [x for p in parts if p.logprobs for x in zip(p.logprobs.tokens, p.logprobs.token_logprobs,
+                                                               p.logprobs.top_logprobs, p.logprobs.text_offset)]
+        else:
+            c = oai.completions.create(**kw).choices[0]
+            text, lp = c.text, list(zip(c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.top_logprobs,
+                                        c.logprobs.text_offset))
+        assert text == STORY + ref.text and len(lp) == len(ids) - 1 + 6
+        tokens, logprobs, tops, offsets = zip(*lp)
+        assert "".join(tokens) == text and [text[o:o + len(t)] for t, o in zip(tokens, offsets)] == list(tokens)
+        assert torch.allclose(torch.tensor(logprobs), ref.logprobs[1:], atol=1e-4)
+        for tok, l, top in zip(tokens, logprobs, tops):  # the lens's alternatives are the model's own
+            assert len(top) == 2 and max(top.values()) >= l - 1e-4
+    ids_out = oai.completions.create(model=MODEL, prompt=ids[1:], max_tokens=0, echo=True).choices[0]
+    assert ids_out.text == native.detokenize(ids[1:])
+
+
+def test_top_logprobs_keys_keep_their_spaces(oai):
+    c = oai.completions.create(model=MODEL, prompt=STORY, max_tokens=8, temperature=0, logprobs=5).choices[0]
+    keys = [k for top in c.logprobs.top_logprobs for k in top]
+    assert any(k.startswith(" ") for k in keys) and all(tok in top for tok, top in zip(c.logprobs.tokens,
+                                                                                        c.logprobs.top_logprobs))
+
+
 def test_steering_through_the_extension_field(oai, native):
     vec = torch.randn(64, generator=torch.Generator().manual_seed(3))
     plain = oai.completions.create(model=MODEL, prompt=STORY, max_tokens=16, temperature=0).choices[0].text
@@ -124,7 +159,7 @@ BAD = [
     ("top_p zero", {"top_p": 0}, openai.BadRequestError, "top_p"),
     ("logprobs too many", {"logprobs": 50}, openai.BadRequestError, "logprobs"),
     ("n zero", {"n": 0}, openai.BadRequestError, "'n'"),
-    ("echo", {"echo": True}, openai.BadRequestError, "echo"),
+    ("echo not a bool", {"echo": "yes"}, openai.BadRequestError, "echo"),
     ("penalty", {"presence_penalty": 1.0}, openai.BadRequestError, "presence_penalty"),
     ("stop list too long", {"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop"),
     ("bad prompt", {"prompt": [1.5, 2]}, openai.BadRequestError, "prompt"),
