@@ -11,7 +11,7 @@ every error is `{"error": {"code", "message", ...}}` with the error's HTTP statu
     POST   /api/sessions/{sid}/generate  {prompt, max_new_tokens, ...}   GenerateResult (no breakpoints)
     WS     /api/sessions/{sid}/stream             see stream.py
     WS     /api/control                           the same control calls over one socket: see control.py
-    POST   /v1/completions, GET /v1/models        see openai.py
+    POST   /v1/completions, /v1/chat/completions, GET /v1/models    see openai.py, openai_chat.py
 """
 from __future__ import annotations
 
