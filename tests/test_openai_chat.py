@@ -191,6 +191,12 @@ def test_completions_take_sessions_and_captures(oai, server, native):
     assert ref.generate("The module", max_new_tokens=4).text == a.choices[0].text
     assert ref.generate(" and", max_new_tokens=4).text == b.choices[0].text
     assert (SITE, 0) in _captures(b.choices[0])
+    c = oai.completions.create(model=MODEL, prompt=" then", max_tokens=3, temperature=0, echo=True, logprobs=2,
+                               extra_body={"djinn_session": sess.id}).choices[0]
+    lp = c.logprobs
+    assert c.text == " then" + ref.generate(" then", max_new_tokens=3).text and "".join(lp.tokens) == c.text
+    assert len(lp.tokens) == len(native.tokenize(" then", MODEL, prepend_bos=False)) + 3
+    assert all(top and len(top) == 2 for top in lp.top_logprobs)  # the first prompt token's too: history before it
     sess.close()
     ref.close()
 

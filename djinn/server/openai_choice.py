@@ -262,14 +262,18 @@ class Choice:
         decoder = IncrementalDecoder(self.tokenizer, self.prompt_ids[:self.added_bos])
         lps = result.logprobs.tolist()[self.added_bos:len(self.prompt_ids)]
         lens = next(iter(result.lens.values()), None)
+        # the prefill's lens rows end with the prompt's; a continued session's prefill may start one token
+        # earlier (its last token, sampled but not yet fed), whose row predicts the prompt's first token
+        first_row = 0 if lens is None else len(lens.ids) - len(self.prompt_ids)
         scores, offset = [], 0
         for j, (tid, lp) in enumerate(zip(ids, lps)):
-            at = j + self.added_bos  # its position in the call; the lens row before it predicted it
+            at = j + self.added_bos  # its position among the prompt's ids
+            row = first_row + at - 1  # the row before it predicted it
             top = None
-            if lens is not None and at > 0:
-                alts = lens.ids[at - 1].tolist()
-                top = list(zip(_alternatives(self.tokenizer, self.prompt_ids[at - 1], alts),
-                               lens.logprobs[at - 1].tolist()))
+            if lens is not None and row >= 0:
+                before = self.prompt_ids[at - 1] if at > 0 else None
+                top = list(zip(_alternatives(self.tokenizer, before, lens.ids[row].tolist()),
+                               lens.logprobs[row].tolist()))
             piece = decoder.push(tid)
             scores.append(TokenScore(piece, None if lp != lp else lp, top, offset))  # NaN: nothing before it
             offset += len(piece)
