@@ -22,7 +22,7 @@ class ParameterInfo:
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    family: str
+    family: str  # the checkpoint's architecture: "llama", "mistral", "gemma2", "gpt_neox", "gpt2", ...
     n_layers: int
     d_model: int
     n_heads: int

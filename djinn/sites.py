@@ -69,7 +69,8 @@ def detail_shape(local: str, cfg) -> tuple[Dim, ...]:
     return {"hook_scale": (1,), "hook_normalized": (d,), "hook_q": (h, dh), "hook_k": (kv, dh), "hook_v": (kv, dh),
             "hook_rot_q": (h, dh), "hook_rot_k": (kv, dh), "hook_attn_scores": (h, KEYS), "hook_pattern": (h, KEYS),
             "hook_result": (h, d), "hook_pre": (cfg.d_mlp,), "hook_pre_linear": (cfg.d_mlp,),
-            "hook_post": (cfg.d_mlp,), "hook_embed": (d,), "hook_pos_embed": (d,)}[last]
+            "hook_post": (cfg.d_mlp,), "hook_embed": (d,), "hook_pos_embed": (d,),
+            "hook_router_logits": (cfg.n_experts,), "hook_expert_weights": (cfg.n_experts,)}[last]
 
 
 class SiteTable:
@@ -100,6 +101,12 @@ class SiteTable:
             self.public["hook_embed"] = self.sites[0]
         for i in range(1, n):
             self.public[f"blocks.{i}.hook_resid_pre"] = self.public[f"blocks.{i - 1}.hook_resid_post"]
+        # a parallel block has no resid_mid: its attention output joins the residual with the MLP's, so that
+        # add is always left to the MLP op
+        self.always_deferred = frozenset()
+        if getattr(cfg, "parallel_residual", False):
+            mids = [self.public.pop(f"blocks.{i}.hook_resid_mid") for i in range(n)]
+            self.always_deferred = frozenset(s.index for s in mids)
         self._order = sorted(self.public, key=lambda name: self.order(self.public[name]) + (name,))
 
     @staticmethod

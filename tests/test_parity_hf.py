@@ -134,6 +134,8 @@ def _save(model: torch.nn.Module, folder: Path, layout: str) -> Path:
 
 
 def _final_norm_module(model: torch.nn.Module) -> torch.nn.Module:
+    if hasattr(model, "gpt_neox"):
+        return model.gpt_neox.final_layer_norm
     return model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
 
 
@@ -265,7 +267,7 @@ def test_legacy_rope_config_keys():
 
 
 def test_sliding_window_layouts_and_refusals(tmp_path: Path):
-    """One window for every layer is what the engine runs; configs it would run wrongly are refused clearly."""
+    """Windows per layer as the config spells them; configs the stack would run wrongly are refused clearly."""
     from djinn.errors import UnknownModel
     from djinn.models.layers import rope_inv_freq
 
@@ -281,16 +283,17 @@ def test_sliding_window_layouts_and_refusals(tmp_path: Path):
         is None
     mixed = saved(Qwen2Config(**small, use_sliding_window=True, sliding_window=8, max_window_layers=1))
     assert mixed["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
-    with pytest.raises(UnknownModel, match="mix full and sliding"):
-        config_from_hf(mixed)
     legacy = {k: v for k, v in mixed.items() if k != "layer_types"}  # transformers 4 spelling of the same
-    with pytest.raises(UnknownModel, match="mix full and sliding"):
-        config_from_hf(legacy)
+    for spelling in (mixed, legacy):  # a window per layer: the first attends to everything
+        cfg = config_from_hf(spelling)
+        assert [cfg.window(i) for i in range(3)] == [0, 8, 8]
+    stale = {**mixed, "layer_types": ["sliding_attention", "full_attention", "full_attention"], "max_window_layers": 1}
+    assert [config_from_hf(stale).window(i) for i in range(3)] == [8, 0, 0]  # layer_types wins
     assert config_from_hf({**legacy, "max_window_layers": 0}).sliding_window == 8
     assert config_from_hf({**legacy, "use_sliding_window": False}).sliding_window is None
 
     llama = saved(LlamaConfig(**COMMON))
-    with pytest.raises(UnknownModel, match="hidden_act"):
+    with pytest.raises(UnknownModel, match="activation"):
         config_from_hf({**llama, "hidden_act": "gelu"})
     with pytest.raises(UnknownModel, match="rope type"):
         config_from_hf({**llama, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}})

@@ -81,7 +81,8 @@ SCRIPT = textwrap.dedent("""
     assert fed_tokens(torch.tensor([1, 2, 3, 4]), torch.tensor([-1, 2, 0, -1]), sampled).tolist() == [1, 9, 7, 4]
     gu = torch.randn(6, 2 * 40)
     assert (silu_mul(gu) - F.silu(gu[:, :40]) * gu[:, 40:]).abs().max() < 1e-5
-    cases = [(4, 2, 16, None, 4, (0, 5, 9, 2)), (8, 8, 8, None, 4, (0, 5, 9, 2)), (8, 2, 32, 5, 4, (0, 5, 9, 2)), (6, 3, 12, None, 4, (0, 5, 9, 2)), (4, 1, 16, None, 16, (130, 250, 3, 120)), (4, 2, 16, 40, 16, (200, 140, 7, 66))]
+    # (n_heads, n_kv, d_head, window, block size, starts, soft-cap)
+    cases = [(4, 2, 16, 0, 4, (0, 5, 9, 2), 0.0), (8, 8, 8, 0, 4, (0, 5, 9, 2), 0.0), (8, 2, 32, 5, 4, (0, 5, 9, 2), 2.0), (6, 3, 12, 0, 4, (0, 5, 9, 2), 0.0), (4, 1, 16, 0, 16, (130, 250, 3, 120), 0.5), (4, 2, 16, 40, 16, (200, 140, 7, 66), 0.0)]
     # the defaults, then small chunks shared out over 2 programs: rows span many chunks; then every batch
     # counted large (one program a token and KV head merges as it goes): at the defaults, and small chunks over
     # 2 programs; then prompts' query rows at 16 and 6: their tokens taken 16/8/4 and 6/3/1 at a time by head
@@ -93,7 +94,7 @@ SCRIPT = textwrap.dedent("""
     slots = torch.zeros(64, dtype=torch.int32)  # one engine's tallies, reused by every launch
     decode_kernel = {}  # (chunk, case, rope) -> the one-token kernel's output: merged by one program or the last
     # each case with prompts in the step, then as a one-token step, where the kernel writes the keys itself
-    for (pa.CHUNK, pa.PROGRAMS_SMALL, pa.BLOCK_N, pa.PREFILL_QUERY_ROWS, pa.SMALL, pa.PROGRAMS), (n_heads, n_kv, d_head, window, bs, starts), lens in itertools.product(settings, cases, ((7, 1, 4, 3), (1, 1, 1, 1))):
+    for (pa.CHUNK, pa.PROGRAMS_SMALL, pa.BLOCK_N, pa.PREFILL_QUERY_ROWS, pa.SMALL, pa.PROGRAMS), (n_heads, n_kv, d_head, window, bs, starts, softcap), lens in itertools.product(settings, cases, ((7, 1, 4, 3), (1, 1, 1, 1))):
         if max(lens) == 1 and pa.PREFILL_QUERY_ROWS > 1:
             continue  # the prompt kernel's setting: no prompt here
         n_blocks = sum(-(-(s + n) // bs) for s, n in zip(starts, lens)) + 1
@@ -111,11 +112,12 @@ SCRIPT = textwrap.dedent("""
             outs, caches = [], []
             # the portable path, the kernel; for one-token steps also with the rotary + KV write kernel first
             for use_kernel, separate_write in ((False, False), (True, False)) + (((True, True),) if n == 4 else ()):
-                ctx, _ = build_context(spans, [0] * n, kv, bs, window, torch.device("cpu"), use_kernel=use_kernel,
+                ctx, _ = build_context(spans, [0] * n, kv, bs, torch.device("cpu"), use_kernel=use_kernel,
                                        tallies=slots if use_kernel else None)
                 ctx.attention.prefill |= separate_write  # (query rows 1: the one-token kernel all the same)
                 cache = kv.clone()
-                outs.append(paged_attention(q, k, v, cache[:, 0], ctx.attention, d_head ** -0.5, rope=rope))
+                outs.append(paged_attention(q, k, v, cache[:, 0], ctx.attention, d_head ** -0.5, rope=rope,
+                                            window=window, softcap=softcap))
                 caches.append(cache)
                 assert not slots.any()  # every tally back at zero
             err = (outs[0] - outs[1]).abs().max().item()
@@ -124,7 +126,7 @@ SCRIPT = textwrap.dedent("""
             if len(outs) == 3:  # the keys written inside the attention kernel: the same bits as the write kernel's
                 assert torch.equal(outs[1], outs[2]) and torch.equal(caches[1], caches[2])
             if pa.PREFILL_QUERY_ROWS == 1:  # every token through the one-token kernel
-                key = (pa.CHUNK, n_heads, n_kv, d_head, window, bs, starts, lens, rope is not None)
+                key = (pa.CHUNK, n_heads, n_kv, d_head, window, bs, starts, lens, rope is not None, softcap)
                 assert torch.equal(decode_kernel.setdefault(key, outs[1]), outs[1]), key
     # NaN in every cache slot outside the rows' own contexts (unused blocks, the tails of their last blocks):
     # both paths read none of it, prompt and one-token steps alike
@@ -142,7 +144,7 @@ SCRIPT = textwrap.dedent("""
         q, k, v = torch.randn(n, n_heads, d_head), torch.randn(n, n_kv, d_head), torch.randn(n, n_kv, d_head)
         outs = []
         for use_kernel in (False, True):
-            ctx, _ = build_context(spans, [0] * n, kv, bs, None, torch.device("cpu"), use_kernel=use_kernel,
+            ctx, _ = build_context(spans, [0] * n, kv, bs, torch.device("cpu"), use_kernel=use_kernel,
                                    tallies=slots if use_kernel else None)
             outs.append(paged_attention(q, k, v, kv.clone()[:, 0], ctx.attention, d_head ** -0.5))
         assert torch.isfinite(outs[0]).all() and torch.isfinite(outs[1]).all(), lens

@@ -29,7 +29,7 @@ class RowSpan:
 
 
 def build_context(spans: list[RowSpan], tokens: list[int], kv: torch.Tensor, block_size: int,
-                  sliding_window: Optional[int], device: torch.device, feed: Sequence[tuple[int, int]] = (),
+                  device: torch.device, feed: Sequence[tuple[int, int]] = (),
                   sampled: Optional[torch.Tensor] = None, use_kernel: Optional[bool] = None,
                   tallies: Optional[torch.Tensor] = None) -> tuple[ForwardContext, torch.Tensor]:
     """The forward context of a step over `spans`, and the flat token ids on the device. `feed` lists
@@ -63,19 +63,20 @@ def build_context(spans: list[RowSpan], tokens: list[int], kv: torch.Tensor, blo
     meta = AttentionMetadata(
         write_blocks=w_blocks, write_offsets=w_offsets,
         block_tables=dev[5 * n:5 * n + n_tables].view(n_rows, n_tbl) if use_kernel else torch.from_numpy(tables),
-        token_row=rows, token_pos=pos, window=sliding_window or 0, max_context=int((starts + lens).max()),
+        token_row=rows, token_pos=pos, max_context=int((starts + lens).max()),
         prefill=bool(lens.max() > 1), tallies=tallies,
     )
     if not use_kernel:  # the portable path runs where the host is (tests, CPU serving)
         portable_layout(meta, torch.from_numpy(starts), torch.from_numpy(lens), torch.from_numpy(tables), block_size,
-                        sliding_window, device)
+                        device)
     return ForwardContext(positions=pos, attention=meta, kv=kv), tok
 
 
 def portable_layout(meta: AttentionMetadata, starts: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor,
-                    block_size: int, sliding_window: Optional[int], device: torch.device) -> None:
+                    block_size: int, device: torch.device) -> None:
     """Fill in the padded layout the portable attention path reads: each row's queries and context keys
-    side by side, with a causal (and sliding-window) mask. `starts`, `lens` and `tables` are host tensors."""
+    side by side, with a causal mask (each layer adds its own window: attention.window_mask). `starts`,
+    `lens` and `tables` are host tensors."""
     n_rows = len(starts)
     row_of_token = torch.repeat_interleave(torch.arange(n_rows), lens)
     col_of_token = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
@@ -84,11 +85,11 @@ def portable_layout(meta: AttentionMetadata, starts: torch.Tensor, lens: torch.T
     key_pos = torch.arange(max_ctx)
     query_pos = starts[:, None] + torch.arange(max_q)[None, :]  # [B, T]
     mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < ctx_lens[:, None, None])
-    if sliding_window is not None:
-        mask &= query_pos[:, :, None] - key_pos[None, None, :] < sliding_window
-    mask[:, :, 0] |= torch.arange(max_q)[None, :] >= lens[:, None]  # padding queries: keep softmax finite
+    padding = torch.arange(max_q)[None, :] >= lens[:, None]
+    mask[:, :, 0] |= padding  # padding queries: keep softmax finite
     meta.query_row, meta.query_col = row_of_token.to(device), col_of_token.to(device)
     meta.kv_blocks = tables[:, key_pos // block_size].long().to(device)
     meta.kv_offsets = (key_pos % block_size).expand(n_rows, -1).to(device)
     meta.mask, meta.max_query_len = mask[:, None].to(device), max_q
+    meta.query_pos = query_pos.masked_fill(padding, -1)[:, None, :, None].to(device)
     meta.seen = mask.any(dim=1)[:, None, :, None].to(device)

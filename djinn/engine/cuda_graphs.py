@@ -145,7 +145,8 @@ class StepGraphs:
         self._filled: dict[int, object] = {}  # what each site's buffers hold now
         self._graphs: dict[SegmentKey, Callable[[], Optional[torch.Tensor]]] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
-        self.window = runner.window or 0
+        # the shortest sliding window of any layer (0: none): kept scores before a window's start stay unwritten
+        self.window = min((w for w in map(cfg.window, range(cfg.n_layers)) if w), default=0)
         self._ctx: Optional[ForwardContext] = None  # without capture: this step's attention layout
         self._ahead: Optional[tuple] = None  # (rows' identity, their plans, Replay): loaded early
 
@@ -180,9 +181,11 @@ class StepGraphs:
         return s.memo["scores"]
 
     def holds(self, plan: StepPlan) -> bool:
-        """Whether the graphs can run the step (else it runs eagerly)."""
+        """Whether the graphs can run the step (else it runs eagerly). Work inside a parallel block's MLP needs
+        the block's input, which no static buffer keeps at that cut: such steps run eagerly."""
         return (0 < len(plan.rows) <= self.max_rows and plan.offsets[-1] <= self.token_buckets[-1]
-                and all(len(r.span.block_table) <= self.width for r in plan.rows))
+                and all(len(r.span.block_table) <= self.width for r in plan.rows)
+                and not (self.runner.parallel and any(self.sites[k].op == "mlp_out" for k in plan.details)))
 
     def run(self, plan: StepPlan, out) -> None:
         """Replay the step of `plan` (one the graphs hold); fills `out` (a runner.StepOutput) with pauses,
@@ -420,8 +423,7 @@ class StepGraphs:
             ctx = self._static_context(tb, self.own_blocks[:tb])
             ctx.attention.max_context = int((starts + lens).max())
             ctx.attention.block_tables = self.tables[rows_used]
-            portable_layout(ctx.attention, starts, lens, ctx.attention.block_tables, self.block_size,
-                            self.runner.window, self.device)
+            portable_layout(ctx.attention, starts, lens, ctx.attention.block_tables, self.block_size, self.device)
             self._ctx = ctx
 
     def _load_edits(self, site: int, plan: StepPlan, tb: int) -> None:
@@ -477,7 +479,7 @@ class StepGraphs:
         meta = AttentionMetadata(
             write_blocks=write_blocks, write_offsets=self.write_offsets[:tb],
             block_tables=self.tables, token_row=self.token_row[:tb],
-            token_pos=self.positions[:tb], window=self.window, max_context=self.width * self.block_size,
+            token_pos=self.positions[:tb], max_context=self.width * self.block_size,
             tallies=self.runner.tallies, score_slots=self.score_slot[:tb], scores=self.scores)
         return ForwardContext(positions=self.positions[:tb], attention=meta, kv=self.kv)
 

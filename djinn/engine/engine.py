@@ -125,7 +125,7 @@ class Engine:
         out = []
         for w in self.workers.values():
             c = w.cfg
-            out.append(ModelInfo(w.name, c.family, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head,
+            out.append(ModelInfo(w.name, c.arch, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head,
                                  c.vocab_size, c.max_seq_len, str(w.dtype).removeprefix("torch."), str(w.device),
                                  w.tokenizer is not None, tuple(w.sites.info()),
                                  tuple(ParameterInfo(k, tuple(v.shape), str(v.dtype).removeprefix("torch."))

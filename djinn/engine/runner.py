@@ -95,14 +95,14 @@ class StepOutput:
 
 class Runner:
     def __init__(self, model: torch.nn.Module, kv: torch.Tensor, table: SiteTable, block_size: int,
-                 sliding_window: Optional[int], device: torch.device, sampled: torch.Tensor,
+                 device: torch.device, sampled: torch.Tensor,
                  tallies: Optional[torch.Tensor] = None):
         self.model, self.kv, self.table, self.sites = model, kv, table, table.sites
-        self.rope = getattr(model, "rotary", None)  # rotary tables, for the detailed attention
         self.sampled = sampled  # the previous step's sampled ids, on the device (rows with feed_from read them)
         self.edits_ok = torch.ones(len(sampled), dtype=torch.bool, device=device)  # see StepOutput.edits_ok
         self.tallies = tallies  # arrival tallies for the step's kernels (djinn/kernels/tallies.py)
-        self.block_size, self.window, self.device = block_size, sliding_window, device
+        self.block_size, self.device = block_size, device
+        self.parallel = bool(table.always_deferred)
         self.stager = HostStager(device)
         self.graphs = None  # StepGraphs, set by the worker
 
@@ -141,11 +141,13 @@ class Runner:
             ctx, tokens = self._context([plan.rows[i] for i in live])
         for site in self.sites:
             if live:
-                before = branch
+                before, before_resid = branch, resid
                 resid, branch = self.compute_site(site, resid, branch, ctx, tokens, plan.defer_add(site.index))
                 met = {}
                 if site.index in plan.details:  # the op's input: z for the projection, tokens for the embedding
                     op_input = {"attn_out": before, "embed": tokens}.get(site.op, resid)
+                    if site.op == "mlp_out" and self.parallel:  # a parallel MLP reads the block's input
+                        op_input = before_resid
                     met = self._details(site, plan, live, op_input, resid, branch, out)
                 live, resid, branch, ctx = self._at_site(site, plan, live, resid, branch, ctx, out, met)
             if site.index in entering:
@@ -205,7 +207,7 @@ class Runner:
         tokens = [t for r in rows for t in r.tokens]
         offsets = self._offsets(rows)
         feed = [(offsets[i], r.feed_from) for i, r in enumerate(rows) if r.feed_from is not None]
-        ctx, tok = build_context([r.span for r in rows], tokens, self.kv, self.block_size, self.window, self.device,
+        ctx, tok = build_context([r.span for r in rows], tokens, self.kv, self.block_size, self.device,
                                  feed=feed, sampled=self.sampled, tallies=self.tallies)
         self.model.prepare(ctx)
         return ctx, tok
@@ -229,6 +231,7 @@ class Runner:
         if site.op == "attn_out":
             return resid, m.blocks[site.layer].attn_out(branch)
         if site.op == "add":
+            defer_add = defer_add or site.index in self.table.always_deferred
             return (resid, branch) if defer_add else (resid + branch, None)
         if site.op == "mlp_out":
             return m.blocks[site.layer].mlp_out(resid, branch)
@@ -319,7 +322,8 @@ class Runner:
             return m.ln_final.detailed(op_input, run, "ln_final")
         block = m.blocks[site.layer]
         if site.op == "attn_z":
-            return block.attn_z_detailed(op_input, self.kv, row_kv(r, self.block_size, self.window, write, self.rope,
+            window, rope = m.cfg.window(site.layer), m.rope_for(site.layer)
+            return block.attn_z_detailed(op_input, self.kv, row_kv(r, self.block_size, window, write, rope,
                                                                    self.device), run)
         if site.op == "attn_out":
             return block.attn_out_detailed(op_input, run)

@@ -82,7 +82,7 @@ class ModelWorker:
         # the step's kernels that finish a result in the same launch count their programs in here: a slot per
         # (token, KV head) for attention, per row for the greedy pick
         self.tallies = tallies.new(len(self.sampled) * self.cfg.n_kv_heads, self.device) if on_gpu else None
-        self.runner = Runner(self.model, self.pool.kv, self.sites, block_size, self.cfg.sliding_window,
+        self.runner = Runner(self.model, self.pool.kv, self.sites, block_size,
                              self.device, self.sampled, self.tallies)
         self._host_tokens = [torch.zeros(len(self.sampled), dtype=torch.long, pin_memory=on_gpu) for _ in range(2)]
         self._inflight: Optional[InFlight] = None

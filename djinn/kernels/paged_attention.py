@@ -64,12 +64,14 @@ def _first_key(pos, window):
 
 
 @triton.jit
-def _attend_tile(q, k_ptrs, stride_kv, kv_mask, valid, scale, m, denom, acc):
+def _attend_tile(q, k_ptrs, stride_kv, kv_mask, valid, scale, softcap, m, denom, acc, SOFTCAP: tl.constexpr):
     """One tile of keys (values `stride_kv` past them) into each query row's online softmax: the rows' running
     max, denominator and weighted sum of values; `valid` says which keys each row may see. Also returns the
-    tile's scores (scaled, -inf where not valid)."""
+    tile's scores (scaled, soft-capped with SOFTCAP: softcap * tanh(s / softcap), -inf where not valid)."""
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    if SOFTCAP:
+        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # tanh, which Triton's core lacks
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep everything at 0
@@ -115,11 +117,12 @@ def _chunk_kernel(
     q_ptr, k_ptr, v_ptr, kv_ptr, acc_ptr, ml_ptr, out_ptr, tally_ptr, tables_ptr, rows_ptr, pos_ptr,
     write_blocks_ptr, write_offsets_ptr, cos_ptr, sin_ptr, scores_ptr, score_slot_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-    stride_blk, stride_kv, stride_tok, stride_head, stride_table, stride_ss, stride_sh, scale, window, n_heads,
-    n_kv_heads, n_chunks,
+    stride_blk, stride_kv, stride_tok, stride_head, stride_table, stride_ss, stride_sh, scale, softcap, window,
+    n_heads, n_kv_heads, n_chunks,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr, CHUNK_STAGES: tl.constexpr,
     SOLO: tl.constexpr, WRITE: tl.constexpr, ROPE: tl.constexpr, SCORES: tl.constexpr, DEPENDENT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Decode attention: programs share out each (token, KV head)'s chunks; with SOLO (one program each) the
     program merges its chunks as it goes, else every program stores its chunks' results and the last of the
@@ -182,7 +185,7 @@ def _chunk_kernel(
             base = block * stride_blk + (kp % BLOCK_SIZE) * stride_tok + kv_head * stride_head
             kv_mask = valid[:, None] & d_mask[None, :]
             m, denom, acc, scores = _attend_tile(q, kv_ptr + base[:, None] + d[None, :], stride_kv, kv_mask,
-                                                 valid[None, :], scale, m, denom, acc)
+                                                 valid[None, :], scale, softcap, m, denom, acc, SOFTCAP)
             if SCORES:
                 if score_slot >= 0:
                     tl.store(scores_ptr + score_slot * stride_ss + heads[:, None] * stride_sh + kp[None, :], scores,
@@ -213,9 +216,10 @@ def _chunk_kernel(
 def _tile_chunk_kernel(
     q_ptr, kv_ptr, acc_ptr, ml_ptr, tables_ptr, rows_ptr, pos_ptr,
     stride_qn, stride_qh, stride_blk, stride_kv, stride_tok, stride_head, stride_table,
-    scale, window, n_heads, n_chunks, n_tokens,
+    scale, softcap, window, n_heads, n_chunks, n_tokens,
     QT: tl.constexpr, GROUP: tl.constexpr, ROWS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """The chunk kernel for prompts: a program takes QT consecutive tokens and, for each run of them in one
     row, reads each key tile once for all of the run's queries (QT x GROUP rows of one product) instead of
@@ -256,7 +260,7 @@ def _tile_chunk_kernel(
                     kv_mask = any_key[:, None] & (d < D)[None, :]
                     valid = run[:, None] & (kp[None, :] <= pos[:, None]) & (kp[None, :] >= first[:, None])
                     m, denom, acc, _ = _attend_tile(q, kv_ptr + base[:, None] + d[None, :], stride_kv, kv_mask,
-                                                    valid, scale, m, denom, acc)
+                                                    valid, scale, softcap, m, denom, acc, SOFTCAP)
                 mine = run & (chunk >= first // CHUNK_SIZE) & (chunk <= pos // CHUNK_SIZE)
                 slot = (tok * n_heads + heads) * n_chunks + chunk
                 tl.store(acc_ptr + slot[:, None] * D_P + d[None, :], acc, mask=mine[:, None])
@@ -309,7 +313,8 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
                            token_row: torch.Tensor, token_pos: torch.Tensor, scale: float, window: int,
                            max_context: int, query_tile: int = 1, tally_slots: Optional[torch.Tensor] = None,
                            new_keys: Optional[NewKeys] = None,
-                           scores: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                           scores: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                           softcap: float = 0.0) -> torch.Tensor:
     """q: [N, n_heads, d_head]; kv_layer: [n_blocks, 2, block_size, n_kv_heads, d_head] (any strides with a
     contiguous last dim); block_tables: [B, max_blocks]; token_row, token_pos: [N]; max_context bounds every
     token's position + 1 (it sizes the grid only); query_tile > 1: programs take that many consecutive
@@ -317,7 +322,8 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     N x n_kv_heads (djinn/kernels/tallies.py; None: a fresh buffer); new_keys: this step's keys and values,
     which the kernel rotates and writes itself, q unrotated (one token a row, query_tile 1); scores: (slots
     [N], buffer [n_slots, n_heads, max_keys] float32), each token with a slot >= 0 stores its scores over keys
-    first..its position there (query_tile 1). Returns [N, n_heads, d_head]."""
+    first..its position there (query_tile 1); softcap > 0: scores through softcap * tanh(score / softcap)
+    (Gemma 2). Returns [N, n_heads, d_head]."""
     n, n_heads, d_head = q.shape
     n_kv = kv_layer.shape[3]
     group = n_heads // n_kv
@@ -329,7 +335,7 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     small = n * n_kv <= SMALL
     strides = (kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), block_tables.stride(0))
     common = dict(GROUP=group, D=d_head, D_P=d_p, BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=BLOCK_N, CHUNK_SIZE=CHUNK,
-                  num_warps=NUM_WARPS)
+                  SOFTCAP=softcap > 0, num_warps=NUM_WARPS)
     if new_keys is not None and query_tile != 1:
         raise ValueError("the attention kernel writes keys itself only for one token a row")
     if query_tile == 1:
@@ -348,15 +354,15 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
             q, new.k, new.v, kv_layer, acc, ml, out, tally, block_tables, token_row, token_pos, new.write_blocks,
             new.write_offsets, cos, sin, buf, slots, q.stride(0), q.stride(1), new.k.stride(0), new.k.stride(1),
             new.v.stride(0), new.v.stride(1), out.stride(0), out.stride(1), *strides, buf.stride(0), buf.stride(1),
-            scale, window, n_heads, n_kv, n_chunks, GROUP_P=max(16, triton.next_power_of_2(group)),
+            scale, softcap, window, n_heads, n_kv, n_chunks, GROUP_P=max(16, triton.next_power_of_2(group)),
             CHUNK_STAGES=stages, SOLO=solo, WRITE=new_keys is not None, ROPE=rope, SCORES=scores is not None,
             **common, **dependent_launch.options())
         return out
     acc, ml = _partials(n, n_heads, n_chunks, d_p, q.device)
     programs = PROGRAMS_SMALL if small else PROMPT_PROGRAMS
     _tile_chunk_kernel[(triton.cdiv(n, query_tile), n_kv, min(n_chunks, programs))](
-        q, kv_layer, acc, ml, block_tables, token_row, token_pos, q.stride(0), q.stride(1), *strides, scale, window,
-        n_heads, n_chunks, n, QT=query_tile, ROWS_P=max(16, triton.next_power_of_2(query_tile * group)),
+        q, kv_layer, acc, ml, block_tables, token_row, token_pos, q.stride(0), q.stride(1), *strides, scale,
+        softcap, window, n_heads, n_chunks, n, QT=query_tile, ROWS_P=max(16, triton.next_power_of_2(query_tile * group)),
         NUM_STAGES=NUM_STAGES, **common)
     _merge_kernel[(n, n_kv)](acc, ml, out, token_pos, out.stride(0), out.stride(1), window, n_heads, n_chunks,
                              GROUP=group, GROUP_P=triton.next_power_of_2(group), D=d_head, D_P=d_p, CHUNK_SIZE=CHUNK,

@@ -1,9 +1,9 @@
 """Model families as explicit stacks on flat varlen batches, and their loaders."""
 from .config import ModelConfig
 from .gpt2 import GPT2Model
-from .llama import LlamaModel
+from .decoder import DecoderModel
 
-FAMILIES = {"llama": LlamaModel, "gpt2": GPT2Model}
+FAMILIES = {"llama": DecoderModel, "gpt2": GPT2Model}
 
 
 def build_model(cfg: ModelConfig):
@@ -11,4 +11,4 @@ def build_model(cfg: ModelConfig):
     return FAMILIES[cfg.family](cfg)
 
 
-__all__ = ["ModelConfig", "GPT2Model", "LlamaModel", "build_model", "FAMILIES"]
+__all__ = ["ModelConfig", "GPT2Model", "DecoderModel", "build_model", "FAMILIES"]

@@ -27,7 +27,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32, each row's blocks
     token_row: torch.Tensor  # [N] int32, the row of each token
     token_pos: torch.Tensor  # [N] int32, the position of each token
-    window: int  # sliding window (0: none)
     max_context: int  # no token's position + 1 exceeds this (sizes the kernel's grid)
     prefill: bool = False  # some row has several tokens (a prompt): the kernel may take them together
     tallies: Optional[torch.Tensor] = None  # the engine's arrival tallies for the kernel (djinn/kernels/tallies.py)
@@ -40,7 +39,8 @@ class AttentionMetadata:
     query_col: Optional[torch.Tensor] = None  # [N] column of each token in the padded query batch
     kv_blocks: Optional[torch.Tensor] = None  # [B, L] block holding each context position of each row
     kv_offsets: Optional[torch.Tensor] = None  # [B, L]
-    mask: Optional[torch.Tensor] = None  # [B, 1, T, L] True where a query may attend a key
+    mask: Optional[torch.Tensor] = None  # [B, 1, T, L] True where a query may attend a key (no window)
+    query_pos: Optional[torch.Tensor] = None  # [B, 1, T, 1] each padded query's position
     seen: Optional[torch.Tensor] = None  # [B, 1, L, 1] True where some query of the row may attend the key
     max_query_len: int = 0
 
@@ -54,23 +54,28 @@ def paged_attention(
     scale: float,
     rope=None,  # Rotary tables: rotate q and k by position first
     layer: int = 0,  # which layer's rows of `meta.scores` its scores go to
+    window: int = 0,  # this layer's sliding window (0: none)
+    softcap: float = 0.0,  # scores through softcap * tanh(score / softcap) (0: none)
 ) -> torch.Tensor:
     """Rotates q and k (with `rope`), writes this step's keys and values into the cache, then attends.
     Returns z: [N, n_heads, d_head]. Tokens with a score slot keep their scores in meta.scores."""
     keep = None if meta.scores is None else (meta.score_slots, meta.scores[:, layer])
+    if rope is not None and rope.dim != q.shape[-1]:  # part of each head rotates: the kernels rotate whole heads
+        positions = meta.token_pos.long()
+        q, k, rope = rope.apply(q, positions), rope.apply(k, positions), None
     if meta.mask is None:
         from ..kernels import paged_attention as kernel
         from ..kernels.fused import rope_and_write_kv
 
-        args = (kv_layer, meta.block_tables, meta.token_row, meta.token_pos, scale, meta.window, meta.max_context)
+        args = (kv_layer, meta.block_tables, meta.token_row, meta.token_pos, scale, window, meta.max_context)
         if not meta.prefill:  # one token a row: the attention kernel rotates and writes its keys itself
             return kernel.paged_attention_triton(q, *args, tally_slots=meta.tallies, new_keys=kernel.NewKeys(
-                k, v, meta.write_blocks, meta.write_offsets, rope), scores=keep)
+                k, v, meta.write_blocks, meta.write_offsets, rope), scores=keep, softcap=softcap)
         if keep is not None:
             raise ValueError("scores are kept for one token a row only")
         q = rope_and_write_kv(q, k, v, kv_layer, meta.write_blocks, meta.write_offsets, meta.token_pos, rope)
         return kernel.paged_attention_triton(q, *args, kernel.prefill_query_tile(q.shape[1], kv_layer.shape[3]),
-                                             meta.tallies)
+                                             meta.tallies, softcap=softcap)
     if rope is not None:
         positions = meta.token_pos.long()
         q, k = rope.apply(q, positions), rope.apply(k, positions)
@@ -85,18 +90,43 @@ def paged_attention(
     n_heads, d_head = q.shape[1], q.shape[2]
     queries = q.new_zeros(meta.block_tables.shape[0], meta.max_query_len, n_heads, d_head)
     queries[meta.query_row, meta.query_col] = q
+    mask = window_mask(meta, window)
     if keep is not None:
-        _keep_scores(queries, keys, meta, scale, *keep)
-    with sdpa_kernel(DETERMINISTIC_BACKENDS):
-        out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2), keys, values, attn_mask=meta.mask, scale=scale,
-            enable_gqa=keys.shape[1] != n_heads,
-        )  # [B, n_heads, T, d_head]
+        _keep_scores(queries, keys, meta, mask, scale, softcap, *keep)
+    if softcap:  # SDPA has no soft-cap: the scores spelled out
+        keys = keys.repeat_interleave(n_heads // keys.shape[1], 1)
+        values = values.repeat_interleave(n_heads // values.shape[1], 1)
+        scores = capped(torch.einsum("bthd,bhld->bhtl", queries, keys) * scale, softcap)
+        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        out = torch.einsum("bhtl,bhld->bhtd", weights, values)
+    else:
+        with sdpa_kernel(DETERMINISTIC_BACKENDS):
+            out = F.scaled_dot_product_attention(
+                queries.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
+                enable_gqa=keys.shape[1] != n_heads,
+            )  # [B, n_heads, T, d_head]
     return out.transpose(1, 2)[meta.query_row, meta.query_col]
 
 
-def _keep_scores(queries: torch.Tensor, keys: torch.Tensor, meta: AttentionMetadata, scale: float,
-                 slots: torch.Tensor, scores: torch.Tensor) -> None:
+def capped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Soft-capped scores: softcap * tanh(score / softcap) (0: unchanged)."""
+    return torch.tanh(scores / softcap) * softcap if softcap else scores
+
+
+def window_mask(meta: AttentionMetadata, window: int) -> torch.Tensor:
+    """The portable layout's mask with a sliding window (0: the causal mask itself). Padding queries sit at
+    position -1, which keeps every key the causal mask gave them (their softmax stays finite)."""
+    if not window:
+        return meta.mask
+    masks = meta.__dict__.setdefault("_window_masks", {})
+    if window not in masks:
+        key_pos = torch.arange(meta.mask.shape[-1], device=meta.mask.device)
+        masks[window] = meta.mask & (meta.query_pos - key_pos < window)
+    return masks[window]
+
+
+def _keep_scores(queries: torch.Tensor, keys: torch.Tensor, meta: AttentionMetadata, mask: torch.Tensor,
+                 scale: float, softcap: float, slots: torch.Tensor, scores: torch.Tensor) -> None:
     """The portable path's scores of the tokens with a slot, as the kernel keeps them (over the padded layout's
     positions; -inf where masked)."""
     tokens = (slots >= 0).nonzero()[:, 0]
@@ -105,8 +135,8 @@ def _keep_scores(queries: torch.Tensor, keys: torch.Tensor, meta: AttentionMetad
     q = queries[meta.query_row[tokens], meta.query_col[tokens]].float()  # [n, n_heads, d_head]
     k = keys[meta.query_row[tokens]].float()  # [n, n_kv, L, d_head]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
-    s = torch.einsum("nhd,nhpd->nhp", q, k) * scale
-    seen = meta.mask[meta.query_row[tokens], 0, meta.query_col[tokens]]  # [n, L]
+    s = capped(torch.einsum("nhd,nhpd->nhp", q, k) * scale, softcap)
+    seen = mask[meta.query_row[tokens], 0, meta.query_col[tokens]]  # [n, L]
     scores[slots[tokens].long(), :, :s.shape[-1]] = s.masked_fill(~seen[:, None, :], float("-inf"))
 
 
@@ -124,11 +154,13 @@ class RowKV:
 
 
 def detailed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, row: RowKV,
-                       scale: float, hook) -> torch.Tensor:
+                       scale: float, hook, softcap: float = 0.0, qk_norm=None) -> torch.Tensor:
     """Attention of one row spelled out, each value handed to `hook` (see models/layers.py): q, k, v (before
     rotary), rot_q, rot_k, the scores (masked: -inf) and the pattern, both float32, over the row's whole
     history. The row's earlier keys and values come from the cache, its new ones from here. Returns z."""
     q, k, v = hook("attn.hook_q", q), hook("attn.hook_k", k), hook("attn.hook_v", v)
+    if qk_norm is not None:  # q/k norms come after hook_q and hook_k, as in TransformerLens
+        q, k = qk_norm(q, k)
     if row.rope is not None:
         q = hook("attn.hook_rot_q", row.rope.apply(q, row.positions))
         k = hook("attn.hook_rot_k", row.rope.apply(k, row.positions))
@@ -142,7 +174,7 @@ def detailed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lay
     values = torch.cat([kv_layer[row.blocks[earlier], 1, row.offsets[earlier]], v.to(kv_layer.dtype)])
     group = n_heads // keys.shape[1]
     keys, values = keys.repeat_interleave(group, 1).float(), values.repeat_interleave(group, 1).float()
-    scores = torch.einsum("thd,phd->thp", q.float(), keys) * scale
+    scores = capped(torch.einsum("thd,phd->thp", q.float(), keys) * scale, softcap)
     key_pos = torch.arange(keys.shape[0], device=q.device)
     seen = key_pos[None, :] <= row.positions[:, None]
     if row.window:

@@ -15,3 +15,4 @@ class ForwardContext:
     attention: AttentionMetadata
     kv: torch.Tensor  # the pool: [n_blocks, n_layers, 2, block_size, n_kv_heads, d_head]
     rope: Optional[object] = None  # the model's Rotary tables, for families with rotary embeddings
+    rope_local: Optional[object] = None  # the sliding layers' own tables, where they differ (Gemma 3)

@@ -1,7 +1,7 @@
 """GPT-2: learned positions, LayerNorm, fused qkv, tied head (unless the config unties it), GELU (tanh
 approximation).
 
-Blocks expose the same halves as the Llama family, so the engine treats both alike.
+Blocks expose the same halves as the decoder (decoder.py), so the engine treats both alike.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .. import sites
 from .attention import RowKV, detailed_attention, paged_attention
 from .config import ModelConfig
 from .context import ForwardContext
-from .layers import Hook, LayerNorm, Linear, normed_linear, prefixed, tl_heads_in, tl_heads_out, tl_linear, tl_norm
+from .layers import Hook, LayerNorm, Linear, normed_linear, per_head_results, prefixed, tl_heads_in, tl_heads_out, tl_linear, tl_norm
 
 # The values inside each op that the detailed path (the `*_detailed` methods) shows, in the order it computes them
 DETAIL_SITES = {"embed": sites.EMBEDDING, "attn_z": tuple(n for n in sites.ATTENTION if "rot_" not in n),
@@ -84,15 +84,6 @@ class GPT2Block(nn.Module):
         return self.mlp.proj(hook("mlp.hook_post", F.gelu(pre, approximate="tanh")))
 
 
-def per_head_results(proj: Linear, z: torch.Tensor, hook: Hook) -> torch.Tensor:
-    """The output projection as the sum of each head's result ([T, n_heads, d_model]), plus the bias."""
-    n_heads, d_head = z.shape[1], z.shape[2]
-    w = proj.weight.view(proj.out_features, n_heads, d_head)
-    result = hook("attn.hook_result", torch.einsum("thd,mhd->thm", z, w))
-    out = result.sum(1)
-    return out if proj.bias is None else out + proj.bias
-
-
 class GPT2Model(nn.Module):
     detail_sites = DETAIL_SITES
 
@@ -109,6 +100,9 @@ class GPT2Model(nn.Module):
 
     def prepare(self, ctx: ForwardContext) -> None:
         pass
+
+    def rope_for(self, layer: int) -> None:
+        return None
 
     def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if tokens.is_cuda:  # both lookups and the add in one kernel, the same bits

@@ -38,17 +38,28 @@ class _Norm(nn.Module):
 
     rms: bool
 
-    def __init__(self, dim: int, eps: float, bias: bool):
+    def __init__(self, dim: int, eps: float, bias: bool, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-        self.eps = eps
+        self.eps, self.offset = eps, offset
+        self._gain: Optional[torch.Tensor] = None
+
+    def gain(self) -> torch.Tensor:
+        """What the normalised value is scaled by: the weight, or (offset + weight) in float32 (Gemma's norms),
+        computed once where the weights came to rest (a plain attribute: casting the model must not round it)."""
+        if not self.offset:
+            return self.weight
+        if self._gain is None or self._gain.device != self.weight.device:
+            self._gain = self.weight.float() + self.offset
+        return self._gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             from ..kernels.fused import norm
 
-            return norm(x, None, self.weight, self.bias, self.eps, self.rms)[1]
+            shape = x.shape
+            return norm(x.reshape(-1, shape[-1]), None, self.gain(), self.bias, self.eps, self.rms)[1].view(shape)
         return self.reference(x)
 
     def add_and_norm(self, resid: torch.Tensor, branch: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +68,7 @@ class _Norm(nn.Module):
         if resid.is_cuda:
             from ..kernels.fused import norm
 
-            return norm(resid, branch, self.weight, self.bias, self.eps, self.rms)
+            return norm(resid, branch, self.gain(), self.bias, self.eps, self.rms)
         resid = resid + branch
         return resid, self.reference(resid)
 
@@ -73,22 +84,26 @@ class _Norm(nn.Module):
             h = h - h.mean(-1, keepdim=True)
         scale = hook(f"{name}.hook_scale", (h.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         normalized = hook(f"{name}.hook_normalized", h / scale)
-        if self.rms:  # scaled in the input dtype, as `reference`
-            return self.weight * normalized.to(x.dtype)
+        if self.rms:
+            return self._scaled(normalized, x.dtype)
         return (normalized * self.weight.float() + self.bias.float()).to(x.dtype)
 
 
 class RMSNorm(_Norm):
     rms = True
 
-    def __init__(self, dim: int, eps: float):
-        super().__init__(dim, eps, bias=False)
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__(dim, eps, bias=False, offset=offset)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale in the input dtype, as the reference Llama does.
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self._scaled(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps), x.dtype)
+
+    def _scaled(self, normalized: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # Llama rounds to the input dtype and then scales; Gemma scales by (1 + weight) in float32, then rounds
+        if self.offset:
+            return (normalized * self.gain()).to(dtype)
+        return self.weight * normalized.to(dtype)
 
 
 class LayerNorm(_Norm):
@@ -104,28 +119,34 @@ class LayerNorm(_Norm):
 FUSED_NORM_MAX_WIDTH = 1024
 
 
-def normed_linear(norm: _Norm, linear: Linear, resid: torch.Tensor, pending: Optional[torch.Tensor],
+def normed_linear(norm: Optional[_Norm], linear: Linear, resid: torch.Tensor, pending: Optional[torch.Tensor],
                   gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(resid + pending, linear(norm(resid + pending))), with GELU (tanh) on the product when `gelu`: a block's
     norm and first product. A one-token step on the GPU runs them, and the add, in one kernel where its row is
     narrow: on an H200 (benchmarks/results/bench_gemv_fused_h200.txt) that saved a little at GPT-2's 768
     (4.47 -> 4.39 us for ln1 + qkv) and cost at Mistral's 4096 (ln2 + gate_up 64.8 -> 67.2 us), where every
     program's statistics and per-tile normalising outweigh the norm kernel."""
-    if resid.is_cuda and resid.dim() == 2 and resid.shape[0] == 1 and resid.shape[1] <= FUSED_NORM_MAX_WIDTH:
+    if norm is not None and resid.is_cuda and resid.dim() == 2 and resid.shape[0] == 1 and \
+            resid.shape[1] <= FUSED_NORM_MAX_WIDTH:
         from ..kernels.gemv import norm_gemv
 
-        return norm_gemv(resid, pending, norm.weight, norm.bias, norm.eps, norm.rms, linear.weight, linear.bias,
+        return norm_gemv(resid, pending, norm.gain(), norm.bias, norm.eps, norm.rms, linear.weight, linear.bias,
                          gelu)
-    resid, x = norm.add_and_norm(resid, pending)
+    if norm is None:  # no norm before the product (OLMo 2)
+        resid = resid if pending is None else resid + pending
+        x = resid
+    else:
+        resid, x = norm.add_and_norm(resid, pending)
     out = linear(x)
     return resid, F.gelu(out, approximate="tanh") if gelu else out
 
 
-def rope_inv_freq(d_head: int, theta: float, scaling: Optional[dict[str, Any]]) -> torch.Tensor:
-    """Inverse frequencies for rotary embeddings, with Llama-3 or linear scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64).float() / d_head))
+def rope_inv_freq(dim: int, theta: float, scaling: Optional[dict[str, Any]]) -> torch.Tensor:
+    """Inverse frequencies for rotary embeddings over `dim` dims, with Llama-3 or linear scaling (longrope's
+    factors are applied per position, in Rotary)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     kind = (scaling or {}).get("rope_type", "default")
-    if kind == "default":
+    if kind in ("default", "longrope"):
         return inv_freq
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
@@ -143,23 +164,59 @@ def rope_inv_freq(d_head: int, theta: float, scaling: Optional[dict[str, Any]]) 
     raise ValueError(f"unsupported rope scaling {kind!r}")
 
 
-class Rotary(nn.Module):
-    """cos/sin tables for every position up to the context length (rotate-half layout)."""
+def _position_freqs(max_seq_len: int, inv_freq: torch.Tensor, scaling: Optional[dict[str, Any]]
+                    ) -> tuple[torch.Tensor, float]:
+    """Each position's angles [max_seq_len, dim / 2] and the factor on cos and sin. Longrope (Phi-3) divides
+    the frequencies by its short factors below the original context and by its long ones from there on; its
+    attention factor scales cos and sin."""
+    positions = torch.arange(max_seq_len, dtype=torch.float32)[:, None]
+    if (scaling or {}).get("rope_type") != "longrope":
+        return positions * inv_freq[None, :], 1.0
+    original = int(scaling["original_max_position_embeddings"])
+    short = torch.tensor(scaling["short_factor"], dtype=torch.float32)
+    long = torch.tensor(scaling["long_factor"], dtype=torch.float32)
+    factors = torch.where(positions >= original, long[None, :], short[None, :])
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        factor = float(scaling.get("factor") or max_seq_len / original)
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return positions * inv_freq[None, :] / factors, float(attention_factor)
 
-    def __init__(self, d_head: int, max_seq_len: int, theta: float, scaling: Optional[dict[str, Any]]):
+
+class Rotary(nn.Module):
+    """cos/sin tables for every position up to the context length (rotate-half layout), over each head's
+    first `dim` dims (GPT-NeoX rotates only part of a head)."""
+
+    def __init__(self, dim: int, max_seq_len: int, theta: float, scaling: Optional[dict[str, Any]]):
         super().__init__()
-        inv_freq = rope_inv_freq(d_head, theta, scaling)
-        freqs = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        self.dim = dim
+        freqs, factor = _position_freqs(max_seq_len, rope_inv_freq(dim, theta, scaling), scaling)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", emb.cos() * factor, persistent=False)
+        self.register_buffer("sin", emb.sin() * factor, persistent=False)
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x: [N, heads, d_head] by each token's position."""
         cos, sin = self.cos[positions].to(x.dtype)[:, None, :], self.sin[positions].to(x.dtype)[:, None, :]
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        r, half = self.dim, self.dim // 2
+        turned = x[..., :r]
+        rotated = torch.cat([-turned[..., half:], turned[..., :half]], dim=-1)
+        turned = turned * cos + rotated * sin
+        return turned if r == x.shape[-1] else torch.cat([turned, x[..., r:]], dim=-1)
+
+
+def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up, with gate and up side by side in the last dimension (SwiGLU, GeGLU)."""
+    if act == "silu":
+        return silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return activation(gate, act) * up
+
+
+def activation(x: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "silu":
+        return F.silu(x)
+    return F.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -170,6 +227,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return fused(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def per_head_results(proj: Linear, z: torch.Tensor, hook: Hook) -> torch.Tensor:
+    """The output projection as the sum of each head's result ([T, n_heads, d_model]), plus the bias."""
+    n_heads, d_head = z.shape[1], z.shape[2]
+    w = proj.weight.view(proj.out_features, n_heads, d_head)
+    result = hook("attn.hook_result", torch.einsum("thd,mhd->thm", z, w))
+    out = result.sum(1)
+    return out if proj.bias is None else out + proj.bias
 
 
 # ---------------------------------------------------------------- weights by TransformerLens names
@@ -200,7 +266,7 @@ def tl_heads_out(linear: nn.Linear, n_heads: int, d_head: int) -> dict[str, torc
 
 
 def tl_norm(name: str, norm: _Norm) -> dict[str, torch.Tensor]:
-    out = {f"{name}.w": norm.weight}
+    out = {f"{name}.w": norm.gain()}
     if norm.bias is not None:
         out[f"{name}.b"] = norm.bias
     return out

@@ -14,7 +14,7 @@ import torch
 from ..errors import UnknownModel
 from . import build_model
 from .config import ModelConfig
-from .layers import Rotary
+from .families import config_from_hf, decoder_state
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -36,100 +36,7 @@ def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     return DTYPES[dtype]
 
 
-# ---------------------------------------------------------------- Hugging Face configs and weights
-
-GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
-LLAMA_ACTIVATIONS = ("silu", "swish")
-ROPE_TYPES = ("default", "linear", "llama3")
-
-
-def _unsupported(kind: str, what: str) -> UnknownModel:
-    return UnknownModel(f"unsupported {kind} checkpoint: {what}")
-
-
-def _sliding_window(hf: dict, kind: str) -> Optional[int]:
-    """The one window every layer uses, or None. Djinn applies a single window to all layers, so a config whose
-    layers mix full and sliding attention (Qwen2 with use_sliding_window and max_window_layers > 0) is refused
-    rather than run with the wrong mask."""
-    window = hf.get("sliding_window")
-    n = hf["num_hidden_layers"]
-    if hf.get("layer_types"):  # transformers 5 spells out each layer's attention
-        sliding = [t == "sliding_attention" for t in hf["layer_types"]]
-    elif kind == "qwen2":  # older Qwen2 configs: layers from max_window_layers on slide, if enabled at all
-        use = bool(hf.get("use_sliding_window", False)) and window is not None
-        start = hf.get("max_window_layers", n)
-        sliding = [use and i >= start for i in range(n)]
-    else:  # Mistral (and Llama configs that carry a window): every layer slides
-        sliding = [window is not None] * n
-    if not any(sliding):
-        return None
-    if window is None:
-        raise _unsupported(kind, "layer_types asks for sliding attention but sliding_window is null")
-    if not all(sliding):
-        raise _unsupported(kind, f"layers mix full and sliding-window attention ({sum(sliding)} of {n} slide); "
-                                 "Djinn applies one window to every layer")
-    return int(window)
-
-
-def config_from_hf(hf: dict) -> ModelConfig:
-    """Translate a Hugging Face config.json (transformers 4 or 5 spelling) into a ModelConfig. Anything the
-    stacks would silently compute differently (activation, attention scaling, per-layer windows, rope type)
-    raises UnknownModel instead."""
-    kind = hf.get("model_type")
-    if kind == "gpt2":
-        d = hf["n_embd"]
-        act = hf.get("activation_function", "gelu_new")
-        if act not in GPT2_ACTIVATIONS:
-            raise _unsupported(kind, f"activation_function {act!r} (supported: {', '.join(GPT2_ACTIVATIONS)})")
-        if hf.get("scale_attn_by_inverse_layer_idx", False) or not hf.get("scale_attn_weights", True):
-            raise _unsupported(kind, "attention scores must be scaled by 1/sqrt(d_head) only "
-                                     "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)")
-        return ModelConfig(
-            family="gpt2", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
-            n_kv_heads=hf["n_head"], d_mlp=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        )
-    if kind not in ("llama", "mistral", "qwen2"):
-        raise UnknownModel(f"unsupported model_type {kind!r} (supported: llama, mistral, qwen2, gpt2)")
-    act = hf.get("hidden_act", "silu")
-    if act not in LLAMA_ACTIVATIONS:
-        raise _unsupported(kind, f"hidden_act {act!r} (supported: silu)")
-    # transformers 5 writes `rope_parameters` (theta and scaling together); 4 wrote `rope_theta` at the top level
-    # and scaling, if any, in `rope_scaling`.
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise _unsupported(kind, f"rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
-    scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
-    n_heads = hf["num_attention_heads"]
-    attention_bias = bool(hf.get("attention_bias", False))  # Llama: on q, k, v and o alike
-    return ModelConfig(
-        family="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_mlp=hf["intermediate_size"],
-        max_seq_len=hf["max_position_embeddings"], d_head=hf.get("head_dim") or 0,
-        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-        sliding_window=_sliding_window(hf, kind), qkv_bias=kind == "qwen2" or attention_bias,
-        o_bias=kind != "qwen2" and attention_bias, mlp_bias=bool(hf.get("mlp_bias", False)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    )
-
-
-def _llama_names(cfg: ModelConfig) -> dict[str, str]:
-    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "ln_final.weight",
-             "lm_head.weight": "lm_head.weight"}
-    for i in range(cfg.n_layers):
-        src, dst = f"model.layers.{i}.", f"blocks.{i}."
-        names[src + "input_layernorm.weight"] = dst + "ln1.weight"
-        names[src + "post_attention_layernorm.weight"] = dst + "ln2.weight"
-        for p in ("q", "k", "v", "o"):
-            for t in ("weight", "bias"):
-                names[f"{src}self_attn.{p}_proj.{t}"] = f"{dst}attn.{p}_proj.{t}"
-        for p in ("gate", "up", "down"):
-            for t in ("weight", "bias"):
-                names[f"{src}mlp.{p}_proj.{t}"] = f"{dst}mlp.{p}_proj.{t}"
-    return names
-
+# ---------------------------------------------------------------- Hugging Face checkpoints
 
 def _gpt2_names(cfg: ModelConfig) -> dict[str, str]:
     names = {"wte.weight": "embed.weight", "wpe.weight": "pos_embed.weight",
@@ -165,14 +72,15 @@ def _read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _to_djinn_state(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    names = _gpt2_names(cfg) if cfg.family == "gpt2" else _llama_names(cfg)
-    state = {}
-    for key, tensor in hf_state.items():
-        if key in names:
-            # GPT-2 stores its linear layers as Conv1D: [in, out].
-            conv1d = cfg.family == "gpt2" and key.endswith(".weight") and tensor.dim() == 2 and (
-                ".attn." in key or ".mlp." in key)
-            state[names[key]] = tensor.t() if conv1d else tensor
+    if cfg.family == "gpt2":
+        names, state = _gpt2_names(cfg), {}
+        for key, tensor in hf_state.items():
+            if key in names:
+                # GPT-2 stores its linear layers as Conv1D: [in, out].
+                conv1d = key.endswith(".weight") and tensor.dim() == 2 and (".attn." in key or ".mlp." in key)
+                state[names[key]] = tensor.t() if conv1d else tensor
+    else:
+        state = decoder_state(cfg, hf_state)
     if cfg.tie_embeddings or "lm_head.weight" not in state:
         state.pop("lm_head.weight", None)
     return state
@@ -190,23 +98,8 @@ def load_hf_folder(folder: Union[str, Path], dtype: torch.dtype, device: torch.d
     return LoadedModel(name or folder.name, cfg, model, load_tokenizer(folder, cfg.family))
 
 
-def _fuse_llama_projections(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoints store q, k, v and gate, up separately; the stack runs each group as one matrix product."""
-    state = dict(state)
-    for i in range(cfg.n_layers):
-        for fused, parts in [(f"blocks.{i}.attn.qkv_proj", [f"blocks.{i}.attn.{p}_proj" for p in "qkv"]),
-                             (f"blocks.{i}.mlp.gate_up_proj", [f"blocks.{i}.mlp.{p}_proj" for p in ("gate", "up")])]:
-            for t in ("weight", "bias"):
-                keys = [f"{p}.{t}" for p in parts]
-                if all(k in state for k in keys):
-                    state[f"{fused}.{t}"] = torch.cat([state.pop(k) for k in keys])
-    return state
-
-
 def _materialize(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device) -> torch.nn.Module:
-    if cfg.family == "llama":
-        state = _fuse_llama_projections(cfg, state)
     with torch.device("meta"):
         model = build_model(cfg)
     model = model.to_empty(device=device)
@@ -226,7 +119,7 @@ def _materialize(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     if cfg.family == "llama":  # non-persistent rope tables are not in the state dict: rebuild them
-        model.rotary = Rotary(cfg.d_head, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling).to(device)
+        model.build_rotary(device)
     return model.to(dtype).eval().requires_grad_(False)
 
 
@@ -302,10 +195,10 @@ def load_llama2c(path: Union[str, Path], dtype: torch.dtype, device: torch.devic
         b = f"blocks.{i}."
         state.update({
             b + "ln1.weight": rms_att[i], b + "ln2.weight": rms_ffn[i],
-            b + "attn.q_proj.weight": _permute_for_rotate_half(wq[i], n_heads),
-            b + "attn.k_proj.weight": _permute_for_rotate_half(wk[i], n_kv),
-            b + "attn.v_proj.weight": wv[i], b + "attn.o_proj.weight": wo[i],
-            b + "mlp.gate_proj.weight": w1[i], b + "mlp.down_proj.weight": w2[i], b + "mlp.up_proj.weight": w3[i],
+            b + "attn.qkv_proj.weight": torch.cat([_permute_for_rotate_half(wq[i], n_heads),
+                                                   _permute_for_rotate_half(wk[i], n_kv), wv[i]]),
+            b + "attn.o_proj.weight": wo[i],
+            b + "mlp.in_proj.weight": torch.cat([w1[i], w3[i]]), b + "mlp.down_proj.weight": w2[i],
         })
     model = _materialize(cfg, state, dtype, device)
     return LoadedModel(name or path.stem, cfg, model, load_tokenizer(path.parent, "llama"))
@@ -323,8 +216,8 @@ def load_random(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed
     for key, p in model.state_dict().items():
         if key.endswith("bias"):
             state[key] = torch.zeros(p.shape, device=device, dtype=dtype)
-        elif p.dim() == 1:
-            state[key] = torch.ones(p.shape, device=device, dtype=dtype)
+        elif p.dim() == 1:  # norm gains at one (Gemma's norms scale by 1 + weight)
+            state[key] = torch.full(p.shape, 1.0 - cfg.norm_offset, device=device, dtype=dtype)
         else:  # generated in chunks of rows to keep float32 temporaries small for 7B-sized layers
             state[key] = torch.empty(p.shape, device=device, dtype=dtype)
             for rows in state[key].split(4096):

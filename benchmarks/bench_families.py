@@ -1,0 +1,194 @@
+"""The families at realistic shapes on the GPU (random weights, bfloat16), each against transformers on the
+same tensors:
+
+    python3 benchmarks/bench_families.py --families gemma2-9b,qwen3-8b,pythia-6.9b,mixtral-8x7b-4l
+
+Per family: parity of the prompt's logits with transformers (bfloat16: max and mean |diff|, top-1 agreement);
+a Steer against the same edit by a forward hook; generation with a breakpoint resumed unchanged (tokens and
+logits bit-identical to an uninterrupted run); batch-1 decode against the bandwidth floor (the weights a step
+reads, a Mixtral step only its tokens' experts, plus the KV cache, over the measured copy bandwidth); and 64
+sessions' tokens/s against their floor. Mixtral-8x7B does not fit one card twice over (transformers' copy
+and Djinn's): a 4-layer slice of it runs instead. Writes bench_families.json into $OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import djinn  # noqa: E402
+from djinn.models.loading import LoadedModel, _materialize, _to_djinn_state, config_from_hf  # noqa: E402
+from benchmarks.bench import (DEV, batch1_ms_per_token, copy_bandwidth, kv_bytes_per_token, med,  # noqa: E402
+                              step_weight_bytes, throughput_engine_sinks)
+
+PROMPT_LEN, STEER_LAYER = 64, 2
+
+
+def hf_config(name: str):
+    import transformers as t
+
+    common = dict(max_position_embeddings=4096, tie_word_embeddings=False)
+    if name == "gemma2-9b":
+        return t.Gemma2Config(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                              num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                              sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                              **{**common, "tie_word_embeddings": True})
+    if name == "gemma3-4b":
+        return t.Gemma3TextConfig(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                                  num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                                  query_pre_attn_scalar=256, sliding_window=1024,
+                                  **{**common, "tie_word_embeddings": True})
+    if name == "qwen3-8b":
+        return t.Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, **common)
+    if name == "pythia-6.9b":
+        return t.GPTNeoXConfig(vocab_size=50432, hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
+                               num_attention_heads=32, use_parallel_residual=True, **common)
+    if name == "phi3-mini":
+        return t.Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=32, sliding_window=2047, **common)
+    if name == "olmo2-7b":
+        return t.Olmo2Config(vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32, **common)
+    if name == "mixtral-8x7b-4l":
+        return t.MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+                               num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                               num_experts_per_tok=2, **common)
+    raise ValueError(name)
+
+
+def build(name: str):
+    """transformers' model with random weights on the GPU, and Djinn's model of the same tensors."""
+    import transformers
+
+    hf_cfg = hf_config(name)
+    hf_cfg._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    model = model.to_empty(device=DEV).to(torch.bfloat16)
+    gen = torch.Generator(DEV).manual_seed(0)
+    gemma = hf_cfg.model_type.startswith("gemma")
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() == 1:  # norm gains at one (Gemma's weights at zero: it scales by 1 + w), biases at zero
+                p.fill_(0.0 if "bias" in pname or gemma else 1.0)
+            else:  # by fan-in, so that the routers and the residual stream stay in a realistic range
+                std = 0.02 if ("embed" in pname or "lm_head" in pname) else p.shape[-1] ** -0.5
+                for rows in p.view(-1, p.shape[-1]).split(8192):
+                    rows.copy_(torch.randn(rows.shape, generator=gen, device=DEV) * std)
+    if hf_cfg.tie_word_embeddings:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    base = model.gpt_neox if hasattr(model, "gpt_neox") else model.model
+    base.rotary_emb = type(base.rotary_emb)(config=hf_cfg, device=DEV)  # to_empty left its tables empty
+    model.eval()
+    cfg = config_from_hf(hf_cfg.to_dict())
+    djinn_model = _materialize(cfg, _to_djinn_state(cfg, dict(model.state_dict())), torch.bfloat16, DEV)
+    return model, LoadedModel(name, cfg, djinn_model, None)
+
+
+def compare(got: torch.Tensor, want: torch.Tensor) -> dict:
+    got, want = got.float(), want.float()
+    return {"max_abs_diff": (got - want).abs().max().item(), "mean_abs_diff": (got - want).abs().mean().item(),
+            "logit_scale": want.abs().max().item(), "top1_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item()}
+
+
+@torch.no_grad()
+def hf_logits(model, prompt: list[int], steer=None) -> torch.Tensor:
+    layers = model.gpt_neox.layers if hasattr(model, "gpt_neox") else model.model.layers
+    handle = None
+    if steer is not None:
+        handle = layers[STEER_LAYER].register_forward_hook(
+            lambda m, a, o: ((o[0] + steer,) + tuple(o[1:])) if isinstance(o, tuple) else o + steer)
+    try:
+        return model(torch.tensor([prompt], device=DEV), use_cache=False).logits[0]
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def unmodified_pause_is_bit_identical(client, n_new=16) -> bool:
+    prompt = list(range(100, 100 + PROMPT_LEN))
+    plain = client.session().generate(prompt, max_new_tokens=n_new, stop_tokens=[], return_logits=True)
+    site = f"blocks.{client.models()[0].n_layers // 2}.hook_resid_post"
+    out = None
+    for ev in client.session().stream(prompt, max_new_tokens=n_new, stop_tokens=[], return_logits=True,
+                                      breakpoints=[djinn.Breakpoint(site, steps=[0, 3, 9])]):
+        if isinstance(ev, djinn.Paused):
+            ev.resume()
+        elif isinstance(ev, djinn.Done):
+            out = ev.result
+    return out.token_ids == plain.token_ids and torch.equal(out.logits, plain.logits)
+
+
+def family(name: str, bw: float) -> dict:
+    t0 = time.perf_counter()
+    hf, loaded = build(name)
+    c = loaded.config
+    out = {"family": name, "arch": c.arch, "n_layers": c.n_layers, "build_s": time.perf_counter() - t0}
+    prompt = list(range(100, 100 + PROMPT_LEN))
+    want = hf_logits(hf, prompt)
+    steer = torch.randn(c.d_model, generator=torch.Generator().manual_seed(1)) * 0.5
+    want_steered = hf_logits(hf, prompt, steer.to(DEV, torch.bfloat16))
+    del hf
+    torch.cuda.empty_cache()
+    client = djinn.connect(model=loaded, kv_memory=12 << 30)
+    s = client.session()
+    out["prompt_logits_vs_transformers"] = compare(s.generate(prompt, max_new_tokens=0, return_logits="all").logits,
+                                                   want)
+    got_steered = client.session().generate(prompt, max_new_tokens=0, return_logits="all", interventions=[
+        djinn.Steer(f"blocks.{STEER_LAYER}.hook_resid_post", steer)]).logits
+    out["steer_vs_forward_hook"] = compare(got_steered, want_steered)
+    out["steer_changed_logits_by"] = (got_steered.float() - want.float()).abs().max().item()
+    out["unmodified_pause_bit_identical"] = unmodified_pause_is_bit_identical(client)
+    # batch-1 decode against the bytes a step must read: a Mixtral token reads k of its n experts
+    wbytes = step_weight_bytes(loaded.model)
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in loaded.model.named_parameters() if ".mlp.in_proj" in n
+                       and p.dim() == 3 or ".mlp.down_proj" in n and p.dim() == 3)
+    read1 = wbytes - expert_bytes * (1 - c.experts_per_token / c.n_experts) if c.n_experts else wbytes
+    batch1_ms_per_token(client, n_new=8, trials=1)  # warm-up: graphs captured
+    ms = batch1_ms_per_token(client, n_new=128, trials=3)
+    floor1 = (read1 + (16 + 64) * kv_bytes_per_token(c, torch.bfloat16)) / bw * 1000
+    out["batch1"] = {"ms_per_token": ms, "floor_ms_per_token": floor1, "ratio_to_floor": ms / floor1}
+    n = 64
+    throughput_engine_sinks(client, n, "plain", n_prompt=128, n_new=16)  # warm-up: the batch's graphs
+    tps = med([throughput_engine_sinks(client, n, "plain", n_prompt=128, n_new=256)[0] for _ in range(2)])
+    touched = 1 - (1 - c.experts_per_token / c.n_experts) ** n if c.n_experts else 1.0
+    step_bytes = wbytes - expert_bytes * (1 - touched) + n * 256 * kv_bytes_per_token(c, torch.bfloat16)
+    floor_tps = n / (step_bytes / bw)
+    out["sessions_64"] = {"tokens_per_s": tps, "floor_tokens_per_s": floor_tps, "fraction_of_floor": tps / floor_tps}
+    client.close()
+    del loaded
+    torch.cuda.empty_cache()
+    out["total_s"] = time.perf_counter() - t0
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--families", default="gemma2-9b,qwen3-8b,pythia-6.9b,mixtral-8x7b-4l")
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "command": " ".join(["python3", "benchmarks/bench_families.py"] + sys.argv[1:]),
+              "copy_bandwidth_GBps": bw / 1e9, "families": []}
+    path = os.path.join(os.environ.get("OUT", "."), "bench_families.json")
+    for name in args.families.split(","):
+        try:
+            row = family(name, bw)
+        except Exception as e:  # one family's failure is reported with its traceback; the others still run
+            row = {"family": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+            torch.cuda.empty_cache()
+        result["families"].append(row)
+        print(json.dumps(row), flush=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
