@@ -13,11 +13,11 @@ and Djinn's): a 4-layer slice of it runs instead. Writes bench_families.json int
 from __future__ import annotations
 
 import argparse
+import subprocess
 import json
 import os
 import sys
 import time
-import traceback
 
 import torch
 
@@ -126,18 +126,54 @@ def unmodified_pause_is_bit_identical(client, n_new=16) -> bool:
     return out.token_ids == plain.token_ids and torch.equal(out.logits, plain.logits)
 
 
+def softcap_kernel_check() -> dict:
+    """The Triton kernel's soft-capped attention (prompt and one-token steps) against the portable path on
+    this GPU: max |diff| of z from the portable path in float32 (and the portable path's own in bfloat16),
+    soft-cap 2 (binding at these scores), a window of 5 and none."""
+    from djinn.engine.batch import RowSpan, build_context
+    from djinn.models.attention import paged_attention
+
+    g = torch.Generator(DEV).manual_seed(0)
+    out = {}
+    for lens, window in (((7, 1, 4, 3), 0), ((1, 1, 1, 1), 5), ((7, 1, 4, 3), 5)):
+        starts, bs, h, kvh, dh = (0, 5, 9, 2), 16, 8, 2, 128
+        spans = [RowSpan(s, n, [1 + i]) for i, (s, n) in enumerate(zip(starts, lens))]
+        n = sum(lens)
+        kv = torch.randn(6, 1, 2, bs, kvh, dh, generator=g, device=DEV, dtype=torch.bfloat16)
+        q = torch.randn(n, h, dh, generator=g, device=DEV, dtype=torch.bfloat16) * 3
+        k, v = (torch.randn(n, kvh, dh, generator=g, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+        zs = []
+        for use_kernel, dtype in ((True, torch.bfloat16), (False, torch.bfloat16), (False, torch.float32)):
+            ctx, _ = build_context(spans, [0] * n, kv, bs, DEV, use_kernel=use_kernel)
+            zs.append(paged_attention(q.to(dtype), k.to(dtype), v.to(dtype), kv.to(dtype, copy=True)[:, 0], ctx.attention,
+                                      dh ** -0.5, window=window, softcap=2.0).float())
+        out[f"lens{lens}_window{window}"] = {"kernel_vs_float32": (zs[0] - zs[2]).abs().max().item(),
+                                             "portable_bf16_vs_float32": (zs[1] - zs[2]).abs().max().item()}
+    return out
+
+
 def family(name: str, bw: float) -> dict:
     t0 = time.perf_counter()
     hf, loaded = build(name)
     c = loaded.config
     out = {"family": name, "arch": c.arch, "n_layers": c.n_layers, "build_s": time.perf_counter() - t0}
     prompt = list(range(100, 100 + PROMPT_LEN))
-    want = hf_logits(hf, prompt)
+    want = hf_logits(hf, prompt).cpu()
     steer = torch.randn(c.d_model, generator=torch.Generator().manual_seed(1)) * 0.5
-    want_steered = hf_logits(hf, prompt, steer.to(DEV, torch.bfloat16))
+    want_steered = hf_logits(hf, prompt, steer.to(DEV, torch.bfloat16)).cpu()
     del hf
     torch.cuda.empty_cache()
     client = djinn.connect(model=loaded, kv_memory=12 << 30)
+    try:
+        measure(client, loaded, bw, prompt, want, want_steered, steer, out)
+    finally:
+        client.close()
+    out["total_s"] = time.perf_counter() - t0
+    return out
+
+
+def measure(client, loaded: LoadedModel, bw: float, prompt, want, want_steered, steer, out: dict) -> None:
+    c = loaded.config
     s = client.session()
     out["prompt_logits_vs_transformers"] = compare(s.generate(prompt, max_new_tokens=0, return_logits="all").logits,
                                                    want)
@@ -162,28 +198,30 @@ def family(name: str, bw: float) -> dict:
     step_bytes = wbytes - expert_bytes * (1 - touched) + n * 256 * kv_bytes_per_token(c, torch.bfloat16)
     floor_tps = n / (step_bytes / bw)
     out["sessions_64"] = {"tokens_per_s": tps, "floor_tokens_per_s": floor_tps, "fraction_of_floor": tps / floor_tps}
-    client.close()
-    del loaded
-    torch.cuda.empty_cache()
-    out["total_s"] = time.perf_counter() - t0
-    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", default="gemma2-9b,qwen3-8b,pythia-6.9b,mixtral-8x7b-4l")
+    ap.add_argument("--one", help="(internal) measure this family and print its row")
+    ap.add_argument("--bandwidth", type=float, help="(internal) the copy bandwidth measured by the parent")
     args = ap.parse_args()
+    if args.one:
+        print(json.dumps(family(args.one, args.bandwidth)), flush=True)
+        return
     bw = copy_bandwidth()
     result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": " ".join(["python3", "benchmarks/bench_families.py"] + sys.argv[1:]),
-              "copy_bandwidth_GBps": bw / 1e9, "families": []}
+              "copy_bandwidth_GBps": bw / 1e9, "softcap_kernel_vs_portable_max_abs_diff": softcap_kernel_check(),
+              "families": []}
     path = os.path.join(os.environ.get("OUT", "."), "bench_families.json")
     for name in args.families.split(","):
-        try:
-            row = family(name, bw)
-        except Exception as e:  # one family's failure is reported with its traceback; the others still run
-            row = {"family": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
-            torch.cuda.empty_cache()
+        # each family in a process of its own: the card holds two copies of one model, never of two
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--bandwidth", str(bw)], capture_output=True,
+                              text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        row = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
+            {"family": name, "error": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
         result["families"].append(row)
         print(json.dumps(row), flush=True)
         with open(path, "w") as f:
