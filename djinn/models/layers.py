@@ -31,6 +31,11 @@ class Linear(nn.Linear):
                 return skinny_matmul.skinny_matmul(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """A product computed in parts, made whole: itself here; summed over the ranks where tensor
+        parallelism splits the product's inputs (djinn/parallel/shard.py)."""
+        return x
+
 
 class _Norm(nn.Module):
     """A norm that can also take the residual add before it: add_and_norm(resid, branch) returns
@@ -235,7 +240,7 @@ def per_head_results(proj: Linear, z: torch.Tensor, hook: Hook) -> torch.Tensor:
     w = proj.weight.view(proj.out_features, n_heads, d_head)
     result = hook("attn.hook_result", torch.einsum("thd,mhd->thm", z, w))
     out = result.sum(1)
-    return out if proj.bias is None else out + proj.bias
+    return proj.reduce(out if proj.bias is None else out + proj.bias)
 
 
 # ---------------------------------------------------------------- weights by TransformerLens names
