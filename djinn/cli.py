@@ -17,6 +17,16 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower()))
 
 
+def _replica(text: str) -> str:
+    from .errors import DjinnError
+    from .replica import replica_name
+
+    try:
+        return replica_name(text)
+    except DjinnError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     from .server.limits import Limits  # no server dependencies: a dataclass of numbers
 
@@ -57,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"checkpoints one API key may keep (default: {lim.max_checkpoints_per_key})")
     s.add_argument("--max-frame-bytes", type=parse_size, default=None,
                    help=f"largest frame or request body, e.g. 64M (default: {lim.max_frame_bytes >> 20}M)")
+    s.add_argument("--replica", type=_replica, default=None, metavar="NAME",
+                   help="this server's name behind a load balancer: every session and checkpoint id it hands "
+                        "out starts with NAME and a dot, so the balancer routes by id (default: none)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: %(default)s)")
 
@@ -106,7 +119,7 @@ def serve(args: argparse.Namespace) -> int:
         run(models, host=args.host, port=args.port, dtype=dtype, device=device, kv_memory=args.kv_memory,
             api_keys_file=args.api_keys, limits=Limits().replace(**changes), log_level=args.log_level,
             pause_ttl=args.pause_ttl, idle_ttl=args.idle_ttl, kv_share_per_key=args.kv_share_per_key,
-            queue_timeout=args.queue_timeout)
+            queue_timeout=args.queue_timeout, replica=args.replica)
     except DjinnError as e:
         print(f"djinn: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .. import validation
+from ..replica import new_id, replica_name, replica_of
 from ..validation import shown
 from ..errors import (CapacityError, Cancelled, ContextOverflow, Forbidden, InvalidRequest, LimitExceeded, NotPaused,
                       SessionBusy, SessionExpired, TokenOutOfRange, UnknownCheckpoint, UnknownModel, UnknownParameter,
@@ -54,14 +55,17 @@ class Engine:
     def __init__(self, models: Sequence[LoadedModel], kv_memory: Optional[int] = None,
                  kv_blocks: Optional[int] = None, host_kv_blocks: Optional[int] = None, block_size: int = 16,
                  max_step_tokens: int = 4096, pause_ttl: float = 300.0, cuda_graphs: Optional[bool] = None,
-                 idle_ttl: Optional[float] = 3600.0, kv_share_per_key: float = 1.0, queue_timeout: float = 60.0):
+                 idle_ttl: Optional[float] = 3600.0, kv_share_per_key: float = 1.0, queue_timeout: float = 60.0,
+                 replica: Optional[str] = None):
         """`cuda_graphs`: steps replay CUDA graphs where they fit (default: on a GPU). On the CPU, True runs
         the graphs' static-buffer path with nothing captured, which is how the tests check it.
 
         Sharing between owners: a session nobody touched for `idle_ttl` seconds is closed (None: never);
         one owner's sessions and checkpoints hold at most `kv_share_per_key` of a model's KV blocks (device
         and host together); a request that fits the pool but finds it full waits for blocks to free up, at
-        most `queue_timeout` seconds."""
+        most `queue_timeout` seconds.
+
+        `replica`: the name every session and checkpoint id starts with (see `djinn/replica.py`)."""
         if not models:
             raise UnknownModel("the engine needs at least one model")
         self.workers: dict[str, ModelWorker] = {}
@@ -76,6 +80,7 @@ class Engine:
         if not 0 < kv_share_per_key <= 1:
             raise InvalidRequest(f"kv_share_per_key must be in (0, 1], got {kv_share_per_key!r}")
         self.kv_share_per_key = kv_share_per_key
+        self.replica = replica_name(replica)
         self.expired: OrderedDict[str, str] = OrderedDict()  # recently expired session -> owner (a clear error)
         self.sessions: dict[str, Session] = {}
         self.checkpoints: dict[str, CheckpointRecord] = {}
@@ -109,11 +114,20 @@ class Engine:
             if isinstance(sid, str) and self.expired.get(sid) == owner:
                 raise SessionExpired(f"session {sid} was idle longer than its time-to-live ({self.idle_ttl:g} s) "
                                      f"and was closed")
-            raise UnknownSession(f"no session {shown(sid)} (closed, expired, or never created)")
+            raise UnknownSession(f"no session {shown(sid)} (closed, expired, or never created)"
+                                 f"{self._elsewhere(sid)}")
         if s.owner != owner:
             raise Forbidden(f"session {shown(sid)} belongs to another user")
         s.last_used = time.monotonic()  # any call of its owner keeps it alive
         return s
+
+    def _elsewhere(self, ident: object) -> str:
+        """Why an id of another replica is unknown here: a balancer sent it to the wrong one."""
+        r = replica_of(ident)
+        if r is None or r == self.replica:
+            return ""
+        here = f"replica {self.replica}" if self.replica else "no replica"
+        return f"; its id names replica {shown(r)}, this server is {here}"
 
     def _idle(self, s: Session, what: str) -> None:
         if s.state != SessionState.IDLE:
@@ -151,7 +165,7 @@ class Engine:
 
     def create_session(self, owner: str, model: Optional[str] = None) -> str:
         w = self._worker(model)
-        s = Session(secrets.token_urlsafe(16), owner, w.name, last_used=time.monotonic())
+        s = Session(new_id(self.replica), owner, w.name, last_used=time.monotonic())
         self.sessions[s.id] = w.sessions[s.id] = s
         return s.id
 
@@ -403,15 +417,13 @@ class Engine:
         host = w.pool.host_blocks.allocate(n)
         frozen: list[int] = []
         if s.swapped:
-            w.pool.settle()  # a copy into or out of these host blocks may still be queued on the GPU
-            for src, dst in zip(s.host_blocks, host):
-                w.pool.host[dst].copy_(w.pool.host[src])
+            w.pool.copy_host(s.host_blocks, host)
             job = None
         else:
             frozen = list(s.blocks)
             w.pool.device_blocks.incref(frozen)  # the session copies on write from now on
             job = w.pool.to_host(frozen, host)
-        cid = secrets.token_urlsafe(16)
+        cid = new_id(self.replica)
         rec = CheckpointRecord(cid, owner, s.model, list(s.history), s.kv_len, list(s.interventions), s.plan, host,
                                job, frozen, time.monotonic())
         self.checkpoints[cid] = rec
@@ -424,7 +436,7 @@ class Engine:
             rec.frozen_device_blocks, rec.finished = [], time.monotonic()
 
     def _checkpoint(self, cid: str, owner: str) -> CheckpointRecord:
-        return owned(self.checkpoints, cid, owner, "checkpoint", UnknownCheckpoint)
+        return owned(self.checkpoints, cid, owner, "checkpoint", UnknownCheckpoint, self._elsewhere(cid))
 
     def list_checkpoints(self, owner: str) -> list[str]:
         return [cid for cid, rec in self.checkpoints.items() if rec.owner == owner]

@@ -3,7 +3,7 @@
 REST (bodies JSON or msgpack; replies msgpack when the request accepts `application/msgpack`, else JSON;
 every error is `{"error": {"code", "message", ...}}` with the error's HTTP status):
 
-    GET    /healthz                              {"status": "ok", "protocol": N, "version": ...}
+    GET    /healthz                              {"status": "ok", "protocol": N, "version": ..., "replica": ...}
     GET    /metrics                              Prometheus text
     *      /api/...                              the control calls: each call's verb and path as declared in
                                                  djinn/calls.py, its first argument in the path, the others as
@@ -80,7 +80,7 @@ def create_app(engine_or_service: Union[Engine, EngineService], api_keys: Option
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "protocol": PROTOCOL_VERSION, "version": __version__,
-                "auth": state.auth.enabled}
+                "auth": state.auth.enabled, "replica": state.service.engine.replica}
 
     @app.get("/metrics")
     @guard

@@ -75,9 +75,11 @@ def run(models=None, *, host: str = LOOPBACK, port: int = DEFAULT_PORT, dtype: s
         engine = Engine(loaded, kv_memory=kv_memory, kv_share_per_key=share, **engine_options)
     lim = limits or Limits()
     app = create_app(engine, api_keys=keys, limits=lim)
-    names = list((engine.engine if isinstance(engine, EngineService) else engine).workers)  # fixed at start
-    print(f"djinn: serving {', '.join(names)} on http://{host}:{port} (these names are the model ids of "
-          f"/v1/models)", file=sys.stderr)
+    eng = engine.engine if isinstance(engine, EngineService) else engine
+    names = list(eng.workers)  # fixed at start
+    replica = f" as replica {eng.replica}" if eng.replica else ""
+    print(f"djinn: serving {', '.join(names)} on http://{host}:{port}{replica} (these names are the model ids "
+          f"of /v1/models)", file=sys.stderr)
     uvicorn.Server(_uvicorn_config(app, host, port, lim, log_level)).run()
 
 
