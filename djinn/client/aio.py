@@ -21,17 +21,18 @@ from typing import Any, AsyncIterator, Optional, Sequence
 import httpx
 import torch
 
-from ..calls import activation
+from ..calls import CALLS, activation
 from ..errors import DjinnError, FrameTooLarge, ProtocolMismatch, error_from_code
 from ..events import Done, Error, GenerateResult, ModelInfo, Paused, RunDone, RunResult
 from ..interventions import Breakpoint
+from ..replica import replica_of
 from ..sites import SiteInfo
 from .api import RUN_WINDOW, RunOrder, RunResults, _run_items, weight_parts
 from ..wire import (MSGPACK, PROTOCOL_VERSION, decode_event, decode_result, encode_intervention, encode_params,
                     encode_prompt, mismatch_message, pack)
-from .remote import (API_KEY_ENV, NODELAY, OutOfStep, StreamClosed, _p, base_headers, check_hello,
+from .remote import (API_KEY_ENV, NODELAY, SESSION_HEADER, OutOfStep, StreamClosed, _p, base_headers, check_hello,
                      closed_error, control_result, decode_body, frame_map, generate_frame, hello_frame, normalize_url,
-                     open_socket, raise_for, wire_args, ws_url)
+                     open_socket, raise_for, rest_call, routed_id, spread, wire_args, ws_url)
 
 
 class AsyncPaused(Paused):
@@ -103,16 +104,17 @@ class AsyncRemoteBackend:
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self._headers = base_headers(self.api_key)
         self.timeout, self.connect_timeout = timeout, connect_timeout
-        self._control: Optional[_AsyncStream] = None  # the control socket; its calls go one at a time
-        self._control_lock = asyncio.Lock()
+        self._controls: dict[Optional[str], _AsyncStream] = {}  # control sockets by the replica they reach
+        self._control_lock = asyncio.Lock()  # control calls go one at a time
+        self.health: dict = {}
         self.http = httpx.AsyncClient(base_url=self.url, headers=self._headers,
                                       transport=httpx.AsyncHTTPTransport(socket_options=NODELAY),
                                       timeout=httpx.Timeout(timeout, connect=connect_timeout))
 
     async def check(self) -> None:
-        health = await self._request("GET", "/healthz", None)
-        if health.get("protocol") != PROTOCOL_VERSION:
-            raise ProtocolMismatch(mismatch_message(PROTOCOL_VERSION, health.get("protocol")))
+        self.health = await self._request("GET", "/healthz", None)
+        if self.health.get("protocol") != PROTOCOL_VERSION:
+            raise ProtocolMismatch(mismatch_message(PROTOCOL_VERSION, self.health.get("protocol")))
 
     async def _request(self, verb: str, path: str, body: Optional[dict]) -> Any:
         content = pack(body) if body is not None else None
@@ -128,9 +130,12 @@ class AsyncRemoteBackend:
 
     async def call(self, method: str, *args: Any) -> Any:
         """A control call over the control socket: one frame each way (calls of concurrent tasks take turns)."""
+        if spread(method, self.health):  # see remote.spread
+            verb, path, body = rest_call(method, args)
+            return CALLS[method].reply.value(await self._request(verb, path, body))
         frame = {"type": "call", "method": method, "args": wire_args(method, args)}
         async with self._control_lock:
-            s = await self._control_socket()
+            s = await self._control_socket(routed_id(method, args))
             try:
                 s.calls += 1
                 frame["id"] = s.calls
@@ -148,19 +153,23 @@ class AsyncRemoteBackend:
                 await s.close()
                 raise
 
-    async def _control_socket(self) -> _AsyncStream:
-        if self._control is None or self._control.closed:
-            s = _AsyncStream(await self._connect("/api/control"))
+    async def _control_socket(self, route: Optional[str]) -> _AsyncStream:
+        """The control socket to the replica `route` (an id) names."""
+        s = self._controls.get(replica_of(route))
+        if s is None or s.closed:
+            s = _AsyncStream(await self._connect("/api/control", route))
             await s.send(hello_frame())
             s.max_frame_bytes = check_hello(await s.recv())
-            self._control = s
-        return self._control
+            self._controls[replica_of(route)] = s
+        return s
 
-    async def _connect(self, path: str):
+    async def _connect(self, path: str, route: Optional[str] = None):
         from websockets.asyncio.client import connect
         from websockets.exceptions import InvalidHandshake, InvalidStatus
 
         headers = {k: v for k, v in self._headers.items() if k != "Accept"}
+        if route is not None:
+            headers[SESSION_HEADER] = route
         url = ws_url(self.url) + path
         try:  # the TCP connect under connect_timeout, the upgrade's reply under timeout (as the sync client)
             sock = await asyncio.to_thread(open_socket, url, self.connect_timeout)
@@ -239,8 +248,8 @@ class AsyncRemoteBackend:
         await self.call("resume", sid, act, pid)  # the stream is gone: the engine answers over the control socket
 
     async def close(self) -> None:
-        if self._control is not None:
-            await self._control.close()
+        for s in self._controls.values():
+            await s.close()
         await self.http.aclose()
 
 

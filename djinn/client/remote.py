@@ -1,8 +1,8 @@
 """The remote backend: the `Backend` protocol over WebSockets (the `websockets` sync client): control calls
-over one long-lived control socket per calling thread, each stream over a socket of its own; non-streaming
-generation and the health check over HTTP (httpx). `djinn.connect(url, api_key=...)` gives the same
-`Client`, `Session` and `Checkpoint` classes, the same events and the same typed errors as the embedded
-engine.
+over one long-lived control socket per calling thread (and per replica, behind a load balancer), each stream
+over a socket of its own; non-streaming generation, the health check and, behind a balancer, new sessions over
+HTTP (httpx). `djinn.connect(url, api_key=...)` gives the same `Client`, `Session` and `Checkpoint` classes,
+the same events and the same typed errors as the embedded engine.
 
 Tensors travel as safetensors bytes inside msgpack frames (see `djinn.wire`), so activations
 arrive as torch tensors in the model's dtype (bfloat16 included).
@@ -20,9 +20,10 @@ import httpx
 
 from .. import __version__
 from ..allocator import keep_freed_memory as tune_allocator
-from ..calls import CALLS, activation, control_call
+from ..calls import CALLS, Owner, activation, control_call
 from ..errors import DjinnError, FrameTooLarge, InvalidRequest, ProtocolMismatch, error_from_code
 from ..events import Done, Error, GenerateResult, Paused, RunDone, RunResult
+from ..replica import replica_of
 from ..wire import (MSGPACK, PROTOCOL_HEADER, PROTOCOL_VERSION, decode_event, decode_result, encode_intervention,
                     encode_params, encode_prompt, mismatch_message, pack, unpack)
 
@@ -33,6 +34,9 @@ API_KEY_ENV = "DJINN_API_KEY"
 # Small requests go out at once: without TCP_NODELAY a body written after its headers waits for the
 # server's delayed ACK (~40 ms on Linux), on every POST and on the second of two back-to-back frames.
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+# The id a control socket's calls act on: a load balancer in front of replicas routes the socket by it, since
+# it cannot read frames (see djinn/replica.py and deploy/nginx/djinn.conf).
+SESSION_HEADER = "X-Djinn-Session"
 
 
 # ---------------------------------------------------------------- shared with the asyncio client
@@ -44,6 +48,25 @@ def _p(x: Any) -> str:
 def wire_args(method: str, args: Sequence[Any]) -> list:
     """A Backend call's arguments as the control socket takes them (interventions and tensors encoded)."""
     return control_call(method).encode(args)
+
+
+def routed_id(method: str, args: Sequence[Any]) -> Optional[str]:
+    """The session or checkpoint id a control call acts on (None: it names none)."""
+    if args and isinstance(args[0], str) and control_call(method).owner is Owner.OF_ID:
+        return args[0]
+    return None
+
+
+def spread(method: str, health: dict) -> bool:
+    """Whether the call goes over REST rather than a control socket: a new session on a server behind a
+    balancer, which spreads each request, while a socket stays with the replica it opened to."""
+    return method == "create_session" and health.get("replica") is not None
+
+
+def rest_call(method: str, args: Sequence[Any]) -> tuple[str, str, dict]:
+    """A control call with no path arguments as its REST request: verb, path, body."""
+    call = control_call(method)
+    return call.verb, call.path, dict(zip((a.name for a in call.in_body), call.encode(args)))
 
 
 def control_result(method: str, msg: dict, call_id: int) -> Any:
@@ -228,13 +251,13 @@ class RemoteBackend:
         self.http = httpx.Client(base_url=self.url, headers=self._headers, transport=httpx.HTTPTransport(
             socket_options=NODELAY), timeout=httpx.Timeout(timeout, connect=connect_timeout))
         self.timeout, self.connect_timeout = timeout, connect_timeout
-        self._local = threading.local()  # each calling thread's control socket
+        self._local = threading.local()  # each calling thread's control sockets, by the replica they reach
         self._controls: list[tuple[threading.Thread, _Stream]] = []  # all of them, with their threads
         self._controls_lock = threading.Lock()
-        health = self._request("GET", "/healthz", None)
-        if health.get("protocol") != PROTOCOL_VERSION:
+        self.health = self._request("GET", "/healthz", None)
+        if self.health.get("protocol") != PROTOCOL_VERSION:
             self.http.close()
-            raise ProtocolMismatch(mismatch_message(PROTOCOL_VERSION, health.get("protocol")))
+            raise ProtocolMismatch(mismatch_message(PROTOCOL_VERSION, self.health.get("protocol")))
 
     def _request(self, verb: str, path: str, body: Optional[dict]) -> Any:
         content = pack(body) if body is not None else None
@@ -252,8 +275,12 @@ class RemoteBackend:
         """A control call over this thread's control socket: one frame each way."""
         if kwargs:  # the embedded backend accepts the engine's keyword names too
             raise InvalidRequest(f"{method}: keyword arguments {sorted(kwargs)} are not supported remotely")
+        if spread(method, self.health):
+            verb, path, body = rest_call(method, args)
+            return CALLS[method].reply.value(self._request(verb, path, body))
         frame = {"type": "call", "method": method, "args": wire_args(method, args)}
-        s = self._control()
+        route = routed_id(method, args)
+        s = self._control(route)
         try:
             for again in (False, True):
                 s.calls += 1
@@ -264,7 +291,7 @@ class RemoteBackend:
                 except StreamClosed:  # the socket had closed (a server restart, say): nothing went out
                     if again:
                         raise
-                    s = self._control()
+                    s = self._control(route)
             return control_result(method, s.recv(self.timeout), s.calls)
         except OutOfStep as e:
             s.close()
@@ -278,13 +305,15 @@ class RemoteBackend:
             s.close()
             raise
 
-    def _control(self) -> _Stream:
-        s = getattr(self._local, "control", None)
+    def _control(self, route: Optional[str] = None) -> _Stream:
+        """This thread's control socket to the replica `route` (an id) names."""
+        mine = self._local.__dict__.setdefault("controls", {})
+        s = mine.get(replica_of(route))
         if s is None or s.closed:
-            s = _Stream(self._connect("/api/control"), 0)
+            s = _Stream(self._connect("/api/control", route), 0)
             s.send(hello_frame())
             s.max_frame_bytes = check_hello(s.recv())
-            self._local.control = s
+            mine[replica_of(route)] = s
             with self._controls_lock:  # the sockets of threads that have ended are closed here
                 ended = [c for t, c in self._controls if not t.is_alive()]
                 self._controls = [(t, c) for t, c in self._controls if t.is_alive() and not c.closed]
@@ -298,11 +327,13 @@ class RemoteBackend:
         body = {"prompt": encode_prompt(prompt), **encode_params(params)}
         return decode_result(self._request("POST", f"/api/sessions/{_p(sid)}/generate", body))
 
-    def _connect(self, path: str):
+    def _connect(self, path: str, route: Optional[str] = None):
         from websockets.exceptions import InvalidHandshake, InvalidStatus
         from websockets.sync.client import connect
 
         headers = {k: v for k, v in self._headers.items() if k != "Accept"}
+        if route is not None:
+            headers[SESSION_HEADER] = route
         # The TCP connect is bounded by connect_timeout; the upgrade is a request like any REST call, whose
         # response a busy server may take a while to send, so it waits as long as a REST reply would.
         options = dict(additional_headers=headers, max_size=None, compression=None, proxy=None,
