@@ -78,7 +78,7 @@ def write_folder(path, template, bos, eos, *, as_file=False, named=False) -> Non
 def test_rendering_equals_transformers(tmp_path, style, where):
     template, bos, eos, messages = STYLES[style]
     write_folder(tmp_path, template, bos, eos, as_file=where == "file", named=where == "named")
-    ours = load_tokenizer(tmp_path, "llama")
+    ours = load_tokenizer(tmp_path)
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     text = ours.chat_template.render(messages, add_generation_prompt=True)
     assert text == theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -90,7 +90,7 @@ def test_rendering_equals_transformers(tmp_path, style, where):
 
 def test_refusals_and_the_sandbox_are_typed_errors(tmp_path):
     write_folder(tmp_path, GEMMA, "<bos>", "<eos>")
-    template = load_tokenizer(tmp_path, "llama").chat_template
+    template = load_tokenizer(tmp_path).chat_template
     with pytest.raises(ChatTemplateError, match="System role not supported"):
         template.render([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
     with pytest.raises(ChatTemplateError, match="alternate"):
@@ -105,4 +105,4 @@ def test_refusals_and_the_sandbox_are_typed_errors(tmp_path):
 def test_a_folder_without_a_template_has_none(tmp_path):
     _tokenizer_json(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    assert load_tokenizer(tmp_path, "llama").chat_template is None
+    assert load_tokenizer(tmp_path).chat_template is None

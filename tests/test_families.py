@@ -374,3 +374,26 @@ def test_edits_of_the_expert_weights_re_mix_the_experts(tmp_path):
 def test_unsupported_architectures_are_named():
     with pytest.raises(UnknownModel, match="falcon.*Gemma2ForCausalLM"):
         config_from_hf({"model_type": "falcon", "architectures": ["FalconForCausalLM"]})
+
+
+def test_a_text_prompt_starts_with_bos_where_the_tokenizer_files_say(tmp_path):
+    """tokenizer_config.json's add_bos_token where it is set; else the tokenizer's own post-processor (Llama
+    and Gemma files prepend BOS there, GPT-NeoX and Qwen files do not)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from djinn.models.tokenizer import load_tokenizer
+
+    for name, template, config, adds in (("template", True, {}, True), ("plain", False, {}, False),
+                                         ("said-no", True, {"add_bos_token": False}, False),
+                                         ("said-yes", False, {"add_bos_token": True}, True)):
+        tok = Tokenizer(models.WordLevel({"<s>": 0, "a": 1, "b": 2}, unk_token="a"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        if template:
+            tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+        folder = tmp_path / name
+        folder.mkdir()
+        tok.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", **config}))
+        assert load_tokenizer(folder).add_bos is adds, name

@@ -105,7 +105,7 @@ def test_token_texts_join_into_the_full_text(client, stories_path):
             full = ev.result.text
     assert "".join(deltas) == full
     # multi-byte characters arrive as several byte tokens: nothing is emitted until a character is whole
-    tok = load_tokenizer(stories_path, "llama")
+    tok = load_tokenizer(stories_path)
     text = "Once upon a time — café, naïve, 😀 ok"
     ids = tok.encode(text)
     dec = IncrementalDecoder(tok)

@@ -95,7 +95,7 @@ def load_hf_folder(folder: Union[str, Path], dtype: torch.dtype, device: torch.d
     if "lm_head.weight" not in state and not cfg.tie_embeddings:  # no separate head saved: it is the embedding
         cfg = ModelConfig(**{**cfg.to_dict(), "tie_embeddings": True})
     model = _materialize(cfg, state, dtype, device)
-    return LoadedModel(name or folder.name, cfg, model, load_tokenizer(folder, cfg.family))
+    return LoadedModel(name or folder.name, cfg, model, load_tokenizer(folder))
 
 
 def _materialize(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -201,7 +201,7 @@ def load_llama2c(path: Union[str, Path], dtype: torch.dtype, device: torch.devic
             b + "mlp.in_proj.weight": torch.cat([w1[i], w3[i]]), b + "mlp.down_proj.weight": w2[i],
         })
     model = _materialize(cfg, state, dtype, device)
-    return LoadedModel(name or path.stem, cfg, model, load_tokenizer(path.parent, "llama"))
+    return LoadedModel(name or path.stem, cfg, model, load_tokenizer(path.parent))
 
 
 # ---------------------------------------------------------------- random weights and dispatch

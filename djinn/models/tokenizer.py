@@ -50,7 +50,7 @@ def _token_id(backend, value) -> Optional[int]:
     return None
 
 
-def load_tokenizer(folder: Path, family: str) -> Optional[Tokenizer]:
+def load_tokenizer(folder: Path) -> Optional[Tokenizer]:
     """The tokenizer stored in `folder`, or None when there is none."""
     folder = Path(folder)
     if (folder / "tokenizer.json").exists():
@@ -61,7 +61,10 @@ def load_tokenizer(folder: Path, family: str) -> Optional[Tokenizer]:
         tcfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         bos = _token_id(backend, tcfg.get("bos_token"))
         eos = _token_id(backend, tcfg.get("eos_token"))
-        add_bos = bool(tcfg.get("add_bos_token", family == "llama")) and bos is not None
+        # tokenizer_config's add_bos_token where it says; else what the tokenizer's own post-processor does
+        # (Llama and Gemma files prepend BOS there, GPT-NeoX and Qwen files do not)
+        adds = backend.encode("", add_special_tokens=True).ids[:1] == [bos]
+        add_bos = bool(tcfg.get("add_bos_token", adds)) and bos is not None
         return Tokenizer(backend, "hf", bos, eos, add_bos, load_chat_template(folder, tcfg))
     models = sorted(folder.glob("*.model"))
     if models:
