@@ -69,9 +69,10 @@ def build(name: str):
 
     hf_cfg = hf_config(name)
     hf_cfg._attn_implementation = "eager"
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
-    model = model.to_empty(device=DEV).to(torch.bfloat16)
+    # built on the GPU itself: a model emptied from the meta device keeps garbage in its non-persistent
+    # buffers (rope frequencies, Gemma's embedding scale)
+    with torch.device(DEV):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
     gen = torch.Generator(DEV).manual_seed(0)
     gemma = hf_cfg.model_type.startswith("gemma")
     with torch.no_grad():
@@ -82,10 +83,6 @@ def build(name: str):
                 std = 0.02 if ("embed" in pname or "lm_head" in pname) else p.shape[-1] ** -0.5
                 for rows in p.view(-1, p.shape[-1]).split(8192):
                     rows.copy_(torch.randn(rows.shape, generator=gen, device=DEV) * std)
-    if hf_cfg.tie_word_embeddings:
-        model.lm_head.weight = model.get_input_embeddings().weight
-    base = model.gpt_neox if hasattr(model, "gpt_neox") else model.model
-    base.rotary_emb = type(base.rotary_emb)(config=hf_cfg, device=DEV)  # to_empty left its tables empty
     model.eval()
     cfg = config_from_hf(hf_cfg.to_dict())
     djinn_model = _materialize(cfg, _to_djinn_state(cfg, dict(model.state_dict())), torch.bfloat16, DEV)
@@ -94,8 +91,10 @@ def build(name: str):
 
 def compare(got: torch.Tensor, want: torch.Tensor) -> dict:
     got, want = got.float(), want.float()
-    return {"max_abs_diff": (got - want).abs().max().item(), "mean_abs_diff": (got - want).abs().mean().item(),
-            "logit_scale": want.abs().max().item(), "top1_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item()}
+    diff = (got - want).abs()
+    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+            "logit_scale": want.abs().max().item(),
+            "top1_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item()}
 
 
 @torch.no_grad()
@@ -145,8 +144,9 @@ def softcap_kernel_check() -> dict:
         zs = []
         for use_kernel, dtype in ((True, torch.bfloat16), (False, torch.bfloat16), (False, torch.float32)):
             ctx, _ = build_context(spans, [0] * n, kv, bs, DEV, use_kernel=use_kernel)
-            zs.append(paged_attention(q.to(dtype), k.to(dtype), v.to(dtype), kv.to(dtype, copy=True)[:, 0], ctx.attention,
-                                      dh ** -0.5, window=window, softcap=2.0).float())
+            cache = kv.to(dtype, copy=True)[:, 0]
+            zs.append(paged_attention(q.to(dtype), k.to(dtype), v.to(dtype), cache, ctx.attention, dh ** -0.5,
+                                      window=window, softcap=2.0).float())
         out[f"lens{lens}_window{window}"] = {"kernel_vs_float32": (zs[0] - zs[2]).abs().max().item(),
                                              "portable_bf16_vs_float32": (zs[1] - zs[2]).abs().max().item()}
     return out

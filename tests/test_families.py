@@ -176,8 +176,9 @@ def hf_sites(hf, ids: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]
             attn, mlp = layer.attention, layer.mlp
             norm(f"{b}.ln1", layer.input_layernorm)
             norm(f"{b}.ln2", layer.post_attention_layernorm)
-            out_hook(attn.query_key_value, lambda o, b=b: [vals.__setitem__(f"{b}.attn.hook_{n}", t[:, :, 0]) for n, t in
-                                                           zip("qkv", o[0].view(T, n_heads, 3, d_head).split(1, 2))])
+            out_hook(attn.query_key_value, lambda o, b=b: [
+                vals.__setitem__(f"{b}.attn.hook_{n}", t[:, :, 0])
+                for n, t in zip("qkv", o[0].view(T, n_heads, 3, d_head).split(1, 2))])
             in_hook(attn.dense, lambda x, b=b: vals.__setitem__(f"{b}.attn.hook_z", x[0].view(T, n_heads, d_head)))
             out_hook(attn.dense, lambda o, b=b: vals.__setitem__(f"{b}.hook_attn_out", o[0]))
             out_hook(mlp.dense_h_to_4h, lambda o, b=b: vals.__setitem__(f"{b}.mlp.hook_pre", o[0]))

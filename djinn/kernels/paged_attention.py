@@ -362,7 +362,8 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     programs = PROGRAMS_SMALL if small else PROMPT_PROGRAMS
     _tile_chunk_kernel[(triton.cdiv(n, query_tile), n_kv, min(n_chunks, programs))](
         q, kv_layer, acc, ml, block_tables, token_row, token_pos, q.stride(0), q.stride(1), *strides, scale,
-        softcap, window, n_heads, n_chunks, n, QT=query_tile, ROWS_P=max(16, triton.next_power_of_2(query_tile * group)),
+        softcap, window, n_heads, n_chunks, n, QT=query_tile,
+        ROWS_P=max(16, triton.next_power_of_2(query_tile * group)),
         NUM_STAGES=NUM_STAGES, **common)
     _merge_kernel[(n, n_kv)](acc, ml, out, token_pos, out.stride(0), out.stride(1), window, n_heads, n_chunks,
                              GROUP=group, GROUP_P=triton.next_power_of_2(group), D=d_head, D_P=d_p, CHUNK_SIZE=CHUNK,

@@ -64,7 +64,8 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError("n_heads must be a multiple of n_kv_heads")
         if self.norm not in NORMS or self.mlp_act not in MLP_ACTS or self.qk_norm not in QK_NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}, MLP activation {self.mlp_act!r} or q/k norm {self.qk_norm!r}")
+            raise ValueError(f"unknown norm {self.norm!r}, MLP activation {self.mlp_act!r} or "
+                             f"q/k norm {self.qk_norm!r}")
         if self.sliding_layers is not None:
             if len(self.sliding_layers) != self.n_layers:
                 raise ValueError("sliding_layers needs one entry per layer")

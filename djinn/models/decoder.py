@@ -26,8 +26,8 @@ from .attention import RowKV, detailed_attention, paged_attention
 from .config import ModelConfig
 from .context import ForwardContext
 from .experts import Experts
-from .layers import (Hook, LayerNorm, Linear, RMSNorm, Rotary, activation, gated_act, normed_linear, per_head_results,
-                     prefixed, tl_heads_in, tl_heads_out, tl_linear, tl_norm)
+from .layers import (Hook, LayerNorm, Linear, RMSNorm, Rotary, activation, add_and_norm, gated_act, normed_linear,
+                     per_head_results, prefixed, tl_heads_in, tl_heads_out, tl_linear, tl_norm)
 
 
 def make_norm(cfg: ModelConfig, dim: int):
@@ -149,9 +149,8 @@ class Block(nn.Module):
             resid, h = normed_linear(self.ln2, self.mlp.in_proj, resid, pending)
             out = self.mlp.after_in(h)
         else:
-            resid, x = (resid if pending is None else resid + pending, None) if self.ln2 is None else \
-                self.ln2.add_and_norm(resid, pending)
-            out = self.mlp(resid if x is None else x)
+            resid, x = add_and_norm(self.ln2, resid, pending)
+            out = self.mlp(x)
         return resid, out if self.ln2_post is None else self.ln2_post(out)
 
     # the same ops spelled out, for rows that read or edit the values inside them

@@ -31,7 +31,8 @@ def _activation(hf: dict, kind: str, allowed: tuple[str, ...]) -> str:
     name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
     act = ACTIVATIONS.get(name)
     if act not in allowed:
-        raise _unsupported(kind, f"activation {name!r} (supported: {', '.join(k for k, v in ACTIVATIONS.items() if v in allowed)})")
+        names = ", ".join(k for k, v in ACTIVATIONS.items() if v in allowed)
+        raise _unsupported(kind, f"activation {name!r} (supported: {names})")
     return act
 
 
@@ -199,7 +200,7 @@ NEOX_LAYER = {"input_layernorm": "ln1", "post_attention_layernorm": "ln2",
 # checkpoint buffers that are not weights (old GPT-NeoX files keep their masks and rope frequencies)
 NOT_WEIGHTS = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
 
-LAYOUTS = {  # model type -> (layer prefix, per-layer names, top-level names)
+LAYOUTS = {  # checkpoint layout -> (layer prefix, per-layer names, top-level names)
     "decoder": ("model.layers.", LLAMA_LAYER,
                 {"model.embed_tokens": "embed", "model.norm": "ln_final", "lm_head": "lm_head"}),
     "post_normed": ("model.layers.", POST_NORMED_LAYER,
@@ -210,7 +211,7 @@ LAYOUTS = {  # model type -> (layer prefix, per-layer names, top-level names)
 EXPERT = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3)$")
 
 
-def _layout(cfg: ModelConfig):
+def _layout(cfg: ModelConfig) -> tuple[str, dict, dict]:
     if cfg.arch == "gpt_neox":
         return LAYOUTS["gpt_neox"]
     return LAYOUTS["post_normed" if cfg.post_norms else "decoder"]

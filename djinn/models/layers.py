@@ -124,6 +124,15 @@ class LayerNorm(_Norm):
 FUSED_NORM_MAX_WIDTH = 1024
 
 
+def add_and_norm(norm: Optional[_Norm], resid: torch.Tensor, pending: Optional[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(resid + pending, its norm); without a norm (OLMo 2 has none before its halves) the sum itself."""
+    if norm is None:
+        resid = resid if pending is None else resid + pending
+        return resid, resid
+    return norm.add_and_norm(resid, pending)
+
+
 def normed_linear(norm: Optional[_Norm], linear: Linear, resid: torch.Tensor, pending: Optional[torch.Tensor],
                   gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(resid + pending, linear(norm(resid + pending))), with GELU (tanh) on the product when `gelu`: a block's
@@ -137,11 +146,7 @@ def normed_linear(norm: Optional[_Norm], linear: Linear, resid: torch.Tensor, pe
 
         return norm_gemv(resid, pending, norm.gain(), norm.bias, norm.eps, norm.rms, linear.weight, linear.bias,
                          gelu)
-    if norm is None:  # no norm before the product (OLMo 2)
-        resid = resid if pending is None else resid + pending
-        x = resid
-    else:
-        resid, x = norm.add_and_norm(resid, pending)
+    resid, x = add_and_norm(norm, resid, pending)
     out = linear(x)
     return resid, F.gelu(out, approximate="tanh") if gelu else out
 
