@@ -111,6 +111,12 @@ class KVPool:
         """Device to device (copy-on-write of a shared block)."""
         self.kv[dst].copy_(self.kv[src])
 
+    def copy_host(self, src: list[int], dst: list[int]) -> None:
+        """Host to host (a checkpoint of a swapped-out session); copies queued between the pools first."""
+        self.settle()
+        for s, d, k in runs(src, dst):
+            self.host[d:d + k].copy_(self.host[s:s + k])
+
     def to_host(self, device_ids: list[int], host_ids: list[int], fence: bool = False) -> CopyJob:
         """Start copying device blocks into host blocks. Either the device blocks stay allocated until done(),
         or `fence` orders all later compute after the copy, so the blocks may be reused at once."""
