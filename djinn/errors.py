@@ -130,6 +130,14 @@ class InternalError(DjinnError):
     http_status = 500
 
 
+class RankFailed(DjinnError):
+    """A tensor-parallel rank of the model exited or stopped answering: the model cannot compute any more
+    (restart the server)."""
+
+    code = "rank_failed"
+    http_status = 503
+
+
 ERRORS_BY_CODE: dict[str, type[DjinnError]] = {
     cls.code: cls for cls in [DjinnError, *DjinnError.__subclasses__()]
 }

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import InvalidTensor, NonFinite
 from ..models.attention import RowKV
+from ..parallel import gather, sharded, split
 from ..sites import Site, SiteTable
 from .plan import Edit, Probe, fold_edits
 
@@ -49,13 +50,15 @@ def accept(site: Site, value: torch.Tensor) -> torch.Tensor:
 
 class DetailRun:
     """The hook of one row's detailed op. `skip_before`: a resumed row's run re-derives the values before
-    its pause site without reporting them again, and takes `replacement` (if any) at that site."""
+    its pause site without reporting them again, and takes `replacement` (if any) at that site. With `tp` (a
+    tensor-parallel rank's group) the op hands in this rank's part of a per-head or per-neuron value: where
+    something reads or edits it, it is gathered whole for that and split back for the op."""
 
     def __init__(self, table: SiteTable, host: int, row, work: OpDetail, take: Callable[[Any, Probe, torch.Tensor], None],
-                 skip_before: Optional[int] = None, replacement: Optional[torch.Tensor] = None):
+                 skip_before: Optional[int] = None, replacement: Optional[torch.Tensor] = None, tp=None):
         """`take(row, probe, value)` records a capture (runner.Runner.take)."""
         self.sites = {s.local: s for s in table.details if s.host == host}
-        self.row, self.work, self.take = row, work, take
+        self.row, self.work, self.take, self.tp = row, work, take, tp
         self.order = table.order
         self.resume_at = None if skip_before is None else table.order(table[skip_before])
         self.replacement = replacement
@@ -65,6 +68,18 @@ class DetailRun:
         site = self.sites.get(local)
         if site is None:  # a value this family does not show
             return value
+        if self.tp is not None and sharded(site) and self._reads(site):
+            return split(self._visit(site, gather(value, self.tp)), self.tp)
+        return self._visit(site, value)
+
+    def _reads(self, site: Site) -> bool:
+        """Whether the row edits, captures, pauses or resumes at the site (the same on every rank)."""
+        w = self.work
+        return bool(w.edits.get(site.index)) or any(at == site.index for at, _ in w.captures) or \
+            (w.pause is not None and w.pause.site == site.index) or \
+            (self.resume_at is not None and self.order(site) == self.resume_at)
+
+    def _visit(self, site: Site, value: torch.Tensor) -> torch.Tensor:
         edits = self.work.edits.get(site.index)
         if edits:
             value = self._edited(site, value, edits)

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import NonFinite
 from ..models.context import ForwardContext
+from ..parallel import gather, sharded, split
 from ..sites import RESID, Site, SiteTable
 from .batch import RowSpan, build_context, to_device
 from .detail import DetailPause, DetailRun, OpDetail, edit_row, edits_inside, present, row_kv
@@ -105,6 +106,7 @@ class Runner:
         self.parallel = bool(table.always_deferred)
         self.stager = HostStager(device)
         self.graphs = None  # StepGraphs, set by the worker
+        self.tp = getattr(model, "tp", None)  # a tensor-parallel model's group (djinn/parallel)
 
     @torch.inference_mode()
     def run(self, rows: list[Row]) -> StepOutput:
@@ -154,7 +156,7 @@ class Runner:
                 new = [plan.rows[i] for i in entering[site.index]]
                 resid = torch.cat(([resid] if live else []) + [r.resid for r in new])
                 if site.kind != RESID:
-                    branch = torch.cat(([branch] if live else []) + [r.branch for r in new])
+                    branch = torch.cat(([branch] if live else []) + [self.part(site, r.branch) for r in new])
                 for r in new:
                     r.reenter()
                 live = live + entering[site.index]
@@ -177,6 +179,21 @@ class Runner:
             self.graphs.load_ahead(rows)
 
     # ------------------------------------------------------------------ helpers
+
+    def whole(self, site: Site, value: torch.Tensor) -> torch.Tensor:
+        """The site's value as clients see it: where tensor-parallel ranks each hold a part, gathered."""
+        return value if self.tp is None or not sharded(site) else gather(value, self.tp)
+
+    def part(self, site: Site, value: torch.Tensor) -> torch.Tensor:
+        """What this rank computes with of a whole value at the site (all of it but in tensor parallelism)."""
+        return value if self.tp is None or not sharded(site) else split(value, self.tp)
+
+    def _op_input(self, site: Site, value: torch.Tensor, whole: bool) -> torch.Tensor:
+        """An op's input, whole or this rank's part: only the output projection's (z) is ever split."""
+        if site.op != "attn_out":
+            return value
+        z = self.sites[site.index - 1]
+        return self.whole(z, value) if whole else self.part(z, value)
 
     def take(self, out: StepOutput, row: Row, probe: Probe, value: torch.Tensor) -> None:
         """A capture of the row's `value` at the probe's site, on its way to the host: the value itself, or
@@ -247,20 +264,25 @@ class Runner:
         rows = [plan.rows[i] for i in live]
         offsets = self._offsets(rows)
         per_row = plan.edits.get(site.index)
-        if per_row is not None:
-            edits = [(k, per_row[i]) for k, i in enumerate(live) if per_row[i]]
-            if edits:
-                self._apply_edits(value, rows, offsets, edits, out)
-        leaving: list[int] = []
+        edits = [] if per_row is None else [(k, per_row[i]) for k, i in enumerate(live) if per_row[i]]
         taking = [(rows[k], probe, offsets[k], offsets[k + 1]) for k, i in enumerate(live)
                   for at, probe in plan.sites[i].captures if at == site.index]
+        pausing = any(plan.sites[i].pause is not None and plan.sites[i].last == site.index for i in live)
+        # edits, captures and pauses see the value whole; a tensor-parallel rank goes on with its part of it
+        shown = self.whole(site, value) if edits or taking or pausing else value
+        if edits:
+            self._apply_edits(shown, rows, offsets, edits, out)
+        if shown is not value:
+            value = branch = self.part(site, shown)
+        leaving: list[int] = []
         if taking:
-            self._take_all(out, taking, value)
+            self._take_all(out, taking, shown)
         for k, i in enumerate(live):
             r, s, lo, hi = rows[k], plan.sites[i], offsets[k], offsets[k + 1]
             if s.pause is not None and s.last == site.index:
-                act = value[lo:hi] if s.pause.site == site.index else met[k]  # met: a detail site's value
-                out.paused.append(r.pause_here(s.pause, site.index, resid, branch, act, lo, hi))
+                act = shown[lo:hi] if s.pause.site == site.index else met[k]  # met: a detail site's value
+                kept = branch if site.kind == RESID else shown
+                out.paused.append(r.pause_here(s.pause, site.index, resid, kept, act, lo, hi))
                 leaving.append(k)
             elif s.last == site.index != len(self.sites) - 1:
                 out.stopped.append(r)
@@ -303,13 +325,14 @@ class Runner:
         """One row's work inside the op of chain site `site` (either executor's): its captures staged, and
         (the op's detailed output if the row edits inside it, else None; the value of a pause met there, else
         None). A pausing row keeps what finishing its op after the resume needs."""
-        run = DetailRun(self.table, site.index, r, work, lambda row, probe, v: self.take(out, row, probe, v))
+        run = DetailRun(self.table, site.index, r, work, lambda row, probe, v: self.take(out, row, probe, v),
+                        tp=self.tp)
         edited = edits_inside(work)
         new = self._detailed_op(site, r, op_input, run, write=edited)
         if run.paused is None:
             return (new if edited else None), None
         probe, value = run.paused
-        r.detail = DetailPause(probe.site, op_input.clone())
+        r.detail = DetailPause(probe.site, self._op_input(site, op_input, whole=True).clone())
         return (new if edited else None), present(self.table[probe.site], value)
 
     def _detailed_op(self, site: Site, r: Row, op_input: torch.Tensor, run: DetailRun, write: bool) -> torch.Tensor:
@@ -358,9 +381,10 @@ class Runner:
         changed = d.replacement is not None
         if changed or work.captures or pause is not None:
             run = DetailRun(self.table, host, r, work, lambda row, probe, v: self.take(out, row, probe, v),
-                            skip_before=d.site, replacement=d.replacement)
-            new = self._detailed_op(site, r, d.op_input, run, write=changed)
+                            skip_before=d.site, replacement=d.replacement, tp=self.tp)
+            new = self._detailed_op(site, r, self._op_input(site, d.op_input, whole=False), run, write=changed)
             if changed:  # the op's output follows the client's value, then the edits at the op's own site
+                new = self.whole(site, new)
                 chain_edits = [e for e in plan.edits.get(host, []) if e.reaches(step, r.positions)]
                 if chain_edits:
                     new = edit_row(new, chain_edits, r)

@@ -70,7 +70,9 @@ class ModelWorker:
         self.name, self.cfg, self.model, self.tokenizer = loaded.name, loaded.config, loaded.model, loaded.tokenizer
         p = next(self.model.parameters())
         self.dtype, self.device = p.dtype, p.device
-        self.pool = KVPool(self.cfg, n_blocks, n_host_blocks, block_size, self.dtype, self.device)
+        tp = getattr(self.model, "tp", None)  # tensor parallel: rank 0's pool and runner tell the other ranks
+        pool_class, runner_class = (KVPool, Runner) if tp is None else tp.engine_classes()
+        self.pool = pool_class(self.cfg, n_blocks, n_host_blocks, block_size, self.dtype, self.device)
         self.sites = SiteTable(self.cfg, self.model.detail_sites)
         self.weights = self.model.weights()  # by TransformerLens name, views of the model's
         self.compiler = Compiler(self.sites, self.dtype, self.device)
@@ -82,12 +84,12 @@ class ModelWorker:
         # the step's kernels that finish a result in the same launch count their programs in here: a slot per
         # (token, KV head) for attention, per row for the greedy pick
         self.tallies = tallies.new(len(self.sampled) * self.cfg.n_kv_heads, self.device) if on_gpu else None
-        self.runner = Runner(self.model, self.pool.kv, self.sites, block_size,
-                             self.device, self.sampled, self.tallies)
+        self.runner = runner_class(self.model, self.pool.kv, self.sites, block_size,
+                                   self.device, self.sampled, self.tallies)
         self._host_tokens = [torch.zeros(len(self.sampled), dtype=torch.long, pin_memory=on_gpu) for _ in range(2)]
         self._inflight: Optional[InFlight] = None
         self.reserved_blocks = 0
-        if on_gpu if cuda_graphs is None else cuda_graphs:
+        if (on_gpu if cuda_graphs is None else cuda_graphs) and tp is None:  # graphs hold no collectives
             (scratch,) = self.pool.device_blocks.allocate(1)  # graph padding and rows outside their sites write here
             self.reserved_blocks = 1
             self.runner.graphs = StepGraphs(self.runner, scratch, stats, min(self.cfg.max_seq_len, 4096),
