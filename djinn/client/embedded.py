@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import queue
 from concurrent.futures import Future
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from ..calls import control_call
 from ..engine.engine import Engine
@@ -15,8 +15,9 @@ LOCAL_OWNER = "local"
 
 
 class EmbeddedBackend:
-    def __init__(self, engine: Engine, owner: str = LOCAL_OWNER):
-        self.service, self.owner = EngineService(engine), owner
+    def __init__(self, engine: Engine, owner: str = LOCAL_OWNER, on_close: Optional[Callable[[], None]] = None):
+        """`on_close`: runs after the engine thread stopped (a tensor-parallel group's shutdown)."""
+        self.service, self.owner, self._on_close = EngineService(engine), owner, on_close
 
     def call(self, method: str, *args: Any) -> Any:
         """A declared control call (djinn/calls.py) for this backend's owner; its result as a remote client's."""
@@ -85,6 +86,8 @@ class EmbeddedBackend:
 
     def close(self) -> None:
         self.service.shutdown()
+        if self._on_close is not None:
+            self._on_close()
 
 
 class EmbeddedRun:
