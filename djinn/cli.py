@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--replica", type=_replica, default=None, metavar="NAME",
                    help="this server's name behind a load balancer: every session and checkpoint id it hands "
                         "out starts with NAME and a dot, so the balancer routes by id (default: none)")
+    s.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split each model over N devices (N processes: cuda:0..N-1 with NCCL, or CPU ranks with "
+                        "gloo); heads, KV heads and MLP columns must divide by N (default: %(default)s)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: %(default)s)")
 
@@ -119,7 +122,7 @@ def serve(args: argparse.Namespace) -> int:
         run(models, host=args.host, port=args.port, dtype=dtype, device=device, kv_memory=args.kv_memory,
             api_keys_file=args.api_keys, limits=Limits().replace(**changes), log_level=args.log_level,
             pause_ttl=args.pause_ttl, idle_ttl=args.idle_ttl, kv_share_per_key=args.kv_share_per_key,
-            queue_timeout=args.queue_timeout, replica=args.replica)
+            queue_timeout=args.queue_timeout, replica=args.replica, tensor_parallel=args.tensor_parallel)
     except DjinnError as e:
         print(f"djinn: {e}", file=sys.stderr)
         return 2

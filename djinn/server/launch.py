@@ -46,11 +46,12 @@ def run(models=None, *, host: str = LOOPBACK, port: int = DEFAULT_PORT, dtype: s
         device: str = "cpu", kv_memory: Optional[int] = None, api_keys_file: Union[None, str, Path] = None,
         api_keys: Optional[Iterable[str]] = None, limits: Optional[Limits] = None, log_level: str = "info",
         engine: Union[None, Engine, EngineService] = None, kv_share_per_key: Optional[float] = None,
-        **engine_options) -> None:
+        tensor_parallel: int = 1, **engine_options) -> None:
     """Serve until interrupted. `models`: paths / repo ids / LoadedModels (None: the embedded default model),
     or pass a ready `engine`. Keys: `api_keys` plus those in `api_keys_file` and DJINN_API_KEYS; with none the
     server binds the loopback interface only. `kv_share_per_key` (None: half with API keys, all without) and
-    `engine_options` go to the Engine."""
+    `engine_options` go to the Engine. `tensor_parallel` N > 1 splits the models over N ranks (djinn/parallel):
+    this process and N - 1 it starts, stopped when it exits."""
     import uvicorn
 
     from .app import create_app
@@ -71,6 +72,10 @@ def run(models=None, *, host: str = LOOPBACK, port: int = DEFAULT_PORT, dtype: s
         from ..models.loading import load_models
 
         loaded = load_models(models, dtype, device) if not _all_loaded(models) else list(models)
+        if tensor_parallel > 1:
+            from ..parallel.group import start
+
+            start(loaded, tensor_parallel)
         share = kv_share_per_key if kv_share_per_key is not None else (0.5 if keys else 1.0)
         engine = Engine(loaded, kv_memory=kv_memory, kv_share_per_key=share, **engine_options)
     lim = limits or Limits()
