@@ -36,7 +36,7 @@ class TensorParallel:
         """The KV pool and runner classes a worker of this model builds (rank 0's mirror every move)."""
         from functools import partial
 
-        from .mirror import MirroredPool, MirroredRunner
+        from .mirror import MirroredPool, MirroredRunner  # (mirror.py builds on the engine, which imports this)
 
         return partial(MirroredPool, self), partial(MirroredRunner, self)
 

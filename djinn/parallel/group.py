@@ -153,8 +153,9 @@ def start(models: Sequence[LoadedModel], world: int, timeout: float = 60.0) -> L
         check_shardable(m.config, world)
     device = next(models[0].model.parameters()).device
     if device.type == "cuda" and torch.cuda.device_count() < (device.index or 0) + world:
-        raise InvalidRequest(f"tensor_parallel={world} from {device} needs GPUs up to cuda:{(device.index or 0) + world - 1}; "
-                             f"this machine has {torch.cuda.device_count()}")
+        last = (device.index or 0) + world - 1
+        raise InvalidRequest(f"tensor_parallel={world} from {device} needs GPUs up to cuda:{last}; this machine "
+                             f"has {torch.cuda.device_count()}")
     backend = "nccl" if device.type == "cuda" else "gloo"
     port, key = _free_port(), secrets.token_bytes(32)
     threads = max(1, (os.cpu_count() or 1) // world)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import pickle
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -165,8 +166,6 @@ class MirroredRunner(Runner):
 def follow(conn, models: list[torch.nn.Module], device: torch.device) -> None:
     """The loop of a rank other than 0: make each block move and run each step rank 0 sends, until it says
     stop or its pipe closes (rank 0 is gone)."""
-    import pickle
-
     pools: dict[int, KVPool] = {}
     runners: dict[int, Runner] = {}
     plans: dict[int, dict[int, Plan]] = defaultdict(dict)
@@ -178,7 +177,7 @@ def follow(conn, models: list[torch.nn.Module], device: torch.device) -> None:
         kind, i = msg[0], msg[1]
         if kind == "stop":
             return
-        model = models[i] if i < len(models) else None
+        model = models[i]
         if kind == "pool":
             n_blocks, n_host_blocks, block_size = msg[2:]
             pools[i] = KVPool(local_config(model.cfg, model.tp.world), n_blocks, n_host_blocks, block_size,
@@ -208,7 +207,7 @@ def follow(conn, models: list[torch.nn.Module], device: torch.device) -> None:
                 dist.broadcast(runner.sampled[:feed], 0, group=model.tp.group)
             try:
                 runner.run([s.row(plans[i], device) for s in states])
-            except dist.DistError:
+            except dist.DistError:  # the group is broken: this rank is done
                 raise
             except (DjinnError, RuntimeError, ValueError):  # rank 0 meets the same error in the same place
                 log.debug("a step failed on this rank as on rank 0", exc_info=True)

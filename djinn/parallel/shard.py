@@ -80,14 +80,16 @@ def shard_model(model: nn.Module, tp: TensorParallel) -> None:
         attn = block.attn
         qkv, out = (attn.qkv_proj, attn.o_proj) if hasattr(attn, "qkv_proj") else (attn.qkv, attn.proj)
         # rows: every q head, then every k head, then every v head; this rank's heads of each
-        _take_rows(qkv, (r * h * dh, h * dh), (q_rows + r * kv * dh, kv * dh), (q_rows + kv_rows + r * kv * dh, kv * dh))
+        _take_rows(qkv, (r * h * dh, h * dh), (q_rows + r * kv * dh, kv * dh),
+                   (q_rows + kv_rows + r * kv * dh, kv * dh))
         _row_parallel(out, tp, r * h * dh, h * dh)
         attn.n_heads = h
         if hasattr(attn, "n_kv_heads"):
             attn.n_kv_heads = kv
         mlp = block.mlp
         if isinstance(mlp, Experts):
-            gate, up = mlp.in_proj.data[:, r * m:(r + 1) * m], mlp.in_proj.data[:, cfg.d_mlp + r * m:cfg.d_mlp + (r + 1) * m]
+            w = mlp.in_proj.data  # [experts, gate rows then up rows, d_model]
+            gate, up = w[:, r * m:(r + 1) * m], w[:, cfg.d_mlp + r * m:cfg.d_mlp + (r + 1) * m]
             mlp.in_proj = nn.Parameter(torch.cat([gate, up], dim=1).contiguous(), requires_grad=False)
             mlp.down_proj = nn.Parameter(mlp.down_proj.data[:, :, r * m:(r + 1) * m].contiguous(), requires_grad=False)
             mlp.__class__, mlp.tp = ShardedExperts, tp
