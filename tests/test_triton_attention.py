@@ -108,7 +108,8 @@ SCRIPT = textwrap.dedent("""
         n = sum(s.n_tokens for s in spans)
         qkv = torch.randn(n, n_heads + 2 * n_kv, d_head, generator=torch.Generator().manual_seed(n))
         q, k, v = qkv.split([n_heads, n_kv, n_kv], dim=1)
-        for rope in (None, Rotary(d_head, 512, 10000.0, None)):
+        # no rotary, rotary over whole heads, over half of each head (GPT-NeoX's partial rotary)
+        for rope in (None, Rotary(d_head, 512, 10000.0, None), Rotary(d_head // 2, 512, 10000.0, None)):
             outs, caches = [], []
             # the portable path, the kernel; for one-token steps also with the rotary + KV write kernel first
             for use_kernel, separate_write in ((False, False), (True, False)) + (((True, True),) if n == 4 else ()):
@@ -121,12 +122,12 @@ SCRIPT = textwrap.dedent("""
                 caches.append(cache)
                 assert not slots.any()  # every tally back at zero
             err = (outs[0] - outs[1]).abs().max().item()
-            assert err < 1e-5, (pa.CHUNK, pa.PREFILL_QUERY_ROWS, pa.SMALL, pa.PROGRAMS, n_heads, n_kv, d_head, window, rope is not None, lens, err)
+            assert err < 1e-5, (pa.CHUNK, pa.PREFILL_QUERY_ROWS, pa.SMALL, pa.PROGRAMS, n_heads, n_kv, d_head, window, rope and rope.dim, lens, err)
             assert (caches[0] - caches[1]).abs().max().item() < 1e-5
             if len(outs) == 3:  # the keys written inside the attention kernel: the same bits as the write kernel's
                 assert torch.equal(outs[1], outs[2]) and torch.equal(caches[1], caches[2])
             if pa.PREFILL_QUERY_ROWS == 1:  # every token through the one-token kernel
-                key = (pa.CHUNK, n_heads, n_kv, d_head, window, bs, starts, lens, rope is not None, softcap)
+                key = (pa.CHUNK, n_heads, n_kv, d_head, window, bs, starts, lens, rope and rope.dim, softcap)
                 assert torch.equal(decode_kernel.setdefault(key, outs[1]), outs[1]), key
     # NaN in every cache slot outside the rows' own contexts (unused blocks, the tails of their last blocks):
     # both paths read none of it, prompt and one-token steps alike

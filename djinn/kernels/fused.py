@@ -87,14 +87,16 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def rope_tables(cos_ptr, sin_ptr, pos, d, mask, D: tl.constexpr):
-    """For rotate-half rotary embeddings at `pos`: each lane's partner lane, the sign its partner enters
-    with, and the position's cos and sin (float32)."""
-    half: tl.constexpr = D // 2
-    partner = tl.where(d < half, d + half, d - half)
+def rope_tables(cos_ptr, sin_ptr, pos, d, mask, R: tl.constexpr):
+    """For rotate-half rotary embeddings of a head's first R lanes at `pos`: each lane's partner lane, the sign
+    its partner enters with, and the position's cos and sin (float32); lanes from R on (partial rotary, as
+    GPT-NeoX's) keep their value: partner themselves, cos 1, sin 0."""
+    half: tl.constexpr = R // 2
+    turns = d < R
+    partner = tl.where(d < half, d + half, tl.where(turns, d - half, d))
     sign = tl.where(d < half, -1.0, 1.0)
-    cos = tl.load(cos_ptr + pos * D + d, mask=mask, other=0.0)
-    sin = tl.load(sin_ptr + pos * D + d, mask=mask, other=0.0)
+    cos = tl.load(cos_ptr + pos * R + d, mask=mask & turns, other=1.0)
+    sin = tl.load(sin_ptr + pos * R + d, mask=mask & turns, other=0.0)
     return partner, sign, cos, sin
 
 
@@ -119,7 +121,7 @@ def _rope_write_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, kv_ptr, blocks_ptr, offsets_ptr, pos_ptr, cos_ptr, sin_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     stride_blk, stride_kv, stride_tok, stride_head, n_heads,
-    D: tl.constexpr, D_P: tl.constexpr, ROPE: tl.constexpr, DEPENDENT: tl.constexpr,
+    D: tl.constexpr, D_P: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr, DEPENDENT: tl.constexpr,
 ):
     wait_for_inputs(DEPENDENT)
     tok = tl.program_id(0).to(tl.int64)
@@ -127,7 +129,7 @@ def _rope_write_kernel(
     d = tl.arange(0, D_P)
     mask = d < D
     if ROPE:
-        partner, sign, cos, sin = rope_tables(cos_ptr, sin_ptr, tl.load(pos_ptr + tok).to(tl.int64), d, mask, D)
+        partner, sign, cos, sin = rope_tables(cos_ptr, sin_ptr, tl.load(pos_ptr + tok).to(tl.int64), d, mask, R)
     if head < n_heads:
         if ROPE:
             src = q_ptr + tok * stride_qn + head * stride_qh
@@ -149,8 +151,8 @@ def _rope_write_kernel(
 def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                       write_blocks: torch.Tensor, write_offsets: torch.Tensor, positions: torch.Tensor,
                       rope: Optional[object]) -> torch.Tensor:
-    """Rotate q and k by position (when `rope` holds the model's cos/sin tables), write k and v into the cache
-    slots, and return the rotated q (q itself without rope)."""
+    """Rotate q and k by position (when `rope` holds the model's cos/sin tables, over each head's first
+    `rope.dim` lanes), write k and v into the cache slots, and return the rotated q (q itself without rope)."""
     n, n_heads, d_head = q.shape
     n_kv = k.shape[1]
     if n == 0:
@@ -162,7 +164,8 @@ def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_laye
         q, k, v, q_out, kv_layer, write_blocks, write_offsets, positions, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0),
         q_out.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), n_heads,
-        D=d_head, D_P=triton.next_power_of_2(d_head), ROPE=rope is not None, num_warps=1,
+        D=d_head, D_P=triton.next_power_of_2(d_head), ROPE=rope is not None,
+        R=rope.dim if rope is not None else d_head, num_warps=1,
         **dependent_launch.options(),
     )
     return q_out

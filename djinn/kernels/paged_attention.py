@@ -122,7 +122,7 @@ def _chunk_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_SIZE: tl.constexpr, CHUNK_STAGES: tl.constexpr,
     SOLO: tl.constexpr, WRITE: tl.constexpr, ROPE: tl.constexpr, SCORES: tl.constexpr, DEPENDENT: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, R: tl.constexpr,
 ):
     """Decode attention: programs share out each (token, KV head)'s chunks; with SOLO (one program each) the
     program merges its chunks as it goes, else every program stores its chunks' results and the last of the
@@ -152,7 +152,7 @@ def _chunk_kernel(
     step = tl.num_programs(2)
     if WRITE:
         if ROPE:
-            partner, sign, cos, sin = rope_tables(cos_ptr, sin_ptr, pos.to(tl.int64), d, d_mask, D)
+            partner, sign, cos, sin = rope_tables(cos_ptr, sin_ptr, pos.to(tl.int64), d, d_mask, R)
             q = rotate(q, tl.load(q_src + partner[None, :], mask=qd_mask, other=0.0), sign[None, :], cos[None, :],
                        sin[None, :]).to(q.dtype)
         if tl.program_id(2) == (pos // CHUNK_SIZE - first // CHUNK_SIZE) % step:
@@ -356,6 +356,7 @@ def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
             new.v.stride(0), new.v.stride(1), out.stride(0), out.stride(1), *strides, buf.stride(0), buf.stride(1),
             scale, softcap, window, n_heads, n_kv, n_chunks, GROUP_P=max(16, triton.next_power_of_2(group)),
             CHUNK_STAGES=stages, SOLO=solo, WRITE=new_keys is not None, ROPE=rope, SCORES=scores is not None,
+            R=new.rope.dim if rope else d_head,
             **common, **dependent_launch.options())
         return out
     acc, ml = _partials(n, n_heads, n_chunks, d_p, q.device)

@@ -60,9 +60,6 @@ def paged_attention(
     """Rotates q and k (with `rope`), writes this step's keys and values into the cache, then attends.
     Returns z: [N, n_heads, d_head]. Tokens with a score slot keep their scores in meta.scores."""
     keep = None if meta.scores is None else (meta.score_slots, meta.scores[:, layer])
-    if rope is not None and rope.dim != q.shape[-1]:  # part of each head rotates: the kernels rotate whole heads
-        positions = meta.token_pos.long()
-        q, k, rope = rope.apply(q, positions), rope.apply(k, positions), None
     if meta.mask is None:
         from ..kernels import paged_attention as kernel
         from ..kernels.fused import rope_and_write_kv
