@@ -398,3 +398,26 @@ def test_a_text_prompt_starts_with_bos_where_the_tokenizer_files_say(tmp_path):
         tok.save(str(folder / "tokenizer.json"))
         (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", **config}))
         assert load_tokenizer(folder).add_bos is adds, name
+
+
+def test_generation_ends_at_the_turn_ends_generation_config_names(tmp_path):
+    """A chat model's generation_config.json lists its ends of turn (Gemma's <end_of_turn>, Llama 3's
+    <|eot_id|>) beside the end of text: a generation with the default stop tokens ends at any of them."""
+    import json
+    import shutil
+
+    from djinn.models.loading import DEFAULT_MODEL_DIR
+
+    folder = tmp_path / "chat"
+    shutil.copytree(DEFAULT_MODEL_DIR, folder)
+    client = djinn.connect(model=str(folder))
+    free = client.session().generate("def main(", max_new_tokens=12, stop_tokens=[]).token_ids
+    client.close()
+    turn_end = free[4]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, turn_end]}))
+    client = djinn.connect(model=str(folder))
+    try:
+        out = client.session().generate("def main(", max_new_tokens=12)
+        assert out.token_ids == free[:free.index(turn_end) + 1]
+    finally:
+        client.close()

@@ -12,6 +12,9 @@ import pytest
 import djinn
 
 
+STARTUP: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def served(stories_path):
     with socket.socket() as s:
@@ -23,6 +26,10 @@ def served(stories_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
+        for line in proc.stdout:  # the startup line names what is served, before the server answers
+            if line.startswith("djinn: serving"):
+                STARTUP["line"] = line
+                break
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
@@ -69,3 +76,9 @@ def test_serve_answers_the_openai_client(served):
     oa = OpenAI(base_url=served + "/v1", api_key="unused")
     done = oa.completions.create(model="stories260K", prompt="Once upon a time", max_tokens=8, temperature=0)
     assert done.choices[0].text and done.usage.completion_tokens == 8
+
+
+def test_the_names_serve_prints_are_the_openai_model_ids(served):
+    ids = [m["id"] for m in httpx.get(served + "/v1/models", timeout=10).json()["data"]]
+    assert ids == ["stories260K"]
+    assert STARTUP["line"].startswith(f"djinn: serving {', '.join(ids)} on {served}")

@@ -258,7 +258,7 @@ class Engine:
         if not quota_checked:
             self._check_quota(w, owner, need - len(s.host_blocks if s.swapped else s.blocks), "this request")
         if stop_tokens is None:
-            stop = frozenset([w.tokenizer.eos_id]) if w.tokenizer and w.tokenizer.eos_id is not None else frozenset()
+            stop = w.tokenizer.end_ids if w.tokenizer else frozenset()
         else:
             stop = frozenset(self._check_ids(cfg.vocab_size, stop_tokens, "stop token"))
         if return_logits not in (False, True, "all"):

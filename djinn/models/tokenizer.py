@@ -3,20 +3,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from ..chat_template import ChatTemplate, load_chat_template
 
 
 class Tokenizer:
     """Text <-> token ids. `add_bos`: a text prompt that opens a session starts with `bos_id`. `chat_template`:
-    the model's, if its folder has one (djinn/chat_template.py)."""
+    the model's, if its folder has one (djinn/chat_template.py). `end_ids`: the tokens a generation ends at by
+    default: the end of text, and the ends of turn a chat model's generation_config.json names (Gemma's
+    <end_of_turn>, Llama 3's <|eot_id|>)."""
 
     def __init__(self, backend, kind: str, bos_id: Optional[int], eos_id: Optional[int], add_bos: bool,
-                 chat_template: Optional[ChatTemplate] = None):
+                 chat_template: Optional[ChatTemplate] = None, end_ids: Iterable[int] = ()):
         self._backend, self.kind = backend, kind
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         self.chat_template = chat_template
+        self.end_ids = frozenset(end_ids) | (frozenset() if eos_id is None else {eos_id})
 
     def decode_after(self, context: list[int], ids: list[int]) -> str:
         """The text of `ids` as it reads after `context` (the tokens before them): a tokenizer that drops the
@@ -50,6 +53,14 @@ def _token_id(backend, value) -> Optional[int]:
     return None
 
 
+def _turn_ends(folder: Path) -> list[int]:
+    """generation_config.json's eos_token_id (one id or several)."""
+    path = folder / "generation_config.json"
+    ids = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
+    ids = [ids] if isinstance(ids, int) else ids if isinstance(ids, list) else []
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
+
+
 def load_tokenizer(folder: Path) -> Optional[Tokenizer]:
     """The tokenizer stored in `folder`, or None when there is none."""
     folder = Path(folder)
@@ -65,7 +76,7 @@ def load_tokenizer(folder: Path) -> Optional[Tokenizer]:
         # (Llama and Gemma files prepend BOS there, GPT-NeoX and Qwen files do not)
         adds = backend.encode("", add_special_tokens=True).ids[:1] == [bos]
         add_bos = bool(tcfg.get("add_bos_token", adds)) and bos is not None
-        return Tokenizer(backend, "hf", bos, eos, add_bos, load_chat_template(folder, tcfg))
+        return Tokenizer(backend, "hf", bos, eos, add_bos, load_chat_template(folder, tcfg), _turn_ends(folder))
     models = sorted(folder.glob("*.model"))
     if models:
         import sentencepiece as spm

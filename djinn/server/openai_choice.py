@@ -210,7 +210,7 @@ class Choice:
                 self.n_tokens += 1
                 if stopped:
                     continue
-                ends = self.tokenizer is not None and ev.token_id == self.tokenizer.eos_id  # no text, no score
+                ends = self.tokenizer is not None and ev.token_id in self.tokenizer.end_ids  # no text, no score
                 text, stopped = self.matcher.feed("" if ends else ev.text)
                 scores = [await self._score(ev, ev.text)] if self.ask.top_logprobs is not None and not ends else []
                 if text or scores:
