@@ -335,13 +335,18 @@ def test_steer_equals_the_same_edit_by_a_forward_hook(family):
             return (output[0] + 2.0 * vector,) + output[1:]
         return output + 2.0 * vector
 
-    handle = layers[1].register_forward_hook(add)
+    want = _hooked_logits(hf, layers[1], add)
+    assert (out.logits.float() - want).abs().max().item() <= TOL
+
+
+@torch.no_grad()
+def _hooked_logits(hf, module: torch.nn.Module, hook) -> torch.Tensor:
+    """transformers' logits over PROMPT with `hook` on `module`'s output, as a forward hook edits it."""
+    handle = module.register_forward_hook(hook)
     try:
-        with torch.no_grad():
-            want = hf(torch.tensor([PROMPT]), use_cache=False).logits[0]
+        return hf(torch.tensor([PROMPT]), use_cache=False).logits[0]
     finally:
         handle.remove()
-    assert (out.logits.float() - want).abs().max().item() <= TOL
 
 
 def test_edits_of_the_expert_weights_re_mix_the_experts(tmp_path):
@@ -359,12 +364,7 @@ def test_edits_of_the_expert_weights_re_mix_the_experts(tmp_path):
             logits, top, chosen = output
             return logits, top.masked_fill(chosen == 1, 0.0), chosen
 
-        handle = gate.register_forward_hook(without_expert_1)
-        try:
-            with torch.no_grad():
-                want = hf(torch.tensor([PROMPT]), use_cache=False).logits[0]
-        finally:
-            handle.remove()
+        want = _hooked_logits(hf, gate, without_expert_1)
         assert (out.logits.float() - want).abs().max().item() <= TOL
         plain = client.session().generate(PROMPT, max_new_tokens=0, return_logits="all")
         assert (plain.logits - out.logits).abs().max() > 1e-3  # the knock-out changed something
