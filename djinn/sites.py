@@ -104,7 +104,7 @@ class SiteTable:
         # a parallel block has no resid_mid: its attention output joins the residual with the MLP's, so that
         # add is always left to the MLP op
         self.always_deferred = frozenset()
-        if getattr(cfg, "parallel_residual", False):
+        if cfg.parallel_residual:
             mids = [self.public.pop(f"blocks.{i}.hook_resid_mid") for i in range(n)]
             self.always_deferred = frozenset(s.index for s in mids)
         self._order = sorted(self.public, key=lambda name: self.order(self.public[name]) + (name,))
