@@ -213,12 +213,19 @@ def hf_sites(hf, ids: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]
                     f"_{b}.{n}_normed", (o[0] if o.dim() < 4 or o.shape[1] == T else o[0].transpose(0, 1))
                     .reshape(T, -1, d_head)))
         in_hook(attn.o_proj, lambda x, b=b: vals.__setitem__(f"{b}.attn.hook_z", x[0].view(T, n_heads, d_head)))
-        if hasattr(mlp, "experts"):  # Mixtral's router
+        if hasattr(mlp, "experts"):  # Mixtral's router, and every expert's neurons at every token
             def routed(o, b=b):
                 logits, top, chosen = o
                 vals[f"{b}.mlp.hook_router_logits"] = logits.float()
                 vals[f"{b}.mlp.hook_expert_weights"] = torch.zeros_like(logits.float()).scatter(-1, chosen, top)
+
+            def neurons(x, b=b, experts=mlp.experts):
+                for j in range(experts.gate_up_proj.shape[0]):
+                    gate, up = (x[0] @ experts.gate_up_proj[j].T).chunk(2, -1)
+                    vals[f"{b}.mlp.experts.{j}.hook_pre"], vals[f"{b}.mlp.experts.{j}.hook_pre_linear"] = gate, up
+                    vals[f"{b}.mlp.experts.{j}.hook_post"] = experts.act_fn(gate) * up
             handles.append(mlp.gate.register_forward_hook(lambda m, a, o, f=routed: f(o)))
+            in_hook(mlp, neurons)
         elif hasattr(mlp, "gate_up_proj"):  # Phi-3
             out_hook(mlp.gate_up_proj, lambda o, b=b: [vals.__setitem__(f"{b}.mlp.hook_{n}", t) for n, t in
                                                        zip(("pre", "pre_linear"), o[0].chunk(2, -1))])
@@ -301,6 +308,7 @@ def test_the_family_has_the_sites_its_architecture_has(family):
     assert ("blocks.0.ln1_post.hook_scale" in sites) == (name in ("gemma2", "gemma3", "olmo2"))
     assert ("blocks.0.ln1.hook_scale" in sites) == (name != "olmo2")
     assert ("blocks.0.mlp.hook_router_logits" in sites) == (name == "mixtral")
+    assert ("blocks.1.mlp.experts.3.hook_post" in sites) == (name == "mixtral")
     assert ("blocks.0.mlp.hook_pre_linear" in sites) == (name not in ("pythia", "neox-sequential", "mixtral"))
 
 
@@ -350,7 +358,8 @@ def _hooked_logits(hf, module: torch.nn.Module, hook) -> torch.Tensor:
 
 
 def test_edits_of_the_expert_weights_re_mix_the_experts(tmp_path):
-    """Mixtral: zeroing an expert's weight at every token equals transformers with that expert knocked out."""
+    """Mixtral: zeroing an expert's weight at every token, or its neurons, equals transformers with that expert
+    knocked out."""
     hf = _build("mixtral", tmp_path)
     client = djinn.connect(model=str(tmp_path), dtype="float32", device="cpu")
     try:
@@ -366,6 +375,9 @@ def test_edits_of_the_expert_weights_re_mix_the_experts(tmp_path):
 
         want = _hooked_logits(hf, gate, without_expert_1)
         assert (out.logits.float() - want).abs().max().item() <= TOL
+        neurons_off = client.session().generate(PROMPT, max_new_tokens=0, return_logits="all", interventions=[
+            djinn.Ablate("blocks.0.mlp.experts.1.hook_post")])  # the expert's neurons, not its weight
+        assert (neurons_off.logits.float() - want).abs().max().item() <= TOL
         plain = client.session().generate(PROMPT, max_new_tokens=0, return_logits="all")
         assert (plain.logits - out.logits).abs().max() > 1e-3  # the knock-out changed something
     finally:

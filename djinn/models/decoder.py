@@ -42,7 +42,9 @@ def detail_sites(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 
     attention = tuple(s for s in sites.ATTENTION if not s.startswith("ln1."))
     if cfg.n_experts:
-        mlp = ("mlp.hook_router_logits", "mlp.hook_expert_weights")
+        neurons = ("hook_pre", "hook_pre_linear", "hook_post")
+        mlp = ("mlp.hook_router_logits", "mlp.hook_expert_weights") + tuple(
+            f"mlp.experts.{j}.{name}" for j in range(cfg.n_experts) for name in neurons)
     else:
         mlp = tuple(s for s in sites.MLP if s.startswith("mlp.") and (cfg.gated_mlp or s != "mlp.hook_pre_linear"))
     return {"attn_z": norm("ln1", cfg.pre_norms) + attention,

@@ -4,7 +4,9 @@ the top k are renormalised to sum to one, and the token's output is their weight
 The experts run as grouped products: tokens sorted by expert, every expert's rows in one `_grouped_mm`
 call per product (no loop over experts, no host sync: capturable in CUDA graphs). Hook sites: the router's
 logits ([n_experts]) and the expert weights ([n_experts], zero for the experts a token does not use), so an
-edit of the weights re-mixes or knocks out experts, and an edit of the logits re-routes.
+edit of the weights re-mixes or knocks out experts, and an edit of the logits re-routes; and each expert's
+neurons (`experts.{j}.hook_pre`, `hook_pre_linear`, `hook_post`, [d_mlp]) at every token, a token's output
+taking them with its weight for that expert (zero where it does not route there).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .layers import Hook, Linear, gated_act, tl_linear
+from .layers import Hook, Linear, activation, gated_act, tl_linear
 
 
 class Experts(nn.Module):
@@ -49,12 +51,16 @@ class Experts(nn.Module):
         return (per_slot.view(n, self.k, -1) * w.to(x.dtype)[..., None]).sum(1)
 
     def detailed(self, x: torch.Tensor, hook: Hook) -> torch.Tensor:
+        """Every expert at every token of the row, each with its neurons shown (the detailed path runs only for
+        a row that reads or edits inside this MLP)."""
         logits = hook("mlp.hook_router_logits", self.router(x).float()).to(x.dtype)
         weights = hook("mlp.hook_expert_weights", self.route(logits))
         out = torch.zeros_like(x)
-        for e in weights.abs().sum(0).nonzero()[:, 0].tolist():  # every expert some token weighs (edits may add)
-            h = gated_act(x @ self.in_proj[e].T, self.act) @ self.down_proj[e].T
-            out += h * weights[:, e:e + 1].to(x.dtype)
+        for e in range(self.n):
+            gate, up = (x @ self.in_proj[e].T).chunk(2, dim=-1)
+            pre, pre_linear = hook(f"mlp.experts.{e}.hook_pre", gate), hook(f"mlp.experts.{e}.hook_pre_linear", up)
+            post = hook(f"mlp.experts.{e}.hook_post", activation(pre, self.act) * pre_linear)
+            out += (post @ self.down_proj[e].T) * weights[:, e:e + 1].to(x.dtype)
         return out
 
     def weights(self) -> dict[str, torch.Tensor]:

@@ -43,8 +43,9 @@ class TensorParallel:
 
 def sharded(site) -> bool:
     """Whether each rank holds only its part of the site's value: per-head and per-neuron values (axis 1 of
-    the token-first value), z included."""
-    return site.local in HEAD_SITES or site.local in NEURON_SITES or (site.op == "attn_z" and site.kind == BRANCH)
+    the token-first value), z and each expert's neurons included."""
+    return site.local in HEAD_SITES or site.local in NEURON_SITES or site.local.startswith("mlp.experts.") or \
+        (site.op == "attn_z" and site.kind == BRANCH)
 
 
 def all_reduce(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
