@@ -148,6 +148,7 @@ class StepGraphs:
         # the shortest sliding window of any layer (0: none): kept scores before a window's start stay unwritten
         self.window = min((w for w in map(cfg.window, range(cfg.n_layers)) if w), default=0)
         self._ctx: Optional[ForwardContext] = None  # without capture: this step's attention layout
+        self._block_inputs: dict[int, torch.Tensor] = {}  # a parallel MLP's input, kept for work inside it
         self._ahead: Optional[tuple] = None  # (rows' identity, their plans, Replay): loaded early
 
     def forget_inputs(self) -> None:
@@ -181,11 +182,9 @@ class StepGraphs:
         return s.memo["scores"]
 
     def holds(self, plan: StepPlan) -> bool:
-        """Whether the graphs can run the step (else it runs eagerly). Work inside a parallel block's MLP needs
-        the block's input, which no static buffer keeps at that cut: such steps run eagerly."""
+        """Whether the graphs can run the step (else it runs eagerly)."""
         return (0 < len(plan.rows) <= self.max_rows and plan.offsets[-1] <= self.token_buckets[-1]
-                and all(len(r.span.block_table) <= self.width for r in plan.rows)
-                and not (self.runner.parallel and any(self.sites[k].op == "mlp_out" for k in plan.details)))
+                and all(len(r.span.block_table) <= self.width for r in plan.rows))
 
     def run(self, plan: StepPlan, out) -> None:
         """Replay the step of `plan` (one the graphs hold); fills `out` (a runner.StepOutput) with pauses,
@@ -239,8 +238,16 @@ class StepGraphs:
 
     def _op_cuts(self, host: int) -> tuple[int, ...]:
         """Where the host works inside the op of chain site `host`: after it (its output is in the static
-        buffers; its input too, but for the output projection, whose input z is left after the site before)."""
-        return (host - 1, host) if self.sites[host].op == "attn_out" else (host,)
+        buffers; its input too, but for the output projection, whose input z is left after the site before,
+        and a parallel block's MLP, whose input, the block's, is kept after its attention output)."""
+        if self.sites[host].op == "attn_out":
+            return host - 1, host
+        if self._reads_block_input(host):
+            return host - 2, host
+        return (host,)
+
+    def _reads_block_input(self, host: int) -> bool:
+        return self.runner.parallel and self.sites[host].op == "mlp_out"
 
     def record_decode_steps(self) -> None:
         """Record the plain decode step (one token a row, no cut, no edit: one graph of the whole forward) at
@@ -269,6 +276,8 @@ class StepGraphs:
                 cut = replay.cuts[j]
                 met = self._work_inside(cut, plan, out) if cut in plan.details and not replay.kept_scores else {}
                 self._at_cut(cut, plan, out, met)
+                if cut + 2 in plan.details and self._reads_block_input(cut + 2):  # the next segment overwrites it
+                    self._block_inputs[cut + 2] = self.resid[:tb].clone()
         if replay.kept_scores:
             self._take_scores(plan, out)
         done = [i for i, s in enumerate(plan.sites) if s.pause is None and s.last == self.final]
@@ -302,12 +311,15 @@ class StepGraphs:
 
     def _op_input(self, site, lo: int, hi: int) -> torch.Tensor:
         """A row's input to the op of chain site `site`, from the static buffers after the site (the embedding:
-        its tokens, fed ones included; the output projection: z, left there by the site before)."""
+        its tokens, fed ones included; the output projection: z, left there by the site before; a parallel
+        block's MLP: the block's input, kept at the cut after its attention output)."""
         if site.op == "embed":
             src = self.feed_from[lo:hi]
             return torch.where(src < 0, self.tokens[lo:hi], self.runner.sampled[src.clamp(min=0)])
         if site.op == "attn_out":
             return self.branch[True][lo:hi].clone()
+        if self._reads_block_input(site.index):
+            return self._block_inputs[site.index][lo:hi]
         return self.resid[lo:hi].clone()
 
     def _at_cut(self, site_index: int, plan: StepPlan, out, met: dict[int, torch.Tensor]) -> None:
