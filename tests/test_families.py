@@ -439,33 +439,11 @@ def test_work_inside_a_parallel_mlp_runs_at_cuts_of_the_graphs_as_the_eager_path
     """Pythia: a parallel block's MLP reads the block's input, which the graph executor keeps at the cut after
     the attention output; edits, captures and pauses inside that MLP run there (no step falls back to the eager
     runner) with the eager path's values, and an unmodified pause there is bit-identical."""
+    from test_hook_sites import graphs_work_inside_ops_as_eagerly
+
     _build("pythia", tmp_path)
     items = [djinn.Capture("blocks.1.mlp.hook_post"), djinn.Capture("blocks.2.ln2.hook_normalized"),
              djinn.Scale("blocks.0.mlp.hook_pre", 0.5), djinn.Ablate("blocks.2.mlp.hook_post", steps=[0, 2])]
-    sites = ["blocks.1.mlp.hook_pre", "blocks.2.ln2.hook_scale"]
     with djinn.connect(model=str(tmp_path), dtype="float32", device="cpu") as eager:
-        ref = eager.session().generate(PROMPT, max_new_tokens=NEW, stop_tokens=[], interventions=items,
-                                       return_logits=True)
-    with djinn.connect(model=str(tmp_path), dtype="float32", device="cpu", cuda_graphs=True) as graphs:
-        runner = next(iter(graphs._backend.service.engine.workers.values())).runner
-        eager_steps = []
-        real = runner._run_eagerly
-        monkeypatch.setattr(runner, "_run_eagerly", lambda plan, out: (eager_steps.append(plan), real(plan, out)))
-        out = graphs.session().generate(PROMPT, max_new_tokens=NEW, stop_tokens=[], interventions=items,
-                                        return_logits=True)
-        plain = graphs.session().generate(PROMPT, max_new_tokens=NEW, stop_tokens=[], return_logits=True)
-        seen, paused = [], None
-        for ev in graphs.session().stream(PROMPT, max_new_tokens=NEW, stop_tokens=[], return_logits=True,
-                                          breakpoints=[djinn.Breakpoint(s, steps=[0, 2]) for s in sites]):
-            if isinstance(ev, djinn.Paused):
-                seen.append((ev.site, ev.step))
-                ev.resume()
-            elif isinstance(ev, djinn.Done):
-                paused = ev.result
-    assert not eager_steps
-    assert out.token_ids == ref.token_ids and (out.logits - ref.logits).abs().max() <= TOL
-    assert sorted(out.captures) == sorted(ref.captures)
-    for key, want in ref.captures.items():
-        assert (out.captures[key] - want).abs().max() <= TOL, key
-    assert seen == [(s, step) for step in (0, 2) for s in sites]
-    assert paused.token_ids == plain.token_ids and torch.equal(paused.logits, plain.logits)
+        graphs_work_inside_ops_as_eagerly(tmp_path, eager, items, ["blocks.1.mlp.hook_pre", "blocks.2.ln2.hook_scale"],
+                                          monkeypatch)

@@ -98,7 +98,7 @@ def hf_sites(name: str, hf, ids: list[int], edit=None) -> tuple[dict[str, torch.
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(lambda mod, args, out: vals.pop(f"_{site}_out")[None]))
 
-    q_size, kv_size = n_heads * d_head, n_kv * d_head
+    q_size = n_heads * d_head
     for i, layer in enumerate(_layers(hf)):
         b = f"blocks.{i}"
         if gpt2:
@@ -369,11 +369,15 @@ def test_work_inside_ops_runs_at_cuts_of_the_graphs_as_the_eager_path(checkpoint
     """Edits, captures and pauses inside ops, at the prefill and decode steps, run on the graph executor (the
     host works at a cut after the op's site; no step falls back to the eager runner), with the eager path's
     values; an unmodified pause there is bit-identical to the uninterrupted graph run."""
-    name, hf, folder = checkpoint
-    eager = family[2]
     items = [djinn.Capture("blocks.1.mlp.hook_post"), djinn.Capture("blocks.0.attn.hook_result"),
              djinn.Scale("blocks.1.attn.hook_v", 0.5), djinn.Ablate("blocks.0.mlp.hook_post", steps=[0, 2])]
     sites = ["blocks.0.attn.hook_q", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_pre", "ln_final.hook_scale"]
+    graphs_work_inside_ops_as_eagerly(checkpoint[2], family[2], items, sites, monkeypatch)
+
+
+def graphs_work_inside_ops_as_eagerly(folder, eager, items: list, sites: list[str], monkeypatch) -> None:
+    """`items` through the graph executor (with no step sent to the eager runner) equal them through the eager
+    client `eager`; breakpoints at `sites`, resumed unchanged, are bit-identical to an uninterrupted run."""
     with djinn.connect(model=str(folder), dtype="float32", device="cpu", cuda_graphs=True) as graphs:
         runner = next(iter(graphs._backend.service.engine.workers.values())).runner
         eager_steps = []
