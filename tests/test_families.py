@@ -26,11 +26,11 @@ transformers = pytest.importorskip("transformers")
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig,  # noqa: E402
                           MixtralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
 
+# the prompt (12 tokens: longer than every window here) and steps the shared checks compare
+from test_hook_sites import NEW, PROMPT, graphs_work_inside_ops_as_eagerly, worst_differences  # noqa: E402
 from test_parity_hf import _check_parity  # noqa: E402
 
 TOL = 1e-4
-PROMPT = [5, 17, 33, 2, 250, 9, 41, 77, 123, 8, 60, 199]  # 12 tokens: longer than every window here
-NEW = 4  # greedy tokens whose steps are compared site by site
 WINDOW = 5
 COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0)
@@ -272,12 +272,6 @@ def hf_sites(hf, ids: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]
     return vals, out.logits[0]
 
 
-def _step_value(site: str, value: torch.Tensor, positions: slice) -> torch.Tensor:
-    if site.endswith(("hook_pattern", "hook_attn_scores")):
-        return value[:, positions, : positions.stop]
-    return value[positions]
-
-
 def test_every_site_equals_transformers_at_the_prefill_and_decode_steps(family):
     name, hf, client = family
     info = client.models()[0]
@@ -287,17 +281,7 @@ def test_every_site_equals_transformers_at_the_prefill_and_decode_steps(family):
     assert out.token_ids == logits[len(PROMPT) - 1:].argmax(-1).tolist()
     missing = set(sites) - set(ref)
     assert not missing, f"sites without a reference: {sorted(missing)}"
-    worst = {}
-    for site in sites:
-        for step in range(NEW):
-            got = out.captures[(site, step)].float()
-            lo = 0 if step == 0 else len(PROMPT) + step - 1
-            want = _step_value(site, ref[site], slice(lo, len(PROMPT) + step))
-            assert got.shape == want.shape, (site, step, got.shape, want.shape)
-            finite = torch.isfinite(want)
-            assert (torch.isfinite(got) == finite).all(), (site, step)
-            worst[site] = max(worst.get(site, 0.0), (got[finite] - want[finite]).abs().max().item())
-    bad = {s: d for s, d in worst.items() if d > TOL}
+    bad = {s: d for s, d in worst_differences(out, ref, sites).items() if d > TOL}
     assert not bad, f"sites that differ from transformers by more than {TOL}: {bad}"
 
 
@@ -439,8 +423,6 @@ def test_work_inside_a_parallel_mlp_runs_at_cuts_of_the_graphs_as_the_eager_path
     """Pythia: a parallel block's MLP reads the block's input, which the graph executor keeps at the cut after
     the attention output; edits, captures and pauses inside that MLP run there (no step falls back to the eager
     runner) with the eager path's values, and an unmodified pause there is bit-identical."""
-    from test_hook_sites import graphs_work_inside_ops_as_eagerly
-
     _build("pythia", tmp_path)
     items = [djinn.Capture("blocks.1.mlp.hook_post"), djinn.Capture("blocks.2.ln2.hook_normalized"),
              djinn.Scale("blocks.0.mlp.hook_pre", 0.5), djinn.Ablate("blocks.2.mlp.hook_post", steps=[0, 2])]
