@@ -190,7 +190,8 @@ def measure(client, loaded: LoadedModel, bw: float, prompt, want, want_steered, 
     batch1_ms_per_token(client, n_new=8, trials=1)  # warm-up: graphs captured
     ms = batch1_ms_per_token(client, n_new=128, trials=3)
     floor1 = (read1 + (16 + 64) * kv_bytes_per_token(c, torch.bfloat16)) / bw * 1000
-    out["batch1"] = {"ms_per_token": ms, "floor_ms_per_token": floor1, "ratio_to_floor": ms / floor1}
+    out["batch1"] = {"ms_per_token": ms, "floor_ms_per_token": floor1, "ratio_to_floor": ms / floor1,
+                     "kernels": batch1_kernels(client)}
     n = 64
     throughput_engine_sinks(client, n, "plain", n_prompt=128, n_new=16)  # warm-up: the batch's graphs
     tps = med([throughput_engine_sinks(client, n, "plain", n_prompt=128, n_new=256)[0] for _ in range(2)])
@@ -198,6 +199,23 @@ def measure(client, loaded: LoadedModel, bw: float, prompt, want, want_steered, 
     step_bytes = wbytes - expert_bytes * (1 - touched) + n * 256 * kv_bytes_per_token(c, torch.bfloat16)
     floor_tps = n / (step_bytes / bw)
     out["sessions_64"] = {"tokens_per_s": tps, "floor_tokens_per_s": floor_tps, "fraction_of_floor": tps / floor_tps}
+
+
+def batch1_kernels(client, n_new: int = 32, top: int = 10) -> dict:
+    """Where a batch-1 decode step's GPU time goes: the kernels of n_new steps under the PyTorch profiler
+    (inside the graphs' replays too), per token, the largest first, and their sum against the wall time."""
+    s = client.session()
+    s.generate(list(range(100, 116)), max_new_tokens=1, stop_tokens=[])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        s.generate([], max_new_tokens=n_new, stop_tokens=[])
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t) * 1e6 / n_new
+    s.close()
+    rows = sorted(((e.key, e.self_device_time_total / n_new, e.count / n_new) for e in prof.key_averages()
+                   if e.self_device_time_total > 0), key=lambda r: -r[1])
+    return {"wall_us_per_token": wall_us, "kernel_us_per_token": sum(r[1] for r in rows),
+            "top": [{"kernel": k[:90], "us_per_token": us, "launches_per_token": n} for k, us, n in rows[:top]]}
 
 
 def main() -> None:

@@ -13,8 +13,10 @@
 #                                      # 5 rounds (benchmarks/experiment_builds.py)
 #   benchmarks/run_gpu.sh experiments  # GPU smoke test; the experiments part on the GPT-2 shape, then the 8B shape
 #   benchmarks/run_gpu.sh gpt2         # GPT-2 part; GPT-2's and the Mistral shape's one-token step profiles
-#   benchmarks/run_gpu.sh families     # a 1-rank NCCL all-reduce inside a CUDA graph; every family's shape
-#                                      # against transformers, pauses, batch 1 and 64 sessions
+#   benchmarks/run_gpu.sh families     # every family's shape against transformers, pauses, batch 1 (with its
+#                                      # kernels) and 64 sessions
+#   benchmarks/run_gpu.sh parallel     # a 1-rank NCCL all-reduce inside a CUDA graph; the engine over a 1-rank
+#                                      # NCCL group, graphs on, against the plain engine; the GPU smoke test
 #
 # Results and one log per run go into $OUT (default: the current folder); each run has a time limit, so one
 # that hangs cannot take the group's others with it. The WebSocket halves need the server's packages.
@@ -33,9 +35,13 @@ run() {  # run <limit in s> <log name> <command...>: the command's output goes t
 
 case "${1:-}" in
 families)
-    run 100 nccl_graph_smoke.log python3 benchmarks/nccl_graph_smoke.py
     run 480 bench_families.log python3 benchmarks/bench_families.py \
         --families gemma2-9b,qwen3-8b,pythia-6.9b,mixtral-8x7b-4l,gemma3-4b,phi3-mini,olmo2-7b
+    ;;
+parallel)
+    run 100 nccl_graph_smoke.log python3 benchmarks/nccl_graph_smoke.py
+    run 240 tp_graphs_smoke.log python3 benchmarks/tp_graphs_smoke.py
+    run 150 gpu_smoke.log python3 benchmarks/gpu_smoke.py
     ;;
 experiments)
     run 150 gpu_smoke.log python3 benchmarks/gpu_smoke.py

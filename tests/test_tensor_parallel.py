@@ -102,11 +102,14 @@ def test_a_lost_rank_fails_the_next_call_with_a_typed_error():
         c.close()
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama-gqa"])
+@pytest.fixture(scope="module", params=[("gpt2", False), ("llama-gqa", False), ("gpt2", True), ("llama-gqa", True)],
+                ids=["gpt2", "llama-gqa", "gpt2-graphs", "llama-gqa-graphs"])
 def pair(request):
-    """(single-process client, 2-rank client) over the same weights."""
-    one = djinn.connect(model=_model(request.param), kv_blocks=64)
-    two = djinn.connect(model=_model(request.param), kv_blocks=64, tensor_parallel=2)
+    """(single-process client, 2-rank client) over the same weights; with graphs, both step through the CUDA
+    graphs' executor (without a GPU nothing is captured: its bookkeeping, cuts and collectives run as on one)."""
+    name, graphs = request.param
+    one = djinn.connect(model=_model(name), kv_blocks=64, cuda_graphs=graphs)
+    two = djinn.connect(model=_model(name), kv_blocks=64, tensor_parallel=2, cuda_graphs=graphs)
     yield one, two
     two.close()
     one.close()
@@ -119,13 +122,22 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert (a - b).nan_to_num(0.0).abs().max().item() <= TOL
 
 
+def _worker(client):
+    (worker,) = client._backend.service.engine.workers.values()
+    return worker
+
+
 def test_logits_match_one_process_over_prefill_and_32_decode_steps(pair):
     one, two = pair
+    graphs = _worker(two).runner.graphs
+    recorded = graphs and len(graphs._graphs)
     a = one.session().generate(PROMPT, max_new_tokens=33, return_logits=True)
     b = two.session().generate(PROMPT, max_new_tokens=33, return_logits=True)
     assert a.token_ids == b.token_ids
     assert len(set(a.token_ids)) > 3  # the model decodes more than one token over and over
     _close(a.logits, b.logits)
+    if graphs is not None:  # the prompt's step went through the graphs' executor: its segment was recorded
+        assert len(graphs._graphs) > recorded
 
 
 def test_captures_at_every_site_match_one_process(pair):

@@ -99,11 +99,13 @@ class StepGraphs:
         self.max_rows = BUCKETS[-1]
         self.width = -(-max_context // self.block_size)  # block-table columns a graph can read
         cfg = self.model.cfg
+        tp = runner.tp  # a tensor-parallel rank computes its share of the heads
+        self.heads = cfg.n_heads // (tp.world if tp is not None else 1)
         per_token = 0
         if capture:  # the Triton attention's partial results grow with tokens x context: they cap the tokens
             from ..kernels.paged_attention import partials_bytes
 
-            per_token = partials_bytes(1, cfg.n_heads, cfg.d_head, self.width * self.block_size)
+            per_token = partials_bytes(1, self.heads, cfg.d_head, self.width * self.block_size)
         self.token_buckets = tuple(b for b in TOKEN_BUCKETS if b <= BUCKETS[-1] or (
             b <= max_tokens and b * per_token <= ATTENTION_SCRATCH_BYTES))
         mt, mr, w = self.token_buckets[-1], self.max_rows, self.width
@@ -140,7 +142,7 @@ class StepGraphs:
         dtype = runner.kv.dtype
         self.resid = torch.zeros(mt, cfg.d_model, dtype=dtype, device=self.device)
         self.branch = {False: torch.zeros(mt, cfg.d_model, dtype=dtype, device=self.device),
-                       True: torch.zeros(mt, cfg.n_heads, cfg.d_head, dtype=dtype, device=self.device)}
+                       True: torch.zeros(mt, self.heads, cfg.d_head, dtype=dtype, device=self.device)}
         self._edit_bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._filled: dict[int, object] = {}  # what each site's buffers hold now
         self._graphs: dict[SegmentKey, Callable[[], Optional[torch.Tensor]]] = {}
@@ -165,7 +167,7 @@ class StepGraphs:
     def keeps_scores(self, plan: StepPlan) -> bool:
         """Whether the graphs can serve the step's work inside ops: a decode step whose rows only read scores
         or patterns there, at most SCORE_SLOTS of them."""
-        if not plan.decode:
+        if not plan.decode or self.runner.tp is not None:  # a rank's kernel keeps only its own heads' scores
             return False
         inside = [s for s in plan.sites if s.details]
         return (len(inside) <= SCORE_SLOTS and all(r.detail is None for r in plan.rows)
@@ -304,7 +306,9 @@ class StepGraphs:
             new, paused = self.runner.work_inside(site, r, self._op_input(site, lo, hi), work, out)
             if new is not None:
                 chain_edits = plan.edits.get(host, [[]] * len(plan.rows))[i]
-                value[lo:hi] = edit_row(new, chain_edits, r) if chain_edits else new
+                if chain_edits:
+                    new = self.runner.part(site, edit_row(self.runner.whole(site, new), chain_edits, r))
+                value[lo:hi] = new
             if paused is not None:
                 met[i] = paused
         return met
@@ -328,18 +332,20 @@ class StepGraphs:
         site = self.sites[site_index]
         resid, branch = self._state(site_index)
         value = resid if site.kind == RESID else branch
+        whole = self.runner.whole  # what a client sees of a value a tensor-parallel rank holds a part of
         for i, (r, s) in enumerate(zip(plan.rows, plan.sites)):
             lo, hi = plan.offsets[i], plan.offsets[i + 1]
             for at, probe in s.captures:
                 if at == site_index:  # a copy first: the buffers change with the next segment
-                    self.runner.take(out, r, probe, value[lo:hi].clone())
+                    self.runner.take(out, r, probe, whole(site, value[lo:hi].clone()))
             if s.pause is not None and s.last == site_index:
-                act = met[i] if i in met else value[lo:hi]
-                out.paused.append(r.pause_here(s.pause, site_index, resid, branch, act, lo, hi))
+                act = met[i] if i in met else whole(site, value[lo:hi])
+                kept = None if branch is None else whole(site, branch[lo:hi])
+                out.paused.append(r.pause_here(s.pause, site_index, resid[lo:hi], kept, act, 0, hi - lo))
             elif s.first == site_index + 1:
                 resid[lo:hi].copy_(r.resid)
                 if branch is not None:
-                    branch[lo:hi].copy_(r.branch)
+                    branch[lo:hi].copy_(self.runner.part(site, r.branch))
                 r.reenter()
 
     def _take_scores(self, plan: StepPlan, out) -> None:
@@ -457,20 +463,23 @@ class StepGraphs:
         for i, es in enumerate(per_row):
             if es:
                 r, lo = plan.rows[i], plan.offsets[i]
-                m, a = fold_edits(es, r.span.start, r.span.n_tokens, add.shape[1:], self.device)
+                m, a = fold_edits(es, r.span.start, r.span.n_tokens, self._whole_shape(site), self.device)
                 at += range(lo, lo + r.span.n_tokens)
-                muls.append(m)
-                adds.append(a)
+                muls.append(self.runner.part(self.sites[site], m))
+                adds.append(self.runner.part(self.sites[site], a))
         if at:
             index = to_device(torch.tensor(at), self.device)
             mul.index_copy_(0, index, torch.cat(muls))
             add.index_copy_(0, index, torch.cat(adds))
 
+    def _whole_shape(self, site: int) -> tuple[int, ...]:
+        cfg = self.model.cfg
+        return (cfg.n_heads, cfg.d_head) if self.sites[site].per_head else (cfg.d_model,)
+
     def _buffers(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A site's per-token (mul, add), shaped as this rank computes the value there."""
         if site not in self._edit_bufs:
-            s = self.sites[site]
-            cfg = self.model.cfg
-            shape = (cfg.n_heads, cfg.d_head) if s.per_head else (cfg.d_model,)
+            shape = (self.heads, self.model.cfg.d_head) if self.sites[site].per_head else (self.model.cfg.d_model,)
             mt = self.token_buckets[-1]
             self._edit_bufs[site] = (torch.ones((mt, *shape), device=self.device),
                                      torch.zeros((mt, *shape), device=self.device))

@@ -19,11 +19,13 @@ from ..models.context import ForwardContext
 from ..parallel import gather, sharded, split
 from ..sites import RESID, Site, SiteTable
 from .batch import RowSpan, build_context, to_device
+from .cuda_graphs import StepGraphs
 from .detail import DetailPause, DetailRun, OpDetail, edit_row, edits_inside, present, row_kv
 from .lens import StagedTop, apply_lens
 from .plan import Edit, Plan, Probe, fold_edits
 from .step_plan import StepPlan, plan_step
 from .staging import HostStager, Staged, StagedPart
+from .stats import EngineStats
 
 
 @dataclass(eq=False)
@@ -105,8 +107,16 @@ class Runner:
         self.block_size, self.device = block_size, device
         self.parallel = bool(table.always_deferred)
         self.stager = HostStager(device)
-        self.graphs = None  # StepGraphs, set by the worker
+        self.graphs: Optional[StepGraphs] = None  # see use_graphs
         self.tp = getattr(model, "tp", None)  # a tensor-parallel model's group (djinn/parallel)
+
+    @torch.inference_mode()
+    def use_graphs(self, scratch_block: int, stats: EngineStats, max_context: int, max_tokens: int,
+                   capture: bool) -> None:
+        """Replay steps from CUDA graphs from now on (cuda_graphs.py), the plain decode steps recorded now;
+        `scratch_block`: the KV block that padding and rows outside their sites write into."""
+        self.graphs = StepGraphs(self, scratch_block, stats, max_context, max_tokens, capture)
+        self.graphs.record_decode_steps()
 
     @torch.inference_mode()
     def run(self, rows: list[Row]) -> StepOutput:

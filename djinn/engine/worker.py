@@ -17,7 +17,7 @@ from ..models.loading import LoadedModel
 from ..models.tokenizer import IncrementalDecoder
 from ..sites import SiteTable
 from .batch import to_device
-from .cuda_graphs import BUCKETS, StepGraphs
+from .cuda_graphs import BUCKETS
 from .kv_pool import KVPool
 from .plan import Compiler
 from .runner import Pause, Row, Runner, StepOutput
@@ -89,12 +89,10 @@ class ModelWorker:
         self._host_tokens = [torch.zeros(len(self.sampled), dtype=torch.long, pin_memory=on_gpu) for _ in range(2)]
         self._inflight: Optional[InFlight] = None
         self.reserved_blocks = 0
-        if (on_gpu if cuda_graphs is None else cuda_graphs) and tp is None:  # graphs hold no collectives
+        if on_gpu if cuda_graphs is None else cuda_graphs:
             (scratch,) = self.pool.device_blocks.allocate(1)  # graph padding and rows outside their sites write here
             self.reserved_blocks = 1
-            self.runner.graphs = StepGraphs(self.runner, scratch, stats, min(self.cfg.max_seq_len, 4096),
-                                            max_step_tokens, capture=on_gpu)
-            self.runner.graphs.record_decode_steps()
+            self.runner.use_graphs(scratch, stats, min(self.cfg.max_seq_len, 4096), max_step_tokens, capture=on_gpu)
         self.sessions: dict[str, Session] = {}
         self.scheduler = Scheduler(self.pool, self.sessions, max_step_tokens, self.cfg.max_seq_len)
         self._announcing: list[Announcement] = []

@@ -3,7 +3,8 @@ KV heads and MLP columns); the output projections are row-sharded, so one all-re
 and one after the MLP make the residual stream whole on every rank.
 
 Rank 0 is the caller's process: it runs the engine and tells the other ranks each block move and step
-(mirror.py), which they run on their shards in the same order. Here: the group of one model and the
+(mirror.py), which they run on their shards in the same order, replayed from CUDA graphs (the collectives
+captured inside them) as on one device. Here: the group of one model and the
 collectives the model and the runner use. Sites that a rank holds a part of (per head, per neuron) are
 gathered whole wherever something reads or edits them, and split back for the forward.
 """

@@ -144,9 +144,10 @@ def _connect(listener: Listener, processes: list[subprocess.Popen], timeout: flo
 def start(models: Sequence[LoadedModel], world: int, timeout: float = 60.0) -> Leader:
     """Shard `models` (loaded here, on one device) over `world` ranks, this process being rank 0: each model
     keeps its rank 0 shard and gets its `tp`. `timeout`: how long starting, or a collective, may wait for a
-    rank."""
-    if world < 2:
-        raise InvalidRequest(f"tensor parallelism needs at least 2 ranks, got {world}")
+    rank. A group of one (`world` 1) runs every collective over itself alone: how one device checks the
+    tensor-parallel path, graphs and collectives included (djinn.connect's tensor_parallel=1 forms none)."""
+    if world < 1:
+        raise InvalidRequest(f"tensor parallelism needs at least 1 rank, got {world}")
     if dist.is_initialized():
         raise InvalidRequest("tensor parallelism sets up its own process group: this process already has one")
     for m in models:

@@ -28,6 +28,7 @@ from ..engine.detail import DetailPause
 from ..engine.kv_pool import KVPool
 from ..engine.plan import Plan
 from ..engine.runner import Row, Runner, StepOutput
+from ..engine.stats import EngineStats
 from . import TensorParallel
 
 log = logging.getLogger("djinn.parallel")
@@ -133,6 +134,16 @@ class MirroredRunner(Runner):
         self._dropped: list[int] = []  # plans rank 0 no longer holds: the other ranks drop them with the next step
         self.leader.tell(("runner", tp.index, block_size, len(sampled)))
 
+    def use_graphs(self, scratch_block: int, stats: EngineStats, max_context: int, max_tokens: int,
+                   capture: bool) -> None:
+        # recording runs the forward, collectives and all: every rank records the same graphs together
+        self.leader.send(("graphs", self.index, scratch_block, max_context, max_tokens, capture))
+        super().use_graphs(scratch_block, stats, max_context, max_tokens, capture)
+
+    def load_ahead(self, rows: list[Row]) -> None:
+        """Nothing ahead: loading may record graphs, which rank 0 cannot do alone; the step is loaded when it
+        runs, on every rank."""
+
     def _plan(self, plan: Plan, new: dict[int, Plan]) -> int:
         uid = plan.memo.get("tp")
         if uid is None:
@@ -192,6 +203,9 @@ def follow(conn, models: list[torch.nn.Module], device: torch.device) -> None:
             sampled = torch.zeros(n_sampled, dtype=torch.long, device=device)
             runners[i] = Runner(model, pools[i].kv, SiteTable(model.cfg, model.detail_sites), block_size, device,
                                 sampled, tallies)
+        elif kind == "graphs":
+            scratch, *sizes = msg[2:]
+            runners[i].use_graphs(scratch, EngineStats(), *sizes)
         elif kind == "move":
             move, args = msg[2:]
             job = getattr(pools[i], move)(*args)
@@ -211,3 +225,5 @@ def follow(conn, models: list[torch.nn.Module], device: torch.device) -> None:
                 raise
             except (DjinnError, RuntimeError, ValueError):  # rank 0 meets the same error in the same place
                 log.debug("a step failed on this rank as on rank 0", exc_info=True)
+                if runner.graphs is not None:
+                    runner.graphs.forget_inputs()
