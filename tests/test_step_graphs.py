@@ -225,3 +225,30 @@ def test_decode_steps_are_recorded_at_start_and_never_again(stories_path):
         assert stats.graphs_recorded == len(decode_keys) + len(new)
     finally:
         client.close()
+
+
+def test_a_prompt_step_without_its_graphs_runs_eagerly_and_they_are_recorded_when_idle(stories_path):
+    """As on a GPU, where a capture costs several forwards: a step with prompts does not wait for its
+    segments; the engine records them when it has nothing to run, and the same batch shape replays them."""
+    import time
+
+    client = djinn.connect(model=str(stories_path), cuda_graphs=True)
+    try:
+        (worker,) = client._backend.service.engine.workers.values()
+        runner, graphs = worker.runner, worker.runner.graphs
+        graphs.record_later = True
+        eager = []
+        run_eagerly = runner._run_eagerly
+        runner._run_eagerly = lambda plan, out: (eager.append(plan.decode), run_eagerly(plan, out))
+        first = client.session().generate(PROMPT, max_new_tokens=4, return_logits=True)
+        assert eager == [False]  # the prompt's step, eagerly; the decode steps replayed the graphs
+        deadline = time.monotonic() + 10
+        while graphs.has_pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not graphs.has_pending() and any(key.rows is not None for key in segments(client))
+        again = client.session().generate(PROMPT, max_new_tokens=4, return_logits=True)
+        assert eager == [False]  # now replayed
+        assert again.token_ids == first.token_ids
+        assert torch.allclose(again.logits, first.logits, atol=1e-5, rtol=0)
+    finally:
+        client.close()

@@ -24,7 +24,8 @@ other rows pay a load of their slot and a branch.
 
 Interventions stay data: each edited site has preallocated per-token `mul` and `add` buffers (identity
 where no edit applies), and the graph computes `act * mul + add` there, in float32 like the eager path.
-Longer steps run eagerly through the same model code.
+Longer steps run eagerly through the same model code, and so does a step with prompts whose segments are
+not recorded yet: they are recorded when the engine is idle (record_pending).
 
 Without a GPU the same path runs with nothing captured (`capture=False`): the tests check its bookkeeping
 against the eager runner on the CPU.
@@ -152,6 +153,11 @@ class StepGraphs:
         self._ctx: Optional[ForwardContext] = None  # without capture: this step's attention layout
         self._block_inputs: dict[int, torch.Tensor] = {}  # a parallel MLP's input, kept for work inside it
         self._ahead: Optional[tuple] = None  # (rows' identity, their plans, Replay): loaded early
+        # A step with prompts whose segments are not recorded yet runs eagerly (no step waits for a capture of
+        # a batch shape that may never come back); its segments are recorded when the engine is idle
+        # (record_pending). A decode step's are recorded when first met: the steps after it replay them.
+        self.record_later = capture
+        self._pending: dict[SegmentKey, None] = {}
 
     def forget_inputs(self) -> None:
         """After a failed step: trust nothing the device buffers hold (edits, inputs loaded ahead)."""
@@ -188,10 +194,15 @@ class StepGraphs:
         return (0 < len(plan.rows) <= self.max_rows and plan.offsets[-1] <= self.token_buckets[-1]
                 and all(len(r.span.block_table) <= self.width for r in plan.rows))
 
-    def run(self, plan: StepPlan, out) -> None:
+    def run(self, plan: StepPlan, out) -> bool:
         """Replay the step of `plan` (one the graphs hold); fills `out` (a runner.StepOutput) with pauses,
-        captures and logits."""
-        self._replay(self._prepare(plan), out)
+        captures and logits. Returns False, having done nothing, for a step with prompts whose segments are
+        not recorded yet (see record_later): the caller runs it eagerly."""
+        replay = self._prepare(plan)
+        if replay is None:
+            return False
+        self._replay(replay, out)
+        return True
 
     def run_loaded(self, rows, out) -> bool:
         """Replay the step loaded ahead for exactly these rows in this state, if it was (see load_ahead)."""
@@ -211,6 +222,8 @@ class StepGraphs:
         plan = plan_step(rows, self.runner.table)
         if self.holds(plan) and not plan.details and all(r.detail is None for r in rows):
             replay = self._prepare(plan)
+            if replay is None:
+                return
             plan.rows = []  # not kept alive by this (their saved state is the resume's to drop)
             # the rows' plans are kept alive instead: their ids in the identity cannot come back as others'
             self._ahead = (self._identity(rows), [r.plan for r in rows], replay)
@@ -221,8 +234,9 @@ class StepGraphs:
         return [(id(r), r.entry, r.step, id(r.plan), r.span.start, r.span.n_tokens, tuple(r.span.block_table))
                 for r in rows]
 
-    def _prepare(self, plan: StepPlan) -> Replay:
-        """Derive the step's padded size and segment keys, capture the segments it needs, load its inputs."""
+    def _prepare(self, plan: StepPlan) -> Optional[Replay]:
+        """Derive the step's padded size and segment keys, capture the segments it needs, load its inputs;
+        None for a step with prompts whose segments wait to be recorded (record_later)."""
         tb = bucket_of(plan.offsets[-1], self.token_buckets)
         rb = None if plan.decode else bucket_of(len(plan.rows), BUCKETS)
         kept = bool(plan.details) and self.keeps_scores(plan)
@@ -232,9 +246,12 @@ class StepGraphs:
                 for j, (a, b) in enumerate(runs)]
         # a segment no row computes for is skipped (a prompt paused or resumed alone costs no extra work)
         needed = [any(s.first <= a and s.last >= b for s in plan.sites) for a, b in runs]
-        for key, need in zip(keys, needed):
-            if need:  # before the inputs go in: capturing runs the forward
-                self._segment(key)
+        missing = [key for key, need in zip(keys, needed) if need and key not in self._graphs]
+        if missing and rb is not None and self.record_later:
+            self._pending.update(dict.fromkeys(missing))
+            return None
+        for key in missing:  # before the inputs go in: capturing runs the forward
+            self._segment(key)
         self._load_inputs(plan, tb, kept)
         return Replay(plan, tb, cuts, keys, needed, kept)
 
@@ -256,6 +273,18 @@ class StepGraphs:
         every padded row count now, so that no decode step a session meets waits for a capture."""
         for rows in BUCKETS:
             self._segment(SegmentKey(bucket_of(rows, self.token_buckets), None, 0, self.final, True, ()))
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def record_pending(self) -> bool:
+        """Record one segment of a step that ran eagerly for want of it; returns whether one was left."""
+        if not self._pending:
+            return False
+        key = next(iter(self._pending))
+        del self._pending[key]
+        self._segment(key)
+        return True
 
     def _segment(self, key: SegmentKey) -> None:
         """Make the segment of `key` replayable, unless it already is."""

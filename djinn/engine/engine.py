@@ -528,6 +528,11 @@ class Engine:
             if w.has_work():
                 w.step()
 
+    def idle(self) -> bool:
+        """With no step to run: record one graph segment that a step ran eagerly without; returns whether one
+        was left."""
+        return any(w.runner.record_pending() for w in self.workers.values())
+
     def drain(self) -> None:
         """Finish reading the steps in flight, so that commands see every session settled."""
         for w in self.workers.values():

@@ -134,11 +134,15 @@ class Runner:
         plan = plan_step(rows, self.table)
         if plan.edits:
             out.watch_edits(rows, self.edits_ok)
-        if graphs is not None and not every_position and graphs.holds(plan):
-            graphs.run(plan, out)
-        else:
+        if not (graphs is not None and not every_position and graphs.holds(plan) and graphs.run(plan, out)):
             self._run_eagerly(plan, out)
         return out
+
+    @torch.inference_mode()
+    def record_pending(self) -> bool:
+        """With nothing to run: record one graph segment that a step went without (StepGraphs.record_pending);
+        returns whether there was one."""
+        return self.graphs is not None and self.graphs.record_pending()
 
     def _run_eagerly(self, plan: StepPlan, out: StepOutput) -> None:
         """Site by site over the rows computing there: a pausing row leaves the batch after its site, a

@@ -77,6 +77,8 @@ class EngineService:
             self._guarded(self.engine.housekeeping)
             if self.engine.has_work():
                 self._guarded(self.engine.step)
+            elif item is None:  # nothing came in either: time to record what steps went without
+                self._guarded(self.engine.idle)
 
     @staticmethod
     def _guarded(fn) -> None:

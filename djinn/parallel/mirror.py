@@ -140,6 +140,12 @@ class MirroredRunner(Runner):
         self.leader.send(("graphs", self.index, scratch_block, max_context, max_tokens, capture))
         super().use_graphs(scratch_block, stats, max_context, max_tokens, capture)
 
+    def record_pending(self) -> bool:
+        if self.graphs is None or not self.graphs.has_pending():
+            return False
+        self.leader.send(("record", self.index))  # every rank records the same segment, collectives and all
+        return super().record_pending()
+
     def load_ahead(self, rows: list[Row]) -> None:
         """Nothing ahead: loading may record graphs, which rank 0 cannot do alone; the step is loaded when it
         runs, on every rank."""
@@ -206,6 +212,8 @@ def follow(conn, models: list[torch.nn.Module], device: torch.device) -> None:
         elif kind == "graphs":
             scratch, *sizes = msg[2:]
             runners[i].use_graphs(scratch, EngineStats(), *sizes)
+        elif kind == "record":
+            runners[i].record_pending()
         elif kind == "move":
             move, args = msg[2:]
             job = getattr(pools[i], move)(*args)
