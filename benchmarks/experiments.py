@@ -13,10 +13,16 @@ on the same weights in the same run.
 - First trial against warm trials: 32 steered prompts x 64 new tokens through `client.run` (GPT-2 shape), on
   a fresh engine, 4 trials.
 
-TransformerLens is not measured: it does not install on the device (no package index there).
+TransformerLens 4.x (its bridge over the same transformers model, raw weights, no compatibility mode) is
+measured where it is installed (on the device, from carried wheels: `.wheels/tl/README.txt`): harvesting
+through `run_with_cache(names_filter=site, stop_at_layer=...)` at transformers' best batch, and the patching
+sweep through `run_with_hooks`, batched as transformers'. The bridge wraps a copy of the transformers model
+(booting it wraps the model's modules and forces its eager attention).
 """
 from __future__ import annotations
 
+import copy
+import tempfile
 import time
 
 import torch
@@ -71,6 +77,38 @@ def hf_harvest(model, layer: int, prompts: torch.Tensor, batch: int, how: str) -
     elapsed = now() - t
     if handle is not None:
         handle.remove()
+    assert sum(k.shape[0] for k in kept) == len(prompts)
+    return elapsed
+
+
+def tl_bridge(hf):
+    """TransformerLens 4.x's bridge over the transformers model `hf`, or None where it is not installed."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return None
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    hf = copy.deepcopy(hf)  # booting changes the model it wraps: the transformers rows keep theirs as it was
+    folder = tempfile.mkdtemp()  # the bridge reads the config from a folder; the model and tokenizer are given
+    hf.config.save_pretrained(folder)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+    return TransformerBridge.boot_transformers(folder, hf_model=hf, tokenizer=tokenizer, device=hf.device,
+                                               dtype=hf.dtype)
+
+
+def tl_harvest(bridge, site: str, layer: int, prompts: torch.Tensor, batch: int) -> float:
+    """Seconds to bring `site` for every prompt to the host through `run_with_cache`, stopped after its block."""
+    kept = []
+    t = now()
+    with torch.inference_mode():
+        for lo in range(0, len(prompts), batch):
+            _, cache = bridge.run_with_cache(prompts[lo:lo + batch].to(bridge.cfg.device), names_filter=site,
+                                             stop_at_layer=layer + 1, return_cache_object=False)
+            kept.append(cache[site].cpu())
+    elapsed = now() - t
     assert sum(k.shape[0] for k in kept) == len(prompts)
     return elapsed
 
@@ -133,6 +171,14 @@ def part_harvest(shape_name: str, hf, loaded, trials: int = 3) -> dict:
                     torch.cuda.empty_cache()
                     batches[how] //= 2
     client.close()
+    bridge = tl_bridge(hf)
+    if bridge is not None:
+        tl_harvest(bridge, site, layer, prompts[:best], best)  # warm-up
+        rows["tl_run_with_cache"] = [tl_harvest(bridge, site, layer, prompts, best) for _ in range(trials)]
+        out["tl_value_max_abs_diff_vs_djinn"] = tl_value_check(bridge, loaded, site, layer, prompts[:4])
+        del bridge
+        torch.cuda.empty_cache()
+    out["transformer_lens"] = "measured" if bridge is not None else "not installed"
     out["hf_batch_used"] = batches
     tokens = N_PROMPTS * N_TOKENS
     out["seconds"] = {k: v for k, v in rows.items()}
@@ -146,6 +192,39 @@ def part_harvest(shape_name: str, hf, loaded, trials: int = 3) -> dict:
         out["fraction_of_peak"] = {k: flops * tps / tokens / DENSE_BF16_PEAK[card]
                                    for k, tps in out["tokens_per_s"].items()}
     return out
+
+
+def tl_value_check(bridge, loaded, site: str, layer: int, prompts: torch.Tensor) -> float:
+    """The bridge's value at `site` against Djinn's for the same prompts."""
+    with torch.inference_mode():
+        _, cache = bridge.run_with_cache(prompts.to(bridge.cfg.device), names_filter=site, stop_at_layer=layer + 1,
+                                         return_cache_object=False)
+    client = djinn.connect(model=loaded, kv_memory=2 << 30)
+    res = client.run([p.tolist() for p in prompts], interventions=[djinn.Capture(site)])
+    client.close()
+    return max((cache[site][i].float().cpu() - r.captures[(site, 0)].float()).abs().max().item()
+               for i, r in enumerate(res))
+
+
+def tl_patch_sweep(bridge, clean: torch.Tensor, corrupted: torch.Tensor, good: int, bad: int) -> torch.Tensor:
+    """The resid_pre patching grid through TransformerLens: the clean run's cache, then per layer one
+    `run_with_hooks` of 16 patched copies of the corrupted prompt (row p patched at position p)."""
+    n_layers, T = bridge.cfg.n_layers, len(clean)
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
+    dev = bridge.cfg.device
+    with torch.inference_mode():
+        _, cache = bridge.run_with_cache(clean[None].to(dev), names_filter=names, return_cache_object=False)
+        grid = torch.empty(n_layers, T)
+        for i, name in enumerate(names):
+            def patch(act, hook, i=i):
+                act = act.clone()
+                rows = torch.arange(T, device=act.device)
+                act[rows, rows] = cache[names[i]][0]
+                return act
+            logits = bridge.run_with_hooks(corrupted[None].expand(T, T).to(dev), fwd_hooks=[(name, patch)])
+            last = logits[:, -1].float()
+            grid[i] = (last[:, good] - last[:, bad]).cpu()
+    return grid
 
 
 def hf_patch_sweep(model, clean: torch.Tensor, corrupted: torch.Tensor, good: int, bad: int,
@@ -213,6 +292,14 @@ def part_patching(hf, loaded, trials: int = 5) -> dict:
         t = now()
         grids["hf_loop"] = hf_patch_sweep(hf, clean, corrupted, good, bad, False)
         times["hf_loop"].append(now() - t)
+    bridge = tl_bridge(hf)
+    if bridge is not None:
+        grids["tl_batched"] = tl_patch_sweep(bridge, clean, corrupted, good, bad)
+        times["tl_batched"] = []
+        for _ in range(trials):
+            t = now()
+            tl_patch_sweep(bridge, clean, corrupted, good, bad)
+            times["tl_batched"].append(now() - t)
     baselines = {"djinn_clean": patching.metric_of(client, clean.tolist(), metric),
                  "djinn_corrupted": patching.metric_of(client, corrupted.tolist(), metric)}
     # the batch alone, unpatched: every row's logits against a lone run's
@@ -225,7 +312,9 @@ def part_patching(hf, loaded, trials: int = 5) -> dict:
     medians = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     scale = grids["hf_batched"].abs().max().item()
     return {"cells": [cfg.n_layers, 16], "seconds": times, "median_s": medians,
-            "djinn_speedup": {k: medians[k] / medians["djinn"] for k in ("hf_batched", "hf_loop")},
+            "djinn_speedup": {k: medians[k] / medians["djinn"] for k in medians if k != "djinn"},
+            "max_abs_diff_djinn_vs_tl": ((grids["djinn"] - grids["tl_batched"]).abs().max().item()
+                                         if "tl_batched" in grids else None),
             "max_abs_diff_djinn_vs_hf": (grids["djinn"] - grids["hf_batched"]).abs().max().item(),
             "max_abs_diff_djinn_vs_djinn_by_hand": (grids["djinn"] - by_hand).nan_to_num().abs().max().item(),
             "metric_scale": scale, "baselines": baselines,

@@ -12,6 +12,7 @@
 #                                      # this build against the baseline build's source tree, side by side,
 #                                      # 5 rounds (benchmarks/experiment_builds.py)
 #   benchmarks/run_gpu.sh experiments  # GPU smoke test; the experiments part on the GPT-2 shape, then the 8B shape
+#                                      # (TransformerLens among the peers: carry .wheels)
 #   benchmarks/run_gpu.sh gpt2         # GPT-2 part; GPT-2's and the Mistral shape's one-token step profiles
 #   benchmarks/run_gpu.sh families     # every family's shape against transformers, pauses, batch 1 (with its
 #                                      # kernels) and 64 sessions
@@ -44,6 +45,8 @@ parallel)
     run 150 gpu_smoke.log python3 benchmarks/gpu_smoke.py
     ;;
 experiments)
+    # TransformerLens from the carried wheels (.wheels/tl/README.txt), beside the image's packages
+    python3 -m pip install -q --no-deps --no-index --target /tmp/tl .wheels/tl/*.whl && export PYTHONPATH=/tmp/tl
     run 150 gpu_smoke.log python3 benchmarks/gpu_smoke.py
     run 200 bench_experiments_gpt2.log python3 benchmarks/bench.py --part experiments --shapes gpt2
     run 420 bench_experiments_8b.log python3 benchmarks/bench.py --part experiments --shapes llama3-8b
