@@ -227,9 +227,10 @@ def test_decode_steps_are_recorded_at_start_and_never_again(stories_path):
         client.close()
 
 
-def test_a_prompt_step_without_its_graphs_runs_eagerly_and_they_are_recorded_when_idle(stories_path):
+def test_a_prompt_step_without_its_graphs_runs_uncaptured_and_they_are_recorded_when_idle(stories_path):
     """As on a GPU, where a capture costs several forwards: a step with prompts does not wait for its
-    segments; the engine records them when it has nothing to run, and the same batch shape replays them."""
+    segments (their forward runs uncaptured on the graphs' buffers); the engine records them when it has
+    nothing to run, and the same batch shape replays them, with the same bits."""
     import time
 
     client = djinn.connect(model=str(stories_path), cuda_graphs=True)
@@ -237,18 +238,19 @@ def test_a_prompt_step_without_its_graphs_runs_eagerly_and_they_are_recorded_whe
         (worker,) = client._backend.service.engine.workers.values()
         runner, graphs = worker.runner, worker.runner.graphs
         graphs.record_later = True
-        eager = []
-        run_eagerly = runner._run_eagerly
-        runner._run_eagerly = lambda plan, out: (eager.append(plan.decode), run_eagerly(plan, out))
+        eager, recorded = [], []
+        run_eagerly, segment = runner._run_eagerly, graphs._segment
+        runner._run_eagerly = lambda plan, out: (eager.append(plan), run_eagerly(plan, out))
+        graphs._segment = lambda key: (recorded.append((key, worker.has_work())), segment(key))
         first = client.session().generate(PROMPT, max_new_tokens=4, return_logits=True)
-        assert eager == [False]  # the prompt's step, eagerly; the decode steps replayed the graphs
         deadline = time.monotonic() + 10
         while graphs.has_pending() and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not graphs.has_pending() and any(key.rows is not None for key in segments(client))
+        prompt_keys = [(key, busy) for key, busy in recorded if key.rows is not None]
+        assert len(prompt_keys) == 1 and not prompt_keys[0][1]  # recorded once, with nothing to run
         again = client.session().generate(PROMPT, max_new_tokens=4, return_logits=True)
-        assert eager == [False]  # now replayed
-        assert again.token_ids == first.token_ids
-        assert torch.allclose(again.logits, first.logits, atol=1e-5, rtol=0)
+        assert not eager  # both prompt steps went through the graphs' executor
+        assert len([key for key, _ in recorded if key.rows is not None]) == 1  # replayed, not recorded again
+        assert again.token_ids == first.token_ids and torch.equal(again.logits, first.logits)
     finally:
         client.close()

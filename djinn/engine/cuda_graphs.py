@@ -24,8 +24,9 @@ other rows pay a load of their slot and a branch.
 
 Interventions stay data: each edited site has preallocated per-token `mul` and `add` buffers (identity
 where no edit applies), and the graph computes `act * mul + add` there, in float32 like the eager path.
-Longer steps run eagerly through the same model code, and so does a step with prompts whose segments are
-not recorded yet: they are recorded when the engine is idle (record_pending).
+Longer steps run eagerly through the same model code. A step with prompts whose segments are not recorded
+yet runs their forward uncaptured (the kernels a replay would launch, with the same bits), and they are
+recorded when the engine is idle (record_pending).
 
 Without a GPU the same path runs with nothing captured (`capture=False`): the tests check its bookkeeping
 against the eager runner on the CPU.
@@ -153,9 +154,10 @@ class StepGraphs:
         self._ctx: Optional[ForwardContext] = None  # without capture: this step's attention layout
         self._block_inputs: dict[int, torch.Tensor] = {}  # a parallel MLP's input, kept for work inside it
         self._ahead: Optional[tuple] = None  # (rows' identity, their plans, Replay): loaded early
-        # A step with prompts whose segments are not recorded yet runs eagerly (no step waits for a capture of
-        # a batch shape that may never come back); its segments are recorded when the engine is idle
-        # (record_pending). A decode step's are recorded when first met: the steps after it replay them.
+        # A step with prompts whose segments are not recorded yet runs their forward uncaptured, on the same
+        # static buffers (no step waits for the capture of a batch shape that may never come back); they are
+        # recorded when the engine is idle (record_pending). A decode step's are recorded when first met:
+        # the steps after it replay them.
         self.record_later = capture
         self._pending: dict[SegmentKey, None] = {}
 
@@ -194,15 +196,10 @@ class StepGraphs:
         return (0 < len(plan.rows) <= self.max_rows and plan.offsets[-1] <= self.token_buckets[-1]
                 and all(len(r.span.block_table) <= self.width for r in plan.rows))
 
-    def run(self, plan: StepPlan, out) -> bool:
+    def run(self, plan: StepPlan, out) -> None:
         """Replay the step of `plan` (one the graphs hold); fills `out` (a runner.StepOutput) with pauses,
-        captures and logits. Returns False, having done nothing, for a step with prompts whose segments are
-        not recorded yet (see record_later): the caller runs it eagerly."""
-        replay = self._prepare(plan)
-        if replay is None:
-            return False
-        self._replay(replay, out)
-        return True
+        captures and logits."""
+        self._replay(self._prepare(plan), out)
 
     def run_loaded(self, rows, out) -> bool:
         """Replay the step loaded ahead for exactly these rows in this state, if it was (see load_ahead)."""
@@ -222,8 +219,6 @@ class StepGraphs:
         plan = plan_step(rows, self.runner.table)
         if self.holds(plan) and not plan.details and all(r.detail is None for r in rows):
             replay = self._prepare(plan)
-            if replay is None:
-                return
             plan.rows = []  # not kept alive by this (their saved state is the resume's to drop)
             # the rows' plans are kept alive instead: their ids in the identity cannot come back as others'
             self._ahead = (self._identity(rows), [r.plan for r in rows], replay)
@@ -234,9 +229,9 @@ class StepGraphs:
         return [(id(r), r.entry, r.step, id(r.plan), r.span.start, r.span.n_tokens, tuple(r.span.block_table))
                 for r in rows]
 
-    def _prepare(self, plan: StepPlan) -> Optional[Replay]:
-        """Derive the step's padded size and segment keys, capture the segments it needs, load its inputs;
-        None for a step with prompts whose segments wait to be recorded (record_later)."""
+    def _prepare(self, plan: StepPlan) -> Replay:
+        """Derive the step's padded size and segment keys, capture the segments it needs (or, for a step with
+        prompts, queue them: record_later), load its inputs."""
         tb = bucket_of(plan.offsets[-1], self.token_buckets)
         rb = None if plan.decode else bucket_of(len(plan.rows), BUCKETS)
         kept = bool(plan.details) and self.keeps_scores(plan)
@@ -247,11 +242,11 @@ class StepGraphs:
         # a segment no row computes for is skipped (a prompt paused or resumed alone costs no extra work)
         needed = [any(s.first <= a and s.last >= b for s in plan.sites) for a, b in runs]
         missing = [key for key, need in zip(keys, needed) if need and key not in self._graphs]
-        if missing and rb is not None and self.record_later:
+        if rb is not None and self.record_later:
             self._pending.update(dict.fromkeys(missing))
-            return None
-        for key in missing:  # before the inputs go in: capturing runs the forward
-            self._segment(key)
+        else:
+            for key in missing:  # before the inputs go in: capturing runs the forward
+                self._segment(key)
         self._load_inputs(plan, tb, kept)
         return Replay(plan, tb, cuts, keys, needed, kept)
 
@@ -301,8 +296,9 @@ class StepGraphs:
             self._load_edits(site, plan, tb)
         logits = None
         for j, (need, key) in enumerate(zip(replay.needed, replay.keys)):
-            if need:
-                logits = self._graphs[key]()
+            if need:  # a segment queued for recording runs its forward uncaptured: the same kernels and bits
+                replay_segment = self._graphs.get(key)
+                logits = replay_segment() if replay_segment is not None else self._forward(key)
             if j < len(replay.cuts):
                 cut = replay.cuts[j]
                 met = self._work_inside(cut, plan, out) if cut in plan.details and not replay.kept_scores else {}

@@ -134,7 +134,9 @@ class Runner:
         plan = plan_step(rows, self.table)
         if plan.edits:
             out.watch_edits(rows, self.edits_ok)
-        if not (graphs is not None and not every_position and graphs.holds(plan) and graphs.run(plan, out)):
+        if graphs is not None and not every_position and graphs.holds(plan):
+            graphs.run(plan, out)
+        else:
             self._run_eagerly(plan, out)
         return out
 
