@@ -229,7 +229,7 @@ class Engine:
               return_logits: Union[bool, str] = False, logprobs: bool = False, top_logprobs: int = 0,
               interventions: Sequence = (),
               breakpoints: Sequence[Breakpoint] = (), activation_dtype: Optional[str] = None,
-              quota_checked: bool = False) -> None:
+              quota_checked: bool = False, compiled: Optional[Plan] = None) -> None:
         """Start a request; events go to `sink` from the engine thread. Raises on bad input, changing nothing.
         Paused activations and captures arrive in the model's dtype, or in `activation_dtype` if given.
 
@@ -237,7 +237,8 @@ class Engine:
         from, "all" the logits at every token of the call, prompt and new (the last new token is then fed
         too, to have its row); `logprobs` log p of each token of the call; `top_logprobs` k the top-k of
         each new token's distribution. `quota_checked`: the caller checked the owner's KV share for this call
-        (a run checks a batch of its prompts at once)."""
+        (a run checks a batch of its prompts at once). `compiled`: the call's interventions compiled already
+        (a run compiles those its prompts share once), in place of `interventions` and `breakpoints`."""
         owner = s.owner
         self._idle(s, "generate")
         w = self.workers[s.model]
@@ -268,7 +269,7 @@ class Engine:
         top_logprobs = validation.integer(top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if activation_dtype is not None and activation_dtype not in DTYPES:
             raise InvalidRequest(f"activation_dtype must be one of {sorted(DTYPES)}, got {shown(activation_dtype)}")
-        own = w.compiler.compile(list(interventions), list(breakpoints))
+        own = compiled if compiled is not None else w.compiler.compile(list(interventions), list(breakpoints))
         last = total - 1 + max(0, max_new_tokens - 1) + (return_logits == "all" and max_new_tokens > 0)
         self._check_reach(w, own, s.kv_len, min(last, cfg.max_seq_len - 1))
         plan = s.plan.extend(own)

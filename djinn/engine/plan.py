@@ -67,11 +67,19 @@ class Plan:
                 e.steps is None and e.positions is None for es in self.edits.values() for e in es)
         return self.memo["invariant"]
 
+    def empty(self) -> bool:
+        return not any(self.edits.values()) and not any(self.captures.values()) and not any(self.breakpoints.values())
+
     def sites(self) -> set[int]:
         """Every site something is declared at, whatever its steps."""
         return {k for d in (self.edits, self.captures, self.breakpoints) for k, items in d.items() if items}
 
     def extend(self, other: "Plan") -> "Plan":
+        """This plan's items, then `other`'s (either itself where the other is empty: plans never change)."""
+        if other.empty():
+            return self
+        if self.empty():
+            return other
         out = Plan()
         for mine, theirs, dst in [(self.edits, other.edits, out.edits), (self.captures, other.captures, out.captures),
                                   (self.breakpoints, other.breakpoints, out.breakpoints)]:

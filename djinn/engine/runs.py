@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from ..errors import Cancelled, DjinnError, InvalidRequest, LimitExceeded, UnknownSession
 from ..events import Done, Error, RunDone, RunResult
 from ..validation import integer
+from .plan import Plan
 from .session import owned
 
 if TYPE_CHECKING:
@@ -38,7 +39,8 @@ class BatchRun:
     id: str
     owner: str
     model: str
-    params: dict  # generate()'s keyword arguments, the same for every prompt
+    params: dict  # generate()'s keyword arguments, the same for every prompt, but the interventions
+    plan: Plan  # the interventions every prompt has, compiled once
     sink: Callable[[object], None]
     window: int
     live: dict[str, int] = field(default_factory=dict)  # session id -> prompt index, until its result is out
@@ -62,8 +64,9 @@ class Runs:
         window = integer(window, "window", 1, MAX_WINDOW)
         if params.get("breakpoints"):
             raise InvalidRequest("a run takes no breakpoints (nobody could resume them): stream a session instead")
-        w.compiler.compile(list(params.get("interventions", ())))  # refused now, not at the first prompt
-        run = BatchRun(secrets.token_urlsafe(16), owner, w.name, dict(params), sink, window)
+        params = dict(params)
+        plan = w.compiler.compile(list(params.pop("interventions", ())))  # refused now, not at the first prompt
+        run = BatchRun(secrets.token_urlsafe(16), owner, w.name, params, plan, sink, window)
         self.runs[run.id] = run
         return run.id
 
@@ -87,10 +90,10 @@ class Runs:
             run.live[sid] = item.index
             run.fed += 1
             try:
-                params = dict(run.params, interventions=[*run.params.get("interventions", ()), *item.interventions])
+                plan = run.plan.extend(w.compiler.compile(list(item.interventions))) if item.interventions else run.plan
                 self.engine.begin(self.engine.sessions[sid], item.prompt,
                                   lambda ev, _sid=sid: self._on_event(run, _sid, ev), quota_checked=isinstance(new, int),
-                                  **params)
+                                  compiled=plan, **run.params)
             except DjinnError as e:
                 self._end(run, Error(_naming(e, item.index)))
                 raise _naming(e, item.index) from None

@@ -75,9 +75,10 @@ def plan_step(rows: list, table: SiteTable) -> StepPlan:
         if not (plan.breakpoints or plan.captures or plan.edits):  # most rows declare nothing: no walk
             row, row_edits = (plain if r.entry is None else RowSites(r.entry + 1, final, None)), {}
         elif r.entry is None and plan.step_invariant():  # every step's walk is the same: the first one's
-            if "walk" not in plan.memo:
-                plan.memo["walk"] = _walk(r, table, final)
-            row, row_edits = plan.memo["walk"]
+            key = ("walk", r.request.stop_after)  # (plans are shared: a run's prompts, a session's calls)
+            if key not in plan.memo:
+                plan.memo[key] = _walk(r, table, final)
+            row, row_edits = plan.memo[key]
         else:
             row, row_edits = _walk(r, table, final)
         for s, es in row_edits.items():

@@ -24,6 +24,8 @@ class Tokenizer:
     def decode_after(self, context: list[int], ids: list[int]) -> str:
         """The text of `ids` as it reads after `context` (the tokens before them): a tokenizer that drops the
         space of a word-initial token at the start of a text keeps it here."""
+        if not ids:
+            return ""
         if not context:
             return self.decode(ids)
         return self.decode(context + ids)[len(self.decode(context)):]
