@@ -68,7 +68,7 @@ class Plan:
         return self.memo["invariant"]
 
     def empty(self) -> bool:
-        return not any(self.edits.values()) and not any(self.captures.values()) and not any(self.breakpoints.values())
+        return not self.sites()
 
     def sites(self) -> set[int]:
         """Every site something is declared at, whatever its steps."""
