@@ -159,6 +159,34 @@ def test_a_failing_prompt_ends_the_run_naming_it_and_loses_nothing(client):
     assert again == before
 
 
+def test_a_run_checks_its_parameters_at_its_start_and_numbers_its_prompts_as_fed(client):
+    from djinn.engine.runs import RunItem
+
+    service, owner = client._backend.service, client._backend.owner
+    engine = _engine(client)
+    with pytest.raises(djinn.InvalidRequest, match="temperature"):  # before any prompt is fed
+        service.call("start_run", owner, None, lambda ev: None, 8, {"max_new_tokens": 2, "temperature": -1.0})
+    assert not engine.runs.runs
+    events = []
+    rid = service.call("start_run", owner, None, events.append, 8, {"max_new_tokens": 0})
+    service.call("feed_run", rid, owner, [RunItem(0, [1, 5, 6])])
+    for items in ([RunItem(1, [1, 7]), RunItem(1, [1, 8])], [RunItem(0, [1, 9])], [RunItem(2, [1, 9])]):
+        held = set(engine.sessions)
+        with pytest.raises(djinn.InvalidRequest, match="must be 1 to"):
+            service.call("feed_run", rid, owner, items)
+        assert set(engine.sessions) <= held  # nothing of the refused feed started
+    service.call("feed_run", rid, owner, [RunItem(1, [1, 7])], True)
+    deadline = time.monotonic() + 10
+    while not events or type(events[-1]).__name__ != "RunDone":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert sorted(ev.index for ev in events[:-1]) == [0, 1]
+    assert not engine.runs.runs
+    while engine.sessions:  # the answered prompts' sessions close between steps
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def test_leaving_run_iter_early_cancels_the_rest(client):
     engine = _engine(client)
     base = engine.pool_usage()

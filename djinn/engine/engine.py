@@ -5,7 +5,6 @@ between steps. Every command checks that the caller owns what it touches.
 """
 from __future__ import annotations
 
-import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,17 +16,17 @@ from .. import validation
 from ..replica import new_id, replica_name, replica_of
 from ..validation import shown
 from ..errors import (CapacityError, Cancelled, ContextOverflow, Forbidden, InvalidRequest, LimitExceeded, NotPaused,
-                      SessionBusy, SessionExpired, TokenOutOfRange, UnknownCheckpoint, UnknownModel, UnknownParameter,
+                      SessionBusy, SessionExpired, UnknownCheckpoint, UnknownModel, UnknownParameter,
                       UnknownSession)
 from ..events import Error, ModelInfo, ParameterInfo
 from ..interventions import Breakpoint
-from ..models.loading import DTYPES, LoadedModel
+from ..models.loading import LoadedModel
 from ..models.tokenizer import IncrementalDecoder
 from ..sites import RESID, SiteInfo
+from .call import CallParams, check_call, token_ids
 from .detail import accept
 from .kv_pool import KVPool
 from .plan import Plan
-from .sampling import SamplingParams
 from .stats import EngineStats
 from .runs import RunItem, Runs
 from .session import CheckpointRecord, Request, Session, SessionInfo, SessionState, owned
@@ -44,14 +43,13 @@ class TextTokens:
 
 
 Prompt = Union[str, TextTokens, Sequence[int]]
-# Sampling divides float32 logits by the temperature: within these bounds that never overflows.
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e4
-MAX_TOP_LOGPROBS = 1024  # ids and log-probs of the k best tokens, each new token
-MAX_TOP_K = (1 << 31) - 1  # more than any vocabulary: top_k beyond the vocabulary keeps every token
 EXPIRED_REMEMBERED = 100_000  # expired session ids kept to tell their owners why they are gone
 
 
 class Engine:
+    # commands that need no session settled first (service.py): they create sessions and touch no other
+    UNSETTLED_COMMANDS = frozenset({"start_run", "feed_run"})
+
     def __init__(self, models: Sequence[LoadedModel], kv_memory: Optional[int] = None,
                  kv_blocks: Optional[int] = None, host_kv_blocks: Optional[int] = None, block_size: int = 16,
                  max_step_tokens: int = 4096, pause_ttl: float = 300.0, cuda_graphs: Optional[bool] = None,
@@ -164,10 +162,13 @@ class Engine:
         return t[start:stop].detach().to("cpu", copy=True)
 
     def create_session(self, owner: str, model: Optional[str] = None) -> str:
-        w = self._worker(model)
-        s = Session(new_id(self.replica), owner, w.name, last_used=time.monotonic())
-        self.sessions[s.id] = w.sessions[s.id] = s
-        return s.id
+        return self.open_session(owner, self._worker(model).name, new_id(self.replica)).id
+
+    def open_session(self, owner: str, model: str, sid: str, run: Optional[str] = None) -> Session:
+        """A new session `sid` of `model` (an existing one's name); `run`: the run it holds a prompt of."""
+        s = Session(sid, owner, model, last_used=time.monotonic(), run=run)
+        self.sessions[sid] = self.workers[model].sessions[sid] = s
+        return s
 
     def list_sessions(self, owner: str) -> list[SessionInfo]:
         return [self._info(s) for s in self.sessions.values() if s.owner == owner and s.run is None]
@@ -204,7 +205,7 @@ class Engine:
         """Each token's text as it reads in place (spaces kept), for text (tokenized as `tokenize` does) or
         ids; the pieces join into the decoded text."""
         w = self._worker(model)
-        ids = self.tokenize(tokens, model) if isinstance(tokens, str) else self._check_ids(w.cfg.vocab_size, tokens,
+        ids = self.tokenize(tokens, model) if isinstance(tokens, str) else token_ids(w.cfg.vocab_size, tokens,
                                                                                               "token id")
         if w.tokenizer is None:
             raise InvalidRequest(f"model {w.name} has no tokenizer")
@@ -215,7 +216,7 @@ class Engine:
         w = self._worker(model)
         if w.tokenizer is None:
             raise InvalidRequest(f"model {w.name} has no tokenizer")
-        return w.tokenizer.decode(self._check_ids(w.cfg.vocab_size, ids, "token id"))
+        return w.tokenizer.decode(token_ids(w.cfg.vocab_size, ids, "token id"))
 
     # ------------------------------------------------------------------ generation
 
@@ -224,29 +225,24 @@ class Engine:
         self.begin(self._session(sid, owner), prompt, sink, **params)
 
     def begin(self, s: Session, prompt: Prompt, sink: Callable[[object], None], *,
-              max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-              seed: Optional[int] = None, stop_tokens: Optional[Sequence[int]] = None,
-              return_logits: Union[bool, str] = False, logprobs: bool = False, top_logprobs: int = 0,
-              interventions: Sequence = (),
-              breakpoints: Sequence[Breakpoint] = (), activation_dtype: Optional[str] = None,
-              quota_checked: bool = False, compiled: Optional[Plan] = None) -> None:
+              interventions: Sequence = (), breakpoints: Sequence[Breakpoint] = (), **params) -> None:
         """Start a request; events go to `sink` from the engine thread. Raises on bad input, changing nothing.
-        Paused activations and captures arrive in the model's dtype, or in `activation_dtype` if given.
+        `params`: generate()'s keyword arguments (call.check_call says what each asks for). Paused activations
+        and captures arrive in the model's dtype, or in `activation_dtype` if given."""
+        w = self.workers[s.model]
+        call = check_call(w.cfg.vocab_size, w.tokenizer.end_ids if w.tokenizer else frozenset(), **params)
+        self.start_call(s, prompt, sink, call, w.compiler.compile(list(interventions), list(breakpoints)))
 
-        Scores (events.GenerateResult): `return_logits` True gives the distribution each new token was drawn
-        from, "all" the logits at every token of the call, prompt and new (the last new token is then fed
-        too, to have its row); `logprobs` log p of each token of the call; `top_logprobs` k the top-k of
-        each new token's distribution. `quota_checked`: the caller checked the owner's KV share for this call
-        (a run checks a batch of its prompts at once). `compiled`: the call's interventions compiled already
-        (a run compiles those its prompts share once), in place of `interventions` and `breakpoints`."""
-        owner = s.owner
+    def start_call(self, s: Session, prompt: Prompt, sink: Callable[[object], None], call: CallParams, own: Plan,
+                   quota_checked: bool = False) -> None:
+        """Start a request of checked parameters and compiled interventions (`own`, after the session's).
+        `quota_checked`: the caller checked the owner's KV share for this call (a run checks a batch of its
+        prompts at once)."""
         self._idle(s, "generate")
         w = self.workers[s.model]
         cfg = w.cfg
         tokens = self._prompt_tokens(w, s, prompt)
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise InvalidRequest(f"max_new_tokens must be a non-negative integer, got {shown(max_new_tokens)}")
-        sampling = self._sampling(temperature, top_k, top_p, seed)
+        max_new_tokens = call.max_new_tokens
         total = len(s.history) + len(tokens)
         if total == s.kv_len:
             raise InvalidRequest("empty prompt on a session with nothing to continue from")
@@ -257,25 +253,13 @@ class Engine:
         if need > usable:
             raise CapacityError(f"this request needs {need} KV blocks but the pool has {usable}; it can never fit")
         if not quota_checked:
-            self._check_quota(w, owner, need - len(s.host_blocks if s.swapped else s.blocks), "this request")
-        if stop_tokens is None:
-            stop = w.tokenizer.end_ids if w.tokenizer else frozenset()
-        else:
-            stop = frozenset(self._check_ids(cfg.vocab_size, stop_tokens, "stop token"))
-        if return_logits not in (False, True, "all"):
-            raise InvalidRequest(f"return_logits must be true, false or 'all', got {shown(return_logits)}")
-        if not isinstance(logprobs, bool):
-            raise InvalidRequest(f"logprobs must be true or false, got {shown(logprobs)}")
-        top_logprobs = validation.integer(top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
-        if activation_dtype is not None and activation_dtype not in DTYPES:
-            raise InvalidRequest(f"activation_dtype must be one of {sorted(DTYPES)}, got {shown(activation_dtype)}")
-        own = compiled if compiled is not None else w.compiler.compile(list(interventions), list(breakpoints))
-        last = total - 1 + max(0, max_new_tokens - 1) + (return_logits == "all" and max_new_tokens > 0)
+            self._check_quota(w, s.owner, need - len(s.host_blocks if s.swapped else s.blocks), "this request")
+        last = total - 1 + max(0, max_new_tokens - 1) + (call.return_logits == "all" and max_new_tokens > 0)
         self._check_reach(w, own, s.kv_len, min(last, cfg.max_seq_len - 1))
         plan = s.plan.extend(own)
-        req = Request(max_new_tokens, sampling, stop, return_logits, plan, sink, len(s.history),
-                      DTYPES[activation_dtype] if activation_dtype else None, logprobs, top_logprobs, need)
-        if s.run is not None and max_new_tokens == 0 and not (return_logits or logprobs or top_logprobs):
+        req = Request(max_new_tokens, call.sampling(), call.stop_tokens, call.return_logits, plan, sink,
+                      len(s.history), call.activation_dtype, call.logprobs, call.top_logprobs, need)
+        if s.run is not None and max_new_tokens == 0 and not call.scored:
             # the session closes after this forward: it needs to go no further than its last capture
             req.stop_after = max((w.sites[k].host for k, ps in plan.captures.items() if ps), default=None)
         s.history.extend(tokens)
@@ -300,7 +284,7 @@ class Engine:
         if isinstance(prompt, (str, TextTokens)):
             ids = self._encode(w, prompt) if isinstance(prompt, str) else list(prompt.ids)
             return ([w.tokenizer.bos_id] if not s.history and w.tokenizer.add_bos else []) + ids
-        return self._check_ids(w.cfg.vocab_size, prompt, "token id")
+        return token_ids(w.cfg.vocab_size, prompt, "token id")
 
     @staticmethod
     def _check_reach(w: ModelWorker, plan: Plan, first: int, last: int) -> None:
@@ -314,36 +298,6 @@ class Engine:
                 earlier = f"; earlier calls computed positions 0 to {first - 1}" if first else ""
                 raise InvalidRequest(f"positions {outside[:8]} at {site} are outside what this call computes: "
                                      f"positions {first} to {last}{earlier}")
-
-    @staticmethod
-    def _check_ids(vocab: int, ids, what: str) -> list[int]:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        try:
-            ids = list(ids)
-        except TypeError:
-            raise InvalidRequest(f"a prompt is text or a list of token ids, got {type(ids).__name__}") from None
-        if ids and all(type(t) is int for t in ids) and 0 <= min(ids) and max(ids) < vocab:
-            return ids  # the common case, checked at C speed
-        for t in ids:
-            if not isinstance(t, int) or isinstance(t, bool):
-                raise InvalidRequest(f"{what}s must be integers, got {shown(t)}")
-            if not 0 <= t < vocab:
-                raise TokenOutOfRange(f"{what} {t} is outside the vocabulary [0, {vocab})")
-        return ids
-
-    @staticmethod
-    def _sampling(temperature, top_k, top_p, seed) -> SamplingParams:
-        """Every sampling parameter checked here, so that none can fail inside a step that other rows share."""
-        temperature = validation.number(temperature, "temperature", 0.0, MAX_TEMPERATURE)
-        if 0 < temperature < MIN_TEMPERATURE:
-            raise InvalidRequest(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}")
-        top_k = validation.integer(top_k, "top_k (0: off)", 0, MAX_TOP_K)
-        top_p = validation.number(top_p, "top_p", 0.0, 1.0)
-        if top_p == 0:
-            raise InvalidRequest("top_p must be in (0, 1], got 0")
-        seed = secrets.randbits(62) if seed is None else validation.integer(seed, "seed", -(1 << 63), (1 << 64) - 1)
-        return SamplingParams(temperature, top_k, top_p, seed % (1 << 62))
 
     def resume(self, sid: str, owner: str, activation: Optional[torch.Tensor] = None,
                pause_id: Optional[int] = None) -> None:

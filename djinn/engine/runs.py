@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from ..errors import Cancelled, DjinnError, InvalidRequest, LimitExceeded, UnknownSession
 from ..events import Done, Error, RunDone, RunResult
 from ..validation import integer
+from .call import CallParams, check_call
 from .plan import Plan
 from .session import owned
 
@@ -39,7 +40,7 @@ class BatchRun:
     id: str
     owner: str
     model: str
-    params: dict  # generate()'s keyword arguments, the same for every prompt, but the interventions
+    call: CallParams  # generate()'s keyword arguments, the same for every prompt, checked once
     plan: Plan  # the interventions every prompt has, compiled once
     sink: Callable[[object], None]
     window: int
@@ -64,36 +65,39 @@ class Runs:
         window = integer(window, "window", 1, MAX_WINDOW)
         if params.get("breakpoints"):
             raise InvalidRequest("a run takes no breakpoints (nobody could resume them): stream a session instead")
-        params = dict(params)
-        plan = w.compiler.compile(list(params.pop("interventions", ())))  # refused now, not at the first prompt
-        run = BatchRun(secrets.token_urlsafe(16), owner, w.name, params, plan, sink, window)
+        params = dict(params)  # refused now, not at the first prompt
+        plan = w.compiler.compile(list(params.pop("interventions", ())))
+        call = check_call(w.cfg.vocab_size, w.tokenizer.end_ids if w.tokenizer else frozenset(), **params)
+        run = BatchRun(secrets.token_urlsafe(16), owner, w.name, call, plan, sink, window)
         self.runs[run.id] = run
         return run.id
 
     def feed(self, rid: str, owner: str, items: Sequence[RunItem], last: bool = False) -> None:
         """Start `items`; `last`: no more will come. A prompt refused at its start fails the run (raised here)."""
+        self.tidy()  # the answered prompts' sessions go before new ones come
         run = self._run(rid, owner)
         if run.last:
             raise InvalidRequest(f"run {rid} was told its last prompt already")
         if run.fed + len(items) - run.answered > run.window:
             raise LimitExceeded(f"{run.fed - run.answered} prompts of this run are unanswered and its window is "
                                 f"{run.window}: feed more as results arrive")
+        if [item.index for item in items] != list(range(run.fed, run.fed + len(items))):
+            raise InvalidRequest(f"a run's prompts are numbered in the order they are fed, from 0: these must be "
+                                 f"{run.fed} to {run.fed + len(items) - 1}, got {[item.index for item in items][:8]}")
         w = self.engine.workers[run.model]
-        longest = w.cfg.max_seq_len
-        new = run.params.get("max_new_tokens", 16)
-        if isinstance(new, int):  # the owner's KV share, for the batch at once (a bad value fails in begin)
-            need = sum(w.pool.blocks_for(min(longest, _length(item.prompt) + new)) for item in items)
-            self.engine._check_quota(w, owner, need, f"these {len(items)} prompts")
+        longest, new = w.cfg.max_seq_len, run.call.max_new_tokens
+        need = sum(w.pool.blocks_for(min(longest, _length(item.prompt) + new)) for item in items)
+        self.engine._check_quota(w, owner, need, f"these {len(items)} prompts")  # the owner's share, at once
         for item in items:
-            sid = self.engine.create_session(owner, run.model)
-            self.engine.sessions[sid].run = run.id
+            # nobody reaches a run's session by its id: the run's own (unguessable) and the prompt's number do
+            sid = f"{run.id}/{item.index}"
+            s = self.engine.open_session(owner, run.model, sid, run.id)
             run.live[sid] = item.index
             run.fed += 1
             try:
                 plan = run.plan.extend(w.compiler.compile(list(item.interventions))) if item.interventions else run.plan
-                self.engine.begin(self.engine.sessions[sid], item.prompt,
-                                  lambda ev, _sid=sid: self._on_event(run, _sid, ev), quota_checked=isinstance(new, int),
-                                  compiled=plan, **run.params)
+                self.engine.start_call(s, item.prompt, lambda ev, _sid=sid: self._on_event(run, _sid, ev), run.call,
+                                       plan, quota_checked=True)
             except DjinnError as e:
                 self._end(run, Error(_naming(e, item.index)))
                 raise _naming(e, item.index) from None

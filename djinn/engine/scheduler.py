@@ -54,8 +54,12 @@ class Scheduler:
         rows: list[Row] = []
         in_step = set(in_flight)
         used = 0
-        for s in candidates:
+        for k, s in enumerate(candidates):
             req = s.request
+            if used >= self.max_step_tokens:  # full: the rest go first in the next step
+                for later in candidates[k:]:
+                    later.request.passed_over = True
+                break
             if req.resumed:
                 n, end = req.pause.row.span.n_tokens, req.pause.row.span.start + req.pause.row.span.n_tokens
             elif req.pending is not None:  # feed the token the step in flight samples, after its tokens

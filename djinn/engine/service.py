@@ -70,15 +70,22 @@ class EngineService:
             except queue.Empty:
                 item = None
             if item is not None:
-                self._guarded(self.engine.drain)  # commands see every session settled
-                self._run(item)
+                self._settled_run(item)
                 while not self._commands.empty():
-                    self._run(self._commands.get_nowait())
+                    self._settled_run(self._commands.get_nowait())
             self._guarded(self.engine.housekeeping)
             if self.engine.has_work():
                 self._guarded(self.engine.step)
             elif item is None:  # nothing came in either: time to record what steps went without
                 self._guarded(self.engine.idle)
+
+    def _settled_run(self, item) -> None:
+        """Run a command once every session is settled (the step in flight read), unless it touches none that
+        could be in that step: feeding a run starts new sessions only, and waiting for the GPU there would
+        leave it idle while the host starts the prompts."""
+        if item[0] not in self.engine.UNSETTLED_COMMANDS:
+            self._guarded(self.engine.drain)
+        self._run(item)
 
     @staticmethod
     def _guarded(fn) -> None:
