@@ -65,7 +65,8 @@ class Runs:
         window = integer(window, "window", 1, MAX_WINDOW)
         if params.get("breakpoints"):
             raise InvalidRequest("a run takes no breakpoints (nobody could resume them): stream a session instead")
-        params = dict(params)  # refused now, not at the first prompt
+        # bad interventions or parameters are refused now, not at the first prompt
+        params = dict(params)
         plan = w.compiler.compile(list(params.pop("interventions", ())))
         call = check_call(w.cfg.vocab_size, w.tokenizer.end_ids if w.tokenizer else frozenset(), **params)
         run = BatchRun(secrets.token_urlsafe(16), owner, w.name, call, plan, sink, window)
@@ -89,7 +90,8 @@ class Runs:
         need = sum(w.pool.blocks_for(min(longest, _length(item.prompt) + new)) for item in items)
         self.engine._check_quota(w, owner, need, f"these {len(items)} prompts")  # the owner's share, at once
         for item in items:
-            # nobody reaches a run's session by its id: the run's own (unguessable) and the prompt's number do
+            # named by the run's (unguessable) id and the prompt's number; only the run reaches it (Engine._session
+            # refuses a run's sessions)
             sid = f"{run.id}/{item.index}"
             s = self.engine.open_session(owner, run.model, sid, run.id)
             run.live[sid] = item.index
