@@ -205,8 +205,8 @@ class Engine:
         """Each token's text as it reads in place (spaces kept), for text (tokenized as `tokenize` does) or
         ids; the pieces join into the decoded text."""
         w = self._worker(model)
-        ids = self.tokenize(tokens, model) if isinstance(tokens, str) else token_ids(w.cfg.vocab_size, tokens,
-                                                                                              "token id")
+        ids = (self.tokenize(tokens, model) if isinstance(tokens, str)
+               else token_ids(w.cfg.vocab_size, tokens, "token id"))
         if w.tokenizer is None:
             raise InvalidRequest(f"model {w.name} has no tokenizer")
         decoder = IncrementalDecoder(w.tokenizer)
@@ -230,8 +230,13 @@ class Engine:
         `params`: generate()'s keyword arguments (call.check_call says what each asks for). Paused activations
         and captures arrive in the model's dtype, or in `activation_dtype` if given."""
         w = self.workers[s.model]
-        call = check_call(w.cfg.vocab_size, w.tokenizer.end_ids if w.tokenizer else frozenset(), **params)
-        self.start_call(s, prompt, sink, call, w.compiler.compile(list(interventions), list(breakpoints)))
+        self.start_call(s, prompt, sink, self.check_call(w, params),
+                        w.compiler.compile(list(interventions), list(breakpoints)))
+
+    @staticmethod
+    def check_call(w: ModelWorker, params: dict) -> CallParams:
+        """generate()'s keyword arguments checked for the model of `w` (its stop tokens unless they name some)."""
+        return check_call(w.cfg.vocab_size, w.tokenizer.end_ids if w.tokenizer else frozenset(), **params)
 
     def start_call(self, s: Session, prompt: Prompt, sink: Callable[[object], None], call: CallParams, own: Plan,
                    quota_checked: bool = False) -> None:

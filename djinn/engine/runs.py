@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from ..errors import Cancelled, DjinnError, InvalidRequest, LimitExceeded, UnknownSession
 from ..events import Done, Error, RunDone, RunResult
 from ..validation import integer
-from .call import CallParams, check_call
+from .call import CallParams
 from .plan import Plan
 from .session import owned
 
@@ -68,7 +68,7 @@ class Runs:
         # bad interventions or parameters are refused now, not at the first prompt
         params = dict(params)
         plan = w.compiler.compile(list(params.pop("interventions", ())))
-        call = check_call(w.cfg.vocab_size, w.tokenizer.end_ids if w.tokenizer else frozenset(), **params)
+        call = self.engine.check_call(w, params)
         run = BatchRun(secrets.token_urlsafe(16), owner, w.name, call, plan, sink, window)
         self.runs[run.id] = run
         return run.id
